@@ -1,0 +1,1 @@
+//! `#[derive(Trace)]` for pymalloc's cycle collector.

@@ -1,0 +1,20 @@
+//! CPython's memory story for Rust.
+//!
+//! * [`PyMalloc`] is a small-object allocator in the style of CPython's
+//!   `obmalloc`: 256 KiB arenas of 4 KiB pools, each pool serving one size
+//!   class of blocks up to 512 bytes, anything larger handed to a fallback.
+//! * `Cc<T>` / `Weak<T>` are reference-counted pointers backed by a
+//!   generational trial-deletion cycle collector like CPython's `gc`.
+//!
+//! The crate is `#![no_std]`; the `std` feature (on by default) adds the
+//! [`System`] backing and the thread-local default collector.
+#![no_std]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+extern crate alloc;
+
+mod sync;

@@ -1,0 +1,133 @@
+//! Every lock and atomic the crate uses, in one place, so that `cfg(loom)`
+//! can swap in loom's modelled types and the firmware build can swap the spin
+//! lock for a critical section.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(not(loom))]
+pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+
+use core::ops::{Deref, DerefMut};
+
+/// A mutual-exclusion lock around `T`.
+///
+/// * default: a spin lock (`spin::Mutex`). Right for hosted programs and for
+///   firmware whose interrupt handlers never allocate.
+/// * feature `critical-section`: the lock is a critical section from the
+///   `critical-section` crate. On a single core that masks interrupts, so an
+///   interrupt handler that allocates can never spin forever on a lock its
+///   own interrupted code holds (the deadlock spin-locked embedded heaps hit).
+/// * `cfg(loom)`: loom's mutex, so the model checker explores every order in
+///   which threads can take it.
+pub(crate) struct Lock<T> {
+    #[cfg(loom)]
+    inner: loom::sync::Mutex<T>,
+    #[cfg(all(not(loom), not(feature = "critical-section")))]
+    inner: spin::Mutex<T>,
+    #[cfg(all(not(loom), feature = "critical-section"))]
+    inner: core::cell::UnsafeCell<T>,
+}
+
+// SAFETY: every access to the inner value goes through `lock`, which hands out
+// one guard at a time (spin lock, loom mutex, or a critical section that
+// excludes every other core and interrupt handler); so sharing `Lock<T>`
+// between threads only ever moves `T` between them, which `T: Send` allows.
+#[cfg(all(not(loom), feature = "critical-section"))]
+unsafe impl<T: Send> Sync for Lock<T> {}
+
+/// Proof of holding a [`Lock`]; releases it when dropped.
+pub(crate) struct LockGuard<'a, T> {
+    #[cfg(loom)]
+    inner: loom::sync::MutexGuard<'a, T>,
+    #[cfg(all(not(loom), not(feature = "critical-section")))]
+    inner: spin::MutexGuard<'a, T>,
+    #[cfg(all(not(loom), feature = "critical-section"))]
+    inner: CriticalGuard<'a, T>,
+}
+
+impl<T> Lock<T> {
+    /// A lock around `value`.
+    #[cfg(not(loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        Self {
+            #[cfg(not(feature = "critical-section"))]
+            inner: spin::Mutex::new(value),
+            #[cfg(feature = "critical-section")]
+            inner: core::cell::UnsafeCell::new(value),
+        }
+    }
+
+    /// A lock around `value` (loom's mutex cannot be built in a `const`).
+    #[cfg(loom)]
+    pub(crate) fn new(value: T) -> Self {
+        Self {
+            inner: loom::sync::Mutex::new(value),
+        }
+    }
+
+    /// Waits until the lock is free, then holds it.
+    pub(crate) fn lock(&self) -> LockGuard<'_, T> {
+        #[cfg(loom)]
+        let inner = self.inner.lock().unwrap();
+        #[cfg(all(not(loom), not(feature = "critical-section")))]
+        let inner = self.inner.lock();
+        #[cfg(all(not(loom), feature = "critical-section"))]
+        let inner = CriticalGuard {
+            // SAFETY: the matching `release` runs in `CriticalGuard::drop`,
+            // with this state, exactly once, and guards are dropped in the
+            // reverse order of their creation because each borrows the stack
+            // frame that made it.
+            state: unsafe { critical_section::acquire() },
+            cell: &self.inner,
+        };
+        LockGuard { inner }
+    }
+}
+
+impl<T> Deref for LockGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> DerefMut for LockGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+/// Holds a critical section and the value it protects.
+#[cfg(all(not(loom), feature = "critical-section"))]
+pub(crate) struct CriticalGuard<'a, T> {
+    state: critical_section::RestoreState,
+    cell: &'a core::cell::UnsafeCell<T>,
+}
+
+#[cfg(all(not(loom), feature = "critical-section"))]
+impl<T> Deref for CriticalGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the critical section held by `self` excludes every other
+        // holder, so no `&mut T` to the cell exists elsewhere.
+        unsafe { &*self.cell.get() }
+    }
+}
+
+#[cfg(all(not(loom), feature = "critical-section"))]
+impl<T> DerefMut for CriticalGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference
+        // handed out by this guard.
+        unsafe { &mut *self.cell.get() }
+    }
+}
+
+#[cfg(all(not(loom), feature = "critical-section"))]
+impl<T> Drop for CriticalGuard<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: `state` came from the `acquire` that opened this section,
+        // and this is the only place it is released.
+        unsafe { critical_section::release(self.state) }
+    }
+}
