@@ -18,3 +18,22 @@ extern crate std;
 extern crate alloc;
 
 mod sync;
+
+// The allocator.
+mod allocator;
+mod arena;
+pub mod backing;
+pub mod config;
+#[cfg(feature = "debug")]
+pub mod debug;
+mod heap;
+mod pool;
+pub mod size_class;
+pub mod stats;
+
+pub use allocator::{DefaultBacking, PyMalloc};
+#[cfg(feature = "std")]
+pub use backing::System;
+pub use backing::{Backing, Region};
+pub use config::Config;
+pub use stats::{ClassDelta, ClassStats, Stats, StatsDiff};

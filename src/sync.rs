@@ -2,10 +2,28 @@
 //! can swap in loom's modelled types and the firmware build can swap the spin
 //! lock for a critical section.
 
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+
+/// Declares a `const fn`, except under `cfg(loom)`, where loom's types cannot
+/// be built in a `const` and the same function is declared plain.
+macro_rules! loom_const_fn {
+    ($(#[$meta:meta])* $vis:vis unsafe fn $($rest:tt)*) => {
+        #[cfg(not(loom))]
+        $(#[$meta])* $vis const unsafe fn $($rest)*
+        #[cfg(loom)]
+        $(#[$meta])* $vis unsafe fn $($rest)*
+    };
+    ($(#[$meta:meta])* $vis:vis fn $($rest:tt)*) => {
+        #[cfg(not(loom))]
+        $(#[$meta])* $vis const fn $($rest)*
+        #[cfg(loom)]
+        $(#[$meta])* $vis fn $($rest)*
+    };
+}
+pub(crate) use loom_const_fn;
 
 use core::ops::{Deref, DerefMut};
 
@@ -46,22 +64,17 @@ pub(crate) struct LockGuard<'a, T> {
 }
 
 impl<T> Lock<T> {
-    /// A lock around `value`.
-    #[cfg(not(loom))]
-    pub(crate) const fn new(value: T) -> Self {
-        Self {
-            #[cfg(not(feature = "critical-section"))]
-            inner: spin::Mutex::new(value),
-            #[cfg(feature = "critical-section")]
-            inner: core::cell::UnsafeCell::new(value),
-        }
-    }
-
-    /// A lock around `value` (loom's mutex cannot be built in a `const`).
-    #[cfg(loom)]
-    pub(crate) fn new(value: T) -> Self {
-        Self {
-            inner: loom::sync::Mutex::new(value),
+    loom_const_fn! {
+        /// A lock around `value`.
+        pub(crate) fn new(value: T) -> Self {
+            Self {
+                #[cfg(loom)]
+                inner: loom::sync::Mutex::new(value),
+                #[cfg(all(not(loom), not(feature = "critical-section")))]
+                inner: spin::Mutex::new(value),
+                #[cfg(all(not(loom), feature = "critical-section"))]
+                inner: core::cell::UnsafeCell::new(value),
+            }
         }
     }
 

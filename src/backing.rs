@@ -1,0 +1,304 @@
+//! Backings: where a heap gets its arenas and its large objects.
+//!
+//! * [`System`] (feature `std`): arenas are mapped straight from the kernel
+//!   on 64-bit Linux (as CPython does), so releasing one returns its pages at
+//!   once; elsewhere they come from `std::alloc::System`. Large objects go to
+//!   `std::alloc::System`.
+//! * [`Region`]: a fixed span of memory given by the user (firmware, no OS).
+//!   Arenas and large objects are carved from it by `linked_list_allocator`.
+
+use crate::config::Config;
+use crate::sync::Lock;
+use core::alloc::Layout;
+use core::ptr::{self, NonNull};
+
+/// A source of memory for a [`PyMalloc`](crate::PyMalloc) heap.
+///
+/// # Safety
+/// Implementors promise what `GlobalAlloc` promises: every non-null pointer
+/// returned by `alloc`, `realloc` or `alloc_arena` is valid for reads and
+/// writes of the requested size, does not overlap any other live block, and
+/// stays so until given back; `alloc` and `realloc` honour the layout's
+/// alignment. Failure is a null pointer, never a panic or an unwind.
+pub unsafe trait Backing {
+    /// A block for a large object, or null.
+    fn alloc(&self, layout: Layout) -> *mut u8;
+
+    /// Gives back a block from `alloc` or `realloc`.
+    ///
+    /// # Safety
+    /// `ptr` came from this backing's `alloc`/`realloc` with `layout` and has
+    /// not been given back.
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout);
+
+    /// Resizes a block from `alloc` to `new_size` bytes (same alignment),
+    /// keeping its contents up to the smaller size; null (and the old block
+    /// untouched) on failure.
+    ///
+    /// # Safety
+    /// As for `dealloc`; `new_size`, rounded up to the alignment, does not
+    /// overflow `isize`.
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `new_size` forms a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let new = self.alloc(new_layout);
+        if !new.is_null() {
+            // SAFETY: both blocks are live, distinct, and at least this long.
+            unsafe {
+                ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+
+    /// `size` bytes for an arena, ideally aligned to `pool_size` (the heap
+    /// gives up one pool when it is not), or null.
+    fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+        match Layout::from_size_align(size, pool_size) {
+            Ok(layout) => self.alloc(layout),
+            Err(_) => ptr::null_mut(),
+        }
+    }
+
+    /// Gives back an arena from `alloc_arena`.
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc_arena(size, pool_size)` and is no longer used.
+    unsafe fn dealloc_arena(&self, ptr: *mut u8, size: usize, pool_size: usize) {
+        // SAFETY: `alloc_arena` made this very layout.
+        unsafe { self.dealloc(ptr, Layout::from_size_align_unchecked(size, pool_size)) }
+    }
+}
+
+/// Arenas and large objects from the operating system (feature `std`).
+#[cfg(feature = "std")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct System;
+
+// SAFETY: large objects are `std::alloc::System`'s blocks, which keep the
+// `GlobalAlloc` promises; arenas are private anonymous mappings (or System
+// blocks), valid and unshared until unmapped.
+#[cfg(feature = "std")]
+unsafe impl Backing for System {
+    #[inline]
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the heap never asks the backing for zero bytes (large
+        // objects are over 512 bytes or over-aligned with a non-zero size
+        // forced by `PyMalloc`).
+        unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { std::alloc::GlobalAlloc::realloc(&std::alloc::System, ptr, layout, new_size) }
+    }
+
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    ))]
+    fn alloc_arena(&self, size: usize, _pool_size: usize) -> *mut u8 {
+        mapping::map(size)
+    }
+
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    ))]
+    unsafe fn dealloc_arena(&self, ptr: *mut u8, size: usize, _pool_size: usize) {
+        // SAFETY: forwarded contract: `ptr` is a live mapping of `size` bytes.
+        unsafe { mapping::unmap(ptr, size) }
+    }
+}
+
+/// Anonymous mappings, declared by hand: std links libc already, and two
+/// declarations are lighter than a dependency.
+#[cfg(all(
+    feature = "std",
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )
+))]
+mod mapping {
+    use core::ffi::{c_int, c_long, c_void};
+
+    extern "C" {
+        fn mmap(
+            addr: *mut c_void,
+            len: usize,
+            prot: c_int,
+            flags: c_int,
+            fd: c_int,
+            off: c_long,
+        ) -> *mut c_void;
+        fn munmap(addr: *mut c_void, len: usize) -> c_int;
+    }
+
+    const PROT_READ_WRITE: c_int = 0x1 | 0x2;
+    // MAP_PRIVATE | MAP_ANONYMOUS, same values on the architectures above.
+    const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
+    const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
+
+    pub(super) fn map(size: usize) -> *mut u8 {
+        // SAFETY: an anonymous private mapping at an address of the kernel's
+        // choosing aliases nothing; failure is reported as MAP_FAILED.
+        let p = unsafe {
+            mmap(
+                core::ptr::null_mut(),
+                size,
+                PROT_READ_WRITE,
+                MAP_PRIVATE_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == MAP_FAILED {
+            core::ptr::null_mut()
+        } else {
+            p.cast()
+        }
+    }
+
+    /// # Safety
+    /// `ptr` is a live mapping of `size` bytes from `map` that nothing uses.
+    pub(super) unsafe fn unmap(ptr: *mut u8, size: usize) {
+        // SAFETY: per the contract. munmap of a whole mapping we made cannot
+        // fail; if it somehow did the pages would merely stay mapped.
+        unsafe { munmap(ptr.cast(), size) };
+    }
+}
+
+/// A fixed span of memory, as in firmware: arenas and large objects are
+/// carved from it by `linked_list_allocator`.
+///
+/// The span is claimed lazily, on the first allocation, so a `static` heap
+/// can be declared entirely in `const` (the runtime may allocate before
+/// `main`). A span known only at run time is given with
+/// [`PyMalloc::init`](crate::PyMalloc::init); until then every allocation
+/// returns null.
+pub struct Region {
+    store: Lock<RegionStore>,
+}
+
+struct RegionStore {
+    heap: linked_list_allocator::Heap,
+    /// The span to claim on first use; null once claimed or when none given.
+    pending: *mut u8,
+    pending_len: usize,
+}
+
+// SAFETY: the store owns its span exclusively (the contract of `Region::new`
+// and `PyMalloc::init`), so moving it between threads moves that ownership.
+unsafe impl Send for RegionStore {}
+
+/// Alignment the region's start is rounded up to and its length down to.
+const REGION_ALIGN: usize = 16;
+
+impl Region {
+    crate::sync::loom_const_fn! {
+        /// A region over `len` bytes at `start`, claimed on first use.
+        ///
+        /// # Safety
+        /// The span is valid for reads and writes, used by nothing else, for
+        /// as long as the heap lives.
+        pub(crate) unsafe fn new(start: *mut u8, len: usize) -> Self {
+            Region {
+                store: Lock::new(RegionStore {
+                    heap: linked_list_allocator::Heap::empty(),
+                    pending: start,
+                    pending_len: len,
+                }),
+            }
+        }
+    }
+
+    /// The fewest bytes a region needs for `config`: one arena, the padding
+    /// to align it to a pool, and the worst-case trim of a misaligned start.
+    pub const fn min_len(config: Config) -> usize {
+        config.arena_size() + config.pool_size() + 2 * REGION_ALIGN
+    }
+
+    /// Gives the region its span.
+    ///
+    /// # Safety
+    /// As for `new`.
+    ///
+    /// # Panics
+    /// If the region already has a span, or the span (trimmed to
+    /// `REGION_ALIGN`) is shorter than [`Region::min_len`] for `config`.
+    pub(crate) unsafe fn set_span(&self, start: *mut u8, len: usize, config: Config) {
+        let mut store = self.store.lock();
+        assert!(
+            store.pending.is_null() && store.heap.size() == 0,
+            "pymalloc: Region::init called on a region that already has memory"
+        );
+        let (start, len) = trim(start, len);
+        assert!(
+            len >= Region::min_len(config),
+            "pymalloc: a region of {len} usable bytes cannot hold one {}-byte arena; \
+             give at least {} bytes or choose a smaller Config",
+            config.arena_size(),
+            Region::min_len(config),
+        );
+        store.pending = start;
+        store.pending_len = len;
+    }
+
+    fn with_heap<R>(&self, f: impl FnOnce(&mut linked_list_allocator::Heap) -> R) -> R {
+        let mut store = self.store.lock();
+        if !store.pending.is_null() {
+            let (start, len) = trim(store.pending, store.pending_len);
+            store.pending = ptr::null_mut();
+            // SAFETY: `Region::new`/`set_span` callers promised us the span;
+            // `trim` only shrinks it, and it is at least `min_len` (checked
+            // at construction or in `set_span`), far above what the list
+            // allocator needs for its first hole.
+            unsafe { store.heap.init(start, len) };
+        }
+        f(&mut store.heap)
+    }
+}
+
+/// `[start, start + len)` shrunk to `REGION_ALIGN` boundaries.
+fn trim(start: *mut u8, len: usize) -> (*mut u8, usize) {
+    let skip = start.align_offset(REGION_ALIGN);
+    let len = len.saturating_sub(skip) & !(REGION_ALIGN - 1);
+    (start.wrapping_add(skip), len)
+}
+
+// SAFETY: every block comes from the list allocator, which hands out
+// non-overlapping, aligned parts of the region we own exclusively.
+unsafe impl Backing for Region {
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.with_heap(|heap| match heap.allocate_first_fit(layout) {
+            Ok(block) => block.as_ptr(),
+            Err(()) => ptr::null_mut(),
+        })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: blocks are only handed out non-null.
+        let ptr = unsafe { NonNull::new_unchecked(ptr) };
+        // SAFETY: forwarded contract.
+        self.with_heap(|heap| unsafe { heap.deallocate(ptr, layout) })
+    }
+}

@@ -1,0 +1,269 @@
+//! Pools: one aligned span of `pool_size` bytes serving blocks of one class.
+//!
+//! A pool starts with its [`Pool`] header; blocks follow from
+//! [`first_block_offset`]. Blocks are handed out from a LIFO free list and,
+//! when that runs dry, carved one at a time from the untouched tail (the bump
+//! offset), so a fresh pool touches memory only as it is used (obmalloc's
+//! "never touch memory until it's needed").
+//!
+//! A pool is in one of three states, as in obmalloc:
+//! * *used*: some blocks out, some free; linked in its class's list in the
+//!   heap, and then its free list is never empty (the heap's hot path relies
+//!   on that);
+//! * *full*: no free block; unlinked;
+//! * *empty*: no block out; on its arena's list of free pools. Taken again for
+//!   the same class it is reused as it is, without re-initialisation.
+
+use crate::arena::Arena;
+use crate::size_class::{class_alignment, class_size};
+use core::ptr;
+use static_assertions::const_assert;
+
+/// The header at the start of every pool.
+#[repr(C)]
+pub(crate) struct Pool {
+    /// Blocks handed out and not yet freed.
+    pub(crate) used: u32,
+    /// The size class this pool serves.
+    pub(crate) class: u32,
+    /// Head of the free list of blocks freed or carved but not handed out.
+    pub(crate) free: *mut FreeBlock,
+    /// Next pool in the class list (used pools) or the arena's free-pool list
+    /// (empty pools).
+    pub(crate) next: *mut Pool,
+    /// Previous pool in the class list; unused on the free-pool list.
+    pub(crate) prev: *mut Pool,
+    /// The arena this pool belongs to.
+    pub(crate) arena: *mut Arena,
+    /// Offset of the first block never handed out.
+    pub(crate) bump: u32,
+    /// Largest offset at which a whole block still fits.
+    pub(crate) bump_limit: u32,
+}
+
+/// What a free block holds: the link to the next one.
+pub(crate) struct FreeBlock {
+    pub(crate) next: *mut FreeBlock,
+}
+
+/// Bytes the header takes from every pool.
+pub(crate) const POOL_HEADER_SIZE: usize = core::mem::size_of::<Pool>();
+
+// Same header size as CPython's pool_header on 64-bit, so our quantization
+// figures compare with its `_debugmallocstats`.
+#[cfg(target_pointer_width = "64")]
+const_assert!(POOL_HEADER_SIZE == 48);
+
+/// Where the first block of `class` starts: right after the header, rounded
+/// up to the class's natural alignment so every block in the pool has it.
+#[inline]
+pub(crate) const fn first_block_offset(class: usize) -> usize {
+    let align = class_alignment(class);
+    (POOL_HEADER_SIZE + align - 1) & !(align - 1)
+}
+
+/// Blocks of `class` one pool of `pool_size` bytes holds.
+pub(crate) const fn blocks_per_pool(pool_size: usize, class: usize) -> usize {
+    (pool_size - first_block_offset(class)) / class_size(class)
+}
+
+/// The pool holding the block at `addr`.
+#[inline]
+pub(crate) fn pool_of(addr: *mut u8, pool_size: usize) -> *mut Pool {
+    addr.map_addr(|a| a & !(pool_size - 1)).cast()
+}
+
+impl Pool {
+    /// Turns the memory at `pool` into an empty pool of `class` whose free
+    /// list holds just the first block.
+    ///
+    /// # Safety
+    /// `pool` is aligned to `pool_size` and points to `pool_size` writable
+    /// bytes owned by `arena` that no live block uses.
+    pub(crate) unsafe fn init(pool: *mut Pool, class: usize, arena: *mut Arena, pool_size: usize) {
+        let first = first_block_offset(class);
+        let size = class_size(class);
+        // SAFETY: by the contract the first block lies inside the pool and is
+        // ours, and `first` keeps it aligned for a pointer (class sizes are
+        // multiples of 8).
+        let first_block = unsafe { pool.cast::<u8>().add(first) }.cast::<FreeBlock>();
+        // SAFETY: as above; the header fits because every pool is at least
+        // 1 KiB (`Config::new`).
+        unsafe {
+            first_block.write(FreeBlock {
+                next: ptr::null_mut(),
+            });
+            pool.write(Pool {
+                used: 0,
+                class: class as u32,
+                free: first_block,
+                next: ptr::null_mut(),
+                prev: ptr::null_mut(),
+                arena,
+                bump: (first + size) as u32,
+                bump_limit: (pool_size - size) as u32,
+            });
+        }
+    }
+
+    /// Hands out one block. Returns it and whether the pool is now full.
+    ///
+    /// # Safety
+    /// `pool` is an initialised pool whose free list is not empty.
+    #[inline]
+    pub(crate) unsafe fn take(pool: *mut Pool) -> (*mut u8, bool) {
+        // SAFETY: the contract makes `pool` a live header and `free` a free
+        // block inside it.
+        unsafe {
+            let block = (*pool).free;
+            let mut next = (*block).next;
+            (*pool).used += 1;
+            if next.is_null() && (*pool).bump <= (*pool).bump_limit {
+                // Carve the next untouched block rather than leave the list
+                // empty: a pool in its class list always has a free block.
+                next = pool.cast::<u8>().add((*pool).bump as usize).cast();
+                (*next).next = ptr::null_mut();
+                (*pool).bump += class_size((*pool).class as usize) as u32;
+            }
+            (*pool).free = next;
+            (block.cast(), next.is_null())
+        }
+    }
+
+    /// Takes back `block`. Returns whether the pool was full before and
+    /// whether it is empty now.
+    ///
+    /// # Safety
+    /// `block` was handed out by `take` on this pool and not given back since.
+    #[inline]
+    pub(crate) unsafe fn give(pool: *mut Pool, block: *mut u8) -> (bool, bool) {
+        let block = block.cast::<FreeBlock>();
+        // SAFETY: the contract makes `block` a block of this live pool that
+        // nothing else uses any more, so it can hold the free-list link.
+        unsafe {
+            let was_full = (*pool).free.is_null();
+            (*block).next = (*pool).free;
+            (*pool).free = block;
+            (*pool).used -= 1;
+            (was_full, (*pool).used == 0)
+        }
+    }
+
+    /// Whether `block`, a block boundary of this pool, is free: on the free
+    /// list or never carved. Walks the free list: debug use only.
+    ///
+    /// # Safety
+    /// `pool` is an initialised pool.
+    #[cfg(feature = "debug")]
+    pub(crate) unsafe fn is_free(pool: *const Pool, block: *mut u8) -> bool {
+        // SAFETY: per the contract; the free list only links blocks of this
+        // pool.
+        unsafe {
+            if block as usize >= pool as usize + (*pool).bump as usize {
+                return true;
+            }
+            let mut cursor = (*pool).free;
+            while !cursor.is_null() {
+                if cursor.cast() == block {
+                    return true;
+                }
+                cursor = (*cursor).next;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::size_class::CLASS_COUNT;
+    use std::alloc::{alloc, dealloc, Layout};
+    use std::vec::Vec;
+
+    fn with_pool(pool_size: usize, class: usize, f: impl FnOnce(*mut Pool)) {
+        let layout = Layout::from_size_align(pool_size, pool_size).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let mem = unsafe { alloc(layout) };
+        assert!(!mem.is_null());
+        // SAFETY: `mem` is a fresh, aligned span of `pool_size` bytes.
+        unsafe { Pool::init(mem.cast(), class, ptr::null_mut(), pool_size) };
+        f(mem.cast());
+        // SAFETY: allocated above with this layout.
+        unsafe { dealloc(mem, layout) };
+    }
+
+    #[test]
+    fn a_pool_hands_out_every_block_once_aligned_and_in_bounds() {
+        for class in 0..CLASS_COUNT {
+            with_pool(4096, class, |pool| {
+                let capacity = blocks_per_pool(4096, class);
+                let mut blocks = Vec::new();
+                for i in 0..capacity {
+                    // SAFETY: the pool is not full until the last take.
+                    let (block, full) = unsafe { Pool::take(pool) };
+                    assert_eq!(full, i + 1 == capacity);
+                    assert_eq!(block as usize % class_alignment(class), 0);
+                    assert!(block as usize >= pool as usize + POOL_HEADER_SIZE);
+                    assert!(block as usize + class_size(class) <= pool as usize + 4096);
+                    blocks.push(block as usize);
+                }
+                blocks.sort();
+                blocks.dedup();
+                assert_eq!(blocks.len(), capacity);
+                // SAFETY: `pool` is initialised.
+                let bump = unsafe { (*pool).bump } as usize;
+                assert_eq!(
+                    bump,
+                    first_block_offset(class) + capacity * class_size(class)
+                );
+            });
+        }
+    }
+
+    #[test]
+    fn freed_blocks_come_back_last_in_first_out() {
+        with_pool(4096, 3, |pool| {
+            // SAFETY: a fresh pool has free blocks; blocks are given back once.
+            unsafe {
+                let (a, _) = Pool::take(pool);
+                let (b, _) = Pool::take(pool);
+                let (c, _) = Pool::take(pool);
+                assert_eq!(Pool::give(pool, b), (false, false));
+                assert_eq!(Pool::give(pool, a), (false, false));
+                assert_eq!(Pool::take(pool).0, a);
+                assert_eq!(Pool::take(pool).0, b);
+                assert_eq!((*pool).used, 3);
+                Pool::give(pool, a);
+                Pool::give(pool, b);
+                assert_eq!(Pool::give(pool, c), (false, true));
+            }
+        });
+    }
+
+    #[test]
+    fn a_full_pool_reports_full_then_not_full_after_a_free() {
+        let class = CLASS_COUNT - 1;
+        with_pool(4096, class, |pool| {
+            assert_eq!(blocks_per_pool(4096, class), 7);
+            // SAFETY: seven takes from a seven-block pool, then one give.
+            unsafe {
+                let mut last = ptr::null_mut();
+                for _ in 0..7 {
+                    last = Pool::take(pool).0;
+                }
+                assert!((*pool).free.is_null());
+                assert_eq!(Pool::give(pool, last), (true, false));
+            }
+        });
+    }
+
+    #[test]
+    fn the_pool_of_any_block_is_found_by_masking() {
+        with_pool(1024, 0, |pool| {
+            // SAFETY: a fresh pool has free blocks.
+            let (block, _) = unsafe { Pool::take(pool) };
+            assert_eq!(pool_of(block, 1024), pool);
+        });
+    }
+}
