@@ -11,9 +11,10 @@
 //! A wholly free arena goes back to the backing at once, unless it is the
 //! only usable arena: then it stays as the single spare, so that a program
 //! allocating and freeing one block across an arena boundary does not map
-//! and unmap an arena every time (bpo-37257). This is stricter than CPython's
-//! rule (keep it if it is last in the list), which can keep a spare even when
-//! another arena has room.
+//! and unmap an arena every time (bpo-37257). The spare goes back as soon as
+//! another arena has room again. This is stricter than CPython's rule (keep
+//! it if it is last in the list), which can keep an empty arena beside
+//! others with room, so one live block could pin two arenas.
 
 use crate::arena::{Arena, ArenaTable};
 use crate::backing::Backing;
@@ -275,6 +276,7 @@ impl Heap {
                 self.release_arena(arena, backing);
                 return;
             }
+            self.release_spare(backing);
             arena_ref.prev = ptr::null_mut();
             arena_ref.next = self.usable;
             if !self.usable.is_null() {
@@ -305,6 +307,22 @@ impl Heap {
         if self.last_with_free[free].is_null() {
             self.last_with_free[free] = arena;
         }
+    }
+
+    /// Gives back the spare, if there is one: a wholly free arena is kept
+    /// only while it is the only usable arena, and another is about to join.
+    fn release_spare(&mut self, backing: &impl Backing) {
+        let spare = self.usable;
+        // SAFETY: list members are live records.
+        if spare.is_null() || unsafe { (*spare).free_count != (*spare).pool_count } {
+            return;
+        }
+        // SAFETY: as above.
+        let free = unsafe { (*spare).free_count } as usize;
+        debug_assert!(unsafe { (*spare).next.is_null() } && self.last_with_free[free] == spare);
+        self.last_with_free[free] = ptr::null_mut();
+        self.usable = ptr::null_mut();
+        self.release_arena(spare, backing);
     }
 
     fn remove_usable(&mut self, arena: *mut Arena) {
@@ -439,6 +457,217 @@ impl Heap {
                     assert!(!(*pool).free.is_null() && (*pool).used > 0);
                     pool = (*pool).next;
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::blocks_per_pool;
+    use crate::size_class::CLASS_COUNT;
+    use core::alloc::Layout;
+    use core::cell::Cell;
+    use std::vec::Vec;
+
+    /// Arenas and chunks from the std allocator, counted.
+    #[derive(Default)]
+    struct Counting {
+        arenas_out: Cell<usize>,
+        arenas_given: Cell<usize>,
+    }
+
+    // SAFETY: forwards to the std allocator, which keeps the promises.
+    unsafe impl Backing for Counting {
+        fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the heap never asks for zero bytes.
+            unsafe { std::alloc::alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded contract.
+            unsafe { std::alloc::dealloc(ptr, layout) }
+        }
+        fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+            self.arenas_out.set(self.arenas_out.get() + 1);
+            self.arenas_given.set(self.arenas_given.get() + 1);
+            self.alloc(Layout::from_size_align(size, pool_size).unwrap())
+        }
+        unsafe fn dealloc_arena(&self, ptr: *mut u8, size: usize, pool_size: usize) {
+            self.arenas_out.set(self.arenas_out.get() - 1);
+            // SAFETY: forwarded contract.
+            unsafe { self.dealloc(ptr, Layout::from_size_align(size, pool_size).unwrap()) }
+        }
+    }
+
+    const BIG: usize = CLASS_COUNT - 1;
+
+    /// Blocks of the 512-byte class that fill `arenas` arenas of `config`.
+    fn fill(heap: &mut Heap, backing: &Counting, arenas: usize) -> Vec<*mut u8> {
+        let config = heap.config();
+        let per_arena = config.arena_pools() * blocks_per_pool(config.pool_size(), BIG);
+        let blocks: Vec<_> = (0..arenas * per_arena)
+            .map(|_| heap.alloc(BIG, backing))
+            .collect();
+        assert!(blocks.iter().all(|b| !b.is_null()));
+        assert_eq!(backing.arenas_out.get(), arenas);
+        blocks
+    }
+
+    fn stats(heap: &Heap) -> Stats {
+        let config = heap.config();
+        let mut stats = Stats::empty(config.pool_size(), config.arena_size());
+        heap.gather(&mut stats);
+        stats
+    }
+
+    #[test]
+    fn freeing_everything_gives_back_all_arenas_but_one_spare() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let blocks = fill(&mut heap, &backing, 8);
+        for block in blocks {
+            // SAFETY: each block came from this heap and is freed once.
+            unsafe { heap.free(block, &backing) };
+            heap.check_invariants();
+        }
+        assert_eq!(backing.arenas_out.get(), 1);
+        let s = stats(&heap);
+        assert_eq!(
+            (
+                s.arenas_current,
+                s.arenas_reclaimed,
+                s.arenas_allocated_total
+            ),
+            (1, 7, 8)
+        );
+        assert_eq!(s.blocks_in_use(), 0);
+    }
+
+    #[test]
+    fn one_live_block_pins_its_arena_and_only_its_arena() {
+        for pinned_arena in [0, 3, 7] {
+            let backing = Counting::default();
+            let mut heap = Heap::new(Config::SMALL);
+            let blocks = fill(&mut heap, &backing, 8);
+            let per_arena = blocks.len() / 8;
+            let pinned = blocks[pinned_arena * per_arena + 5];
+            for &block in blocks.iter().filter(|&&b| b != pinned) {
+                // SAFETY: each block came from this heap and is freed once.
+                unsafe { heap.free(block, &backing) };
+            }
+            heap.check_invariants();
+            assert_eq!(
+                backing.arenas_out.get(),
+                1,
+                "pinned in arena {pinned_arena}"
+            );
+            assert_eq!(stats(&heap).blocks_in_use(), 1);
+        }
+    }
+
+    #[test]
+    fn new_pools_come_from_the_fullest_arena() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let blocks = fill(&mut heap, &backing, 3);
+        let per_arena = blocks.len() / 3;
+        // Arena 0 gets 4 free pools, arena 1 gets 1, arena 2 gets 2.
+        let frees = [(0, 4), (1, 1), (2, 2)];
+        for (arena, pools) in frees {
+            for block in &blocks[arena * per_arena..arena * per_arena + pools] {
+                // SAFETY: freed once; 512-byte blocks fill a 1 KiB pool alone.
+                unsafe { heap.free(*block, &backing) };
+            }
+        }
+        heap.check_invariants();
+        let arena_of = |b: *mut u8| {
+            blocks
+                .iter()
+                .position(|&x| pool_of(x, 1024) == pool_of(b, 1024))
+                .unwrap()
+                / per_arena
+        };
+        // The next pools come from arena 1 (one free), then arena 2, then 0.
+        let order: Vec<usize> = (0..7)
+            .map(|_| arena_of(heap.alloc(BIG, &backing)))
+            .collect();
+        assert_eq!(order, [1, 2, 2, 0, 0, 0, 0]);
+        heap.check_invariants();
+    }
+
+    #[test]
+    fn a_loop_at_an_arena_boundary_does_not_open_an_arena_each_time() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let _full = fill(&mut heap, &backing, 2);
+        for _ in 0..1000 {
+            let block = heap.alloc(BIG, &backing);
+            // SAFETY: just allocated.
+            unsafe { heap.free(block, &backing) };
+        }
+        assert_eq!(backing.arenas_given.get(), 3);
+        heap.check_invariants();
+    }
+
+    #[test]
+    fn the_spare_goes_back_once_another_arena_has_room() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let blocks = fill(&mut heap, &backing, 3);
+        let per_arena = blocks.len() / 3;
+        for &block in &blocks[..per_arena] {
+            // SAFETY: freed once.
+            unsafe { heap.free(block, &backing) };
+        }
+        assert_eq!(backing.arenas_out.get(), 3, "arena 0 stays as the spare");
+        // SAFETY: freed once.
+        unsafe { heap.free(blocks[per_arena], &backing) };
+        assert_eq!(
+            backing.arenas_out.get(),
+            2,
+            "arena 1 has room, so the spare goes"
+        );
+        heap.check_invariants();
+    }
+
+    #[test]
+    fn ten_thousand_arenas_freed_in_reverse_order() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let blocks = fill(&mut heap, &backing, 10_000);
+        for &block in blocks.iter().rev() {
+            // SAFETY: freed once. Each free is O(1): no step of
+            // `arena_gained_pool` walks the list.
+            unsafe { heap.free(block, &backing) };
+        }
+        heap.check_invariants();
+        assert_eq!(backing.arenas_out.get(), 1);
+    }
+
+    #[test]
+    fn random_frees_keep_the_list_sorted_and_indexed() {
+        let backing = Counting::default();
+        let mut heap = Heap::new(Config::SMALL);
+        let mut live: Vec<*mut u8> = Vec::new();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let class = (seed >> 32) as usize % CLASS_COUNT;
+            if live.is_empty() || (seed % 100) < 55 - (step / 20_000) as u64 * 3 {
+                live.push(heap.alloc(class, &backing));
+            } else {
+                let block = live.swap_remove((seed >> 8) as usize % live.len());
+                // SAFETY: freed once.
+                unsafe { heap.free(block, &backing) };
+            }
+            if step % 997 == 0 {
+                heap.check_invariants();
+                let s = stats(&heap);
+                assert_eq!(s.accounted_arena_bytes(), s.arena_bytes());
+                assert_eq!(s.blocks_in_use(), live.len());
             }
         }
     }
