@@ -1,0 +1,128 @@
+//! The Region backing: fixed heaps, bad spans, filling to null and back.
+
+use pymalloc::{Config, PyMalloc, Region};
+use std::alloc::{GlobalAlloc, Layout};
+
+const KIB: usize = 1024;
+
+/// Allocates blocks of the given sizes in turn, dropping each size once it
+/// gets a null, until none fits; returns the blocks, each filled with its
+/// index.
+fn fill_until_null(heap: &PyMalloc<Region>, sizes: &[usize]) -> Vec<(*mut u8, Layout)> {
+    let mut sizes = sizes.to_vec();
+    let mut blocks = Vec::new();
+    let mut i = 0;
+    while !sizes.is_empty() {
+        i = (i + 1) % sizes.len();
+        let layout = Layout::from_size_align(sizes[i], 8).unwrap();
+        // SAFETY: non-zero size.
+        let p = unsafe { heap.alloc(layout) };
+        if p.is_null() {
+            sizes.remove(i);
+            continue;
+        }
+        // SAFETY: the block has `layout.size()` bytes.
+        unsafe { p.write_bytes(blocks.len() as u8, layout.size()) };
+        blocks.push((p, layout));
+    }
+    blocks
+}
+
+fn free_checked(heap: &PyMalloc<Region>, blocks: Vec<(*mut u8, Layout)>) {
+    for (i, (p, layout)) in blocks.into_iter().enumerate() {
+        // SAFETY: live blocks filled by `fill_until_null`.
+        let bytes = unsafe { std::slice::from_raw_parts(p, layout.size()) };
+        assert!(bytes.iter().all(|&b| b == i as u8), "block {i} corrupted");
+        // SAFETY: freed once with its layout.
+        unsafe { heap.dealloc(p, layout) };
+    }
+}
+
+#[test]
+fn a_64_kib_region_fills_to_null_empties_and_fills_again() {
+    static mut HEAP: [u8; 64 * KIB] = [0; 64 * KIB];
+    // SAFETY: HEAP is used by this heap alone, and this test runs once.
+    let heap = unsafe { PyMalloc::region_with(&raw mut HEAP, Config::SMALL) };
+    let sizes = [8, 24, 100, 512, 700];
+    let first = fill_until_null(&heap, &sizes);
+    let first_len = first.len();
+    assert!(first_len > 200, "only {first_len} blocks fit");
+    let full = heap.stats();
+    assert!(full.arenas_current >= 2);
+    free_checked(&heap, first);
+    let empty = heap.stats();
+    assert_eq!((empty.blocks_in_use(), empty.large_objects), (0, 0));
+    assert!(empty.arenas_current <= 1);
+    let second = fill_until_null(&heap, &sizes);
+    assert!(
+        second.len() * 10 >= first_len * 9,
+        "the region did not come back whole"
+    );
+    free_checked(&heap, second);
+}
+
+#[test]
+fn allocation_before_init_returns_null_and_init_makes_it_work() {
+    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let layout = Layout::from_size_align(32, 8).unwrap();
+    // SAFETY: non-zero size.
+    assert!(unsafe { heap.alloc(layout) }.is_null());
+    assert!(unsafe { heap.alloc(Layout::from_size_align(4096, 8).unwrap()) }.is_null());
+    let mut memory = vec![0u8; 100 * KIB + 3];
+    // SAFETY: `memory` outlives `heap` and is used by nothing else; the odd
+    // start and length are trimmed.
+    unsafe { heap.init(memory.as_mut_ptr().add(3), memory.len() - 3) };
+    // SAFETY: non-zero size.
+    let p = unsafe { heap.alloc(layout) };
+    assert!(!p.is_null());
+    let span = memory.as_ptr_range();
+    assert!(span.contains(&p.cast_const()));
+    // SAFETY: live block.
+    unsafe { heap.dealloc(p, layout) };
+    drop(heap);
+}
+
+#[test]
+#[should_panic(expected = "cannot hold one 16384-byte arena")]
+fn a_region_too_small_for_one_arena_is_refused_at_init() {
+    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let mut memory = vec![0u8; 8 * KIB];
+    // SAFETY: refused before anything is written.
+    unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
+}
+
+#[test]
+#[should_panic(expected = "cannot hold one")]
+fn an_empty_region_is_refused_at_init() {
+    let heap = PyMalloc::region_uninit(Config::SMALL);
+    // SAFETY: refused before anything is written.
+    unsafe { heap.init(std::ptr::NonNull::dangling().as_ptr(), 0) };
+}
+
+#[test]
+#[should_panic(expected = "already has memory")]
+fn a_region_is_given_memory_once() {
+    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let mut memory = vec![0u8; 64 * KIB];
+    // SAFETY: the second call panics before touching anything.
+    unsafe {
+        heap.init(memory.as_mut_ptr(), memory.len());
+        heap.init(memory.as_mut_ptr(), memory.len());
+    }
+}
+
+#[test]
+fn a_misaligned_region_never_writes_outside_its_span() {
+    // Guard zones around the span: any write outside would change them.
+    let mut memory = vec![0xA5u8; 80 * KIB];
+    let (start, len) = (4 * KIB + 5, 64 * KIB - 9);
+    {
+        let heap = PyMalloc::region_uninit(Config::SMALL);
+        // SAFETY: the span lies inside `memory`, which outlives `heap`.
+        unsafe { heap.init(memory.as_mut_ptr().add(start), len) };
+        let blocks = fill_until_null(&heap, &[16, 48, 512, 1500]);
+        free_checked(&heap, blocks);
+    }
+    assert!(memory[..start].iter().all(|&b| b == 0xA5));
+    assert!(memory[start + len..].iter().all(|&b| b == 0xA5));
+}
