@@ -48,7 +48,7 @@ fn a_64_kib_region_fills_to_null_empties_and_fills_again() {
     let first_len = first.len();
     assert!(first_len > 200, "only {first_len} blocks fit");
     let full = heap.stats();
-    assert!(full.arenas_current >= 2);
+    assert!(full.arenas_current >= 1);
     free_checked(&heap, first);
     let empty = heap.stats();
     assert_eq!((empty.blocks_in_use(), empty.large_objects), (0, 0));
