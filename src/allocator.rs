@@ -71,6 +71,13 @@ impl PyMalloc<System> {
             Self::with_backing(System, Config::DEFAULT)
         }
     }
+
+    loom_const_fn! {
+        /// A heap over the operating system with the geometry `config`.
+        pub fn system_with(config: Config) -> Self {
+            Self::with_backing(System, config)
+        }
+    }
 }
 
 impl PyMalloc<Region> {
@@ -291,6 +298,16 @@ impl<B: Backing> PyMalloc<B> {
             }
         }
         block
+    }
+}
+
+impl<B: Backing> Drop for PyMalloc<B> {
+    /// Gives the arenas back to the backing. Large objects still live stay
+    /// with the backing: only their owners know where they are.
+    fn drop(&mut self) {
+        // SAFETY: `&mut self` means no allocation call is in progress, and a
+        // block must not outlive the allocator that served it.
+        unsafe { self.heap.lock().release_all(&self.backing) }
     }
 }
 

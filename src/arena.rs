@@ -176,6 +176,23 @@ impl ArenaTable {
         .filter(|arena| !arena.base.is_null())
     }
 
+    /// Gives every chunk back to the backing and empties the table.
+    ///
+    /// # Safety
+    /// No record of the table is used again.
+    pub(crate) unsafe fn free_chunks(&mut self, backing: &impl Backing) {
+        while !self.chunks.is_null() {
+            let chunk = self.chunks;
+            // SAFETY: a chunk from `acquire`, taken from the backing with
+            // this layout; per the contract nothing refers into it.
+            unsafe {
+                self.chunks = (*chunk).next;
+                backing.dealloc(chunk.cast(), Layout::new::<Chunk>());
+            }
+        }
+        self.unused = ptr::null_mut();
+    }
+
     /// Bytes the table's chunks take from the backing.
     pub(crate) fn bytes(&self) -> usize {
         let mut chunks = 0;

@@ -356,6 +356,22 @@ impl Heap {
         self.arenas_reclaimed += 1;
     }
 
+    /// Gives every arena and table chunk back to the backing.
+    ///
+    /// # Safety
+    /// No block of the heap is used again.
+    pub(crate) unsafe fn release_all(&mut self, backing: &impl Backing) {
+        let (arena_size, pool_size) = (self.config.arena_size(), self.config.pool_size());
+        for arena in self.table.open_arenas() {
+            // SAFETY: the arena came from `alloc_arena` with this geometry,
+            // and per the contract nothing in it is used again.
+            unsafe { backing.dealloc_arena(arena.base, arena_size, pool_size) };
+        }
+        // SAFETY: the records are no longer needed: the heap is reset below.
+        unsafe { self.table.free_chunks(backing) };
+        *self = Heap::new(self.config);
+    }
+
     /// Fills the arena and pool parts of `stats`.
     pub(crate) fn gather(&self, stats: &mut Stats) {
         let pool_size = self.config.pool_size();
