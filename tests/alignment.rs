@@ -1,4 +1,5 @@
 //! Every size 1..=1100 with every power-of-two alignment up to 4096.
+#![cfg(feature = "std")]
 
 use pymalloc::PyMalloc;
 use std::alloc::{GlobalAlloc, Layout};

@@ -1,7 +1,7 @@
 //! The `debug` feature: fill patterns, and one test per detection. Each
 //! detection aborts the process, so each test runs its bad operation in a
 //! child copy of this test binary and reads the child's report.
-#![cfg(feature = "debug")]
+#![cfg(all(feature = "debug", feature = "std"))]
 
 use pymalloc::debug::{CLEAN_BYTE, DEAD_BYTE};
 use pymalloc::PyMalloc;

@@ -1,4 +1,5 @@
 //! PyMalloc as the global allocator under real std workloads.
+#![cfg(feature = "std")]
 
 use pymalloc::PyMalloc;
 use std::collections::{BTreeMap, HashMap};

@@ -28,6 +28,7 @@ fn check_stats_add_up<B: pymalloc::Backing>(heap: &PyMalloc<B>) {
 }
 
 #[test]
+#[cfg(feature = "std")]
 fn system_heap_matches_the_model() {
     for seed in 1..=8 {
         let heap = PyMalloc::system();

@@ -1,4 +1,5 @@
 //! realloc within a class, across classes, and across the 512/513 boundary.
+#![cfg(feature = "std")]
 
 use pymalloc::PyMalloc;
 use std::alloc::{GlobalAlloc, Layout};

@@ -1,6 +1,6 @@
 //! Freed arenas go back to the operating system: the process's resident set
 //! shrinks after a spike of small objects is freed.
-#![cfg(target_os = "linux")]
+#![cfg(all(feature = "std", target_os = "linux"))]
 
 use pymalloc::PyMalloc;
 

@@ -1,5 +1,6 @@
 //! Statistics: the accounting adds up, the table reads like CPython's, and a
 //! diff names what grew.
+#![cfg(feature = "std")]
 
 use pymalloc::PyMalloc;
 use std::alloc::{GlobalAlloc, Layout};

@@ -1,0 +1,33 @@
+//! A byte string drives alloc/realloc/free of random sizes and alignments
+//! on a `Region` heap with the debug feature, checked against the model
+//! (contents, overlap, alignment) and the heap's own statistics.
+#![no_main]
+
+#[path = "../../tests/common/model.rs"]
+mod model;
+
+use libfuzzer_sys::fuzz_target;
+use model::Model;
+use pymalloc::{Config, PyMalloc};
+
+fuzz_target!(|ops: &[u8]| {
+    // The first byte picks the geometry, so both small and default pools run.
+    let (config, len) = match ops.first() {
+        Some(b) if b & 1 == 1 => (Config::DEFAULT, 1 << 20),
+        _ => (Config::SMALL, 128 << 10),
+    };
+    let mut memory = vec![0u8; len];
+    let heap = PyMalloc::region_uninit(config);
+    // SAFETY: `memory` outlives `heap` and nothing else touches it.
+    unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
+    let mut model = Model::new(&heap, true);
+    model.run(ops.get(1..).unwrap_or_default());
+    let stats = heap.stats();
+    assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+    assert_eq!(stats.blocks_in_use() + stats.large_objects, model.live_blocks());
+    model.free_all();
+    let stats = heap.stats();
+    assert_eq!((stats.blocks_in_use(), stats.large_objects, stats.requested_bytes), (0, 0, 0));
+    drop(heap);
+    drop(memory);
+});
