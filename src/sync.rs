@@ -2,10 +2,10 @@
 //! can swap in loom's modelled types and the firmware build can swap the spin
 //! lock for a critical section.
 
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
 
 use core::ops::{Deref, DerefMut};
 
