@@ -1,11 +1,12 @@
 //! CPython's `gc` toolbox, on the ambient collector of this thread (the
-//! thread-local default with `std`, the one given to [`install`] without).
+//! thread-local default with `std`, the one given to `gc::install` without).
 //!
 //! Each function forwards to the [`Collector`] method of the same name;
 //! with no ambient collector (none installed) they do nothing and return
 //! zero or empty values.
 //!
-//! ```
+#![cfg_attr(feature = "std", doc = "```")]
+#![cfg_attr(not(feature = "std"), doc = "```ignore")]
 //! use pymalloc::{gc, Cc, Trace};
 //! use core::cell::RefCell;
 //!

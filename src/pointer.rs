@@ -25,7 +25,8 @@ const NO_ALLOCATION: usize = core::mem::align_of::<Counts>();
 /// A single-threaded reference-counted pointer whose cycles the collector
 /// finds and frees. Like `Rc` in every other way.
 ///
-/// ```
+#[cfg_attr(feature = "std", doc = "```")]
+#[cfg_attr(not(feature = "std"), doc = "```ignore")]
 /// use pymalloc::{Cc, Trace};
 /// use core::cell::RefCell;
 ///

@@ -48,7 +48,8 @@ pub trait Trace {
 
 /// A finalizer, wired in by `#[derive(Trace)]` with `#[trace(finalize)]`.
 ///
-/// ```
+#[cfg_attr(feature = "std", doc = "```")]
+#[cfg_attr(not(feature = "std"), doc = "```ignore")]
 /// use pymalloc::{Cc, Finalize, Trace};
 /// use core::cell::{Cell, RefCell};
 ///

@@ -1,4 +1,5 @@
 //! Leak triage: census by type, by allocation site, referrers, save_all.
+#![cfg(feature = "std")]
 
 mod common;
 

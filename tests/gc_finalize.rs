@@ -1,4 +1,5 @@
 //! PEP 442 finalization and weak-reference clearing, in CPython's order.
+#![cfg(feature = "std")]
 
 use pymalloc::{gc, Cc, Finalize, Trace, Weak};
 use std::cell::{Cell, RefCell};

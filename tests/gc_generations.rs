@@ -1,4 +1,5 @@
 //! Generations, thresholds, freeze, stats and callbacks.
+#![cfg(feature = "std")]
 
 mod common;
 

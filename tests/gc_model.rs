@@ -3,6 +3,7 @@
 //! unreachable freed exactly once, everything reachable untouched.
 //!
 //! `PYMALLOC_MODEL_ROUNDS` sets the number of rounds (default 300).
+#![cfg(feature = "std")]
 
 use pymalloc::{gc, Cc, Trace, Weak};
 use std::cell::RefCell;

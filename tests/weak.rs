@@ -1,4 +1,5 @@
 //! `test_weakref` behaviours: Weak, WeakSet, WeakValueMap.
+#![cfg(feature = "std")]
 
 mod common;
 
