@@ -176,6 +176,11 @@ impl Op<'_> {
                 if !link.prev_flag(COLLECTING) {
                     return;
                 }
+                if marked {
+                    // Reachable objects are traced exactly once here, so
+                    // this is where the marks `Subtract` left go away.
+                    handle::set_mark(cell, counts, false);
+                }
                 if link.next_flag(UNREACHABLE) {
                     // Tentatively unreachable after all: back to the end of
                     // the list being scanned, so it gets scanned too.
@@ -243,40 +248,35 @@ unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
 /// `link` is a live tracked object with strong count zero and an initialised
 /// value, not part of a running collection (`COLLECTING` clear).
 pub(crate) unsafe fn destroy_tracked(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
+    if ambient::with(|c| unsafe { c.destroy(link) }).is_none() {
+        // No collector (the thread is exiting): no bookkeeping, no trashcan.
+        // SAFETY: the caller's promise.
+        unsafe {
+            retire(link);
+            drop_now(link);
+        }
+    }
+}
+
+/// First half of destroying: unlinks the object and runs its finalizer if
+/// it has not run yet.
+///
+/// # Safety
+/// As for `destroy_tracked`.
+unsafe fn retire(link: NonNull<Link>) {
     // SAFETY: the caller's promise: live and in a well-formed list.
     let l = unsafe { link.as_ref() };
     // SAFETY: as above.
     unsafe { l.unlink() };
-    ambient::untrack(l);
-    if !l.prev_flag(FINALIZED) {
-        l.set_prev_flag(FINALIZED, true);
-        // SAFETY: the value is initialised; with the strong count at zero
-        // the finalizer cannot resurrect it (`upgrade` fails).
-        unsafe { (l.vtable.finalize)(link) };
+    if let Some(finalize) = l.vtable.finalize {
+        if !l.prev_flag(FINALIZED) {
+            l.set_prev_flag(FINALIZED, true);
+            // SAFETY: the value is initialised; with the strong count at
+            // zero the finalizer cannot resurrect it (`upgrade` fails).
+            unsafe { finalize(link) };
+        }
     }
-    // SAFETY: strong count zero, value initialised, object unlinked.
-    if ambient::with(|c| unsafe { c.trashcan(link) }).is_none() {
-        // No collector (thread exiting): drop directly.
-        // SAFETY: as above.
-        unsafe { drop_now(link) };
-    }
-}
-
-/// Drops a reference the collector took; returns whether the object lives on.
-///
-/// # Safety
-/// The caller owns one strong reference to the live tracked object `link`,
-/// which is in a well-formed list and not `COLLECTING`.
-unsafe fn drop_ref(link: NonNull<Link>) -> bool {
-    // SAFETY: the caller's reference keeps the object alive.
-    let c = unsafe { counts(link) };
-    let strong = c.strong.get() - 1;
-    c.strong.set(strong);
-    if strong == 0 {
-        // SAFETY: count zero, value initialised, not collecting.
-        unsafe { destroy_tracked(link) };
-    }
-    strong != 0
 }
 
 /// Drops the value and the strong references' shared weak reference.
@@ -391,6 +391,37 @@ impl Collector {
         }
     }
 
+    /// Drops a reference the collector took; returns whether the object
+    /// lives on.
+    ///
+    /// # Safety
+    /// The caller owns one strong reference to the live tracked object
+    /// `link`, which is in a well-formed list and not `COLLECTING`.
+    unsafe fn drop_ref(&self, link: NonNull<Link>) -> bool {
+        // SAFETY: the caller's reference keeps the object alive.
+        let c = unsafe { counts(link) };
+        let strong = c.strong.get() - 1;
+        c.strong.set(strong);
+        if strong == 0 {
+            // SAFETY: count zero, value initialised, not collecting.
+            unsafe { self.destroy(link) };
+        }
+        strong != 0
+    }
+
+    /// `destroy_tracked` with this collector doing the bookkeeping.
+    ///
+    /// # Safety
+    /// As for `destroy_tracked`.
+    unsafe fn destroy(&self, link: NonNull<Link>) {
+        // SAFETY: the caller's promise.
+        unsafe { retire(link) };
+        // SAFETY: `link` is still allocated (its weak count is held).
+        self.untrack(unsafe { link.as_ref() });
+        // SAFETY: the caller's promise; now unlinked.
+        unsafe { self.trashcan(link) };
+    }
+
     /// Drops a value now, or queues it when drops are nested too deeply.
     ///
     /// # Safety
@@ -496,14 +527,15 @@ impl Collector {
         garbage
     }
 
-    /// Validates the lists in debug builds (CPython's `validate_list`).
-    fn validate(&self, lists: &[usize], unreachable: bool) {
+    /// Validates a list and its transient flags in debug builds (CPython's
+    /// `validate_list`).
+    fn validate(&self, list: usize, collecting: bool, unreachable: bool) {
+        // SAFETY: callers pass lists with valid links and live objects.
         #[cfg(debug_assertions)]
-        for &list in lists {
-            // SAFETY: callers pass lists whose chains are intact.
-            unsafe { self.head(list).validate(unreachable) };
-        }
-        let _ = (lists, unreachable);
+        unsafe {
+            self.head(list).validate(collecting, unreachable)
+        };
+        let _ = (list, collecting, unreachable);
     }
 
     /// The collection proper; returns (garbage found, of which not freed).
@@ -518,10 +550,12 @@ impl Collector {
             // SAFETY: generations are well-formed lists.
             unsafe { self.head(list).splice_into(young) };
         }
-        self.validate(&[YOUNG], false);
+        self.validate(YOUNG, false, false);
 
         // SAFETY: `young` holds live objects, and we are the only collection.
         let found = unsafe { self.find_unreachable(young, unreach, 0) };
+        self.validate(YOUNG, false, false);
+        self.validate(UNREACH, true, true);
         let survivors = if generation == 1 {
             // SAFETY: restored and well formed.
             unsafe { young.len() }
@@ -557,7 +591,9 @@ impl Collector {
     }
 
     /// Steps 1–3 on `list`: moves what is unreachable from outside into
-    /// `out`, restores both lists. `bias` is subtracted from each strong
+    /// `out` and restores `list`. Objects in `out` keep `COLLECTING` and
+    /// `UNREACHABLE` (with valid `prev` links), and their handles keep the
+    /// marks of the subtract pass. `bias` is subtracted from each strong
     /// count first (the reference the collector itself holds). Returns
     /// whether anything was found.
     ///
@@ -589,14 +625,12 @@ impl Collector {
                     l.set_gc_refs(l.gc_refs() + ROOT_BIAS);
                 }
             });
-            list.for_each(|link| {
-                trace(link, Op::Unmark);
-            });
             if consistent {
                 Self::move_unreachable(list, out);
+            } else {
+                Self::unmark(list);
             }
             list.restore();
-            out.restore();
             !out.is_empty()
         }
     }
@@ -633,46 +667,77 @@ impl Collector {
         }
     }
 
+    /// Removes the marks the subtract pass left on the handles of `list`.
+    ///
+    /// # Safety
+    /// `list` holds live objects and its `next` chain is intact.
+    unsafe fn unmark(list: &Link) {
+        // SAFETY: the caller's promise; tracing cannot unlink these objects.
+        unsafe {
+            list.for_each(|link| {
+                trace(link, Op::Unmark);
+            });
+        }
+    }
+
     /// Steps 4–6 on the unreachable list; returns (garbage, not freed).
     ///
     /// # Safety
-    /// Called under `Busy`; `UNREACH` holds live objects and is well formed.
+    /// Called under `Busy`; `UNREACH` holds live objects with valid `prev`
+    /// links, as `find_unreachable` left them.
     unsafe fn handle_unreachable(&self) -> (usize, usize) {
         let unreach = self.head(UNREACH);
         let garbage = self.head(GARBAGE);
-        self.validate(&[UNREACH], false);
-        // SAFETY (whole block): the lists are well formed and their objects
-        // live; from here on every object in them holds one reference we
-        // took, so user code cannot free them while we iterate.
+        let mut finalizers = false;
+        // SAFETY (whole block): the lists hold live objects; from the first
+        // pass on, every object in them holds one reference we took, so user
+        // code cannot free them while we iterate.
         unsafe {
             unreach.for_each(|link| {
+                let l = link.as_ref();
                 inc_strong(counts(link));
-                link.as_ref().set_next_flag(WEAK_CLEARED, true);
+                l.set_next_flag(WEAK_CLEARED, true);
+                l.set_prev_flag(COLLECTING, false);
+                finalizers |= l.vtable.finalize.is_some() && !l.prev_flag(FINALIZED);
             });
             self.unreach_held.set(true);
-            unreach.for_each(|link| {
-                let l = link.as_ref();
-                if !l.prev_flag(FINALIZED) {
-                    l.set_prev_flag(FINALIZED, true);
-                    (l.vtable.finalize)(link);
-                }
-            });
-            // Whatever a finalizer resurrected stays in `unreach`.
-            self.find_unreachable(unreach, garbage, 1);
-            self.validate(&[UNREACH, GARBAGE], false);
-            self.release(unreach);
+            self.validate(UNREACH, false, true);
+            if finalizers {
+                unreach.for_each(|link| {
+                    let l = link.as_ref();
+                    if let Some(finalize) = l.vtable.finalize {
+                        if !l.prev_flag(FINALIZED) {
+                            l.set_prev_flag(FINALIZED, true);
+                            finalize(link);
+                        }
+                    }
+                });
+                // Finalizers ran user code: find again what is garbage.
+                // Whatever they resurrected stays in `unreach`.
+                Self::unmark(unreach);
+                unreach.restore();
+                self.find_unreachable(unreach, garbage, 1);
+                self.validate(UNREACH, false, false);
+                self.validate(GARBAGE, true, true);
+                garbage.for_each(|link| link.as_ref().set_prev_flag(COLLECTING, false));
+                self.release(unreach);
+            } else {
+                unreach.splice_into(garbage);
+            }
             self.unreach_held.set(false);
 
+            self.validate(GARBAGE, false, true);
             let found = garbage.len();
             if self.save_all.get() {
+                Self::unmark(garbage);
+                garbage.restore();
                 garbage.splice_into(self.head(SAVED));
                 return (found, found);
             }
-            garbage.for_each(|link| link.as_ref().set_next_flag(UNREACHABLE, true));
+            // `tp_clear`: empty every handle that points into the garbage.
             garbage.for_each(|link| {
                 trace(link, Op::Clear);
             });
-            garbage.restore();
             let kept = self.release(garbage);
             (found, kept)
         }
@@ -682,7 +747,8 @@ impl Collector {
     /// reference the collector held; returns how many are still alive.
     ///
     /// # Safety
-    /// Every object of the well-formed `list` holds one reference we took.
+    /// Every object of `list` (valid `prev` links) holds one reference we
+    /// took.
     unsafe fn release(&self, list: &Link) -> usize {
         let oldest = self.head(GENERATIONS - 1);
         let mut kept = 0;
@@ -691,9 +757,12 @@ impl Collector {
             // run by a drop cannot invalidate our position.
             unsafe {
                 let link = NonNull::new_unchecked(list.next().cast_mut());
-                link.as_ref().unlink();
-                oldest.push_back(link.as_ref());
-                if drop_ref(link) {
+                let l = link.as_ref();
+                l.unlink();
+                l.set_prev_flag(COLLECTING, false);
+                l.set_next_flag(UNREACHABLE, false);
+                oldest.push_back(l);
+                if self.drop_ref(link) {
                     kept += 1;
                 }
             }
@@ -861,7 +930,7 @@ impl Collector {
         for link in objects {
             // SAFETY: we hold one reference to each, and live-list objects
             // are not part of a collection.
-            unsafe { drop_ref(link) };
+            unsafe { self.drop_ref(link) };
         }
         found
     }

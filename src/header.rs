@@ -51,8 +51,8 @@ pub(crate) const ROOT_BIAS: usize = MAX_STRONG as usize + 1;
 pub(crate) struct VTable {
     /// Calls the value's `Trace::trace`.
     pub(crate) trace: unsafe fn(NonNull<Link>, &mut Visitor<'_>),
-    /// Calls the value's `Trace::finalize`.
-    pub(crate) finalize: unsafe fn(NonNull<Link>),
+    /// Calls the value's `Trace::FINALIZER`, if it has one.
+    pub(crate) finalize: Option<unsafe fn(NonNull<Link>)>,
     /// Drops the value in place.
     pub(crate) drop_value: unsafe fn(NonNull<Link>),
     /// `core::any::type_name` of the value.
@@ -93,6 +93,15 @@ pub(crate) struct PlainBox<T> {
     value: T,
 }
 
+// The size budget: a 32-byte tracked header, so a 24-byte payload takes 56
+// bytes; an untracked header is 8 bytes, half of `Rc`'s.
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(core::mem::size_of::<Link>() + core::mem::size_of::<Counts>() == 32);
+    assert!(core::mem::size_of::<TrackedBox<[u64; 3]>>() == 56);
+};
+const _: () = assert!(core::mem::size_of::<PlainBox<u32>>() == 12);
+
 /// Where `T`'s value lives relative to its `Counts`, and the allocation layout.
 pub(crate) struct Shape<T>(core::marker::PhantomData<T>);
 
@@ -120,7 +129,11 @@ impl<T: Trace> Shape<T> {
     /// The vtable stored in tracked objects of this type.
     pub(crate) const VTABLE: VTable = VTable {
         trace: Self::trace,
-        finalize: Self::finalize,
+        finalize: if T::FINALIZER.is_some() {
+            Some(Self::finalize)
+        } else {
+            None
+        },
         drop_value: Self::drop_value,
         type_name: core::any::type_name::<T>,
         layout: Self::LAYOUT,
@@ -158,8 +171,10 @@ impl<T: Trace> Shape<T> {
     /// # Safety
     /// As for `trace`.
     unsafe fn finalize(link: NonNull<Link>) {
-        // SAFETY: as in `trace`.
-        unsafe { Self::value_of_link(link).as_ref() }.finalize()
+        if let Some(finalize) = T::FINALIZER {
+            // SAFETY: as in `trace`.
+            finalize(unsafe { Self::value_of_link(link).as_ref() });
+        }
     }
 
     /// # Safety
@@ -190,7 +205,7 @@ pub(crate) unsafe fn link_of(counts: NonNull<Counts>) -> NonNull<Link> {
 /// Vtable of list heads, which are never traced, finalized or dropped.
 static HEAD_VTABLE: VTable = VTable {
     trace: |_, _| {},
-    finalize: |_| {},
+    finalize: None,
     drop_value: |_| {},
     type_name: || "list head",
     layout: Layout::new::<Link>(),
@@ -391,22 +406,23 @@ impl Link {
         n
     }
 
-    /// Checks the list is well formed and carries no transient flags
-    /// (CPython's `validate_list`).
+    /// Checks the list is well formed and its transient flags are as
+    /// expected (CPython's `validate_list`).
     ///
     /// # Safety
     /// As for `for_each`.
     #[cfg(debug_assertions)]
-    pub(crate) unsafe fn validate(&self, unreachable: bool) {
+    pub(crate) unsafe fn validate(&self, collecting: bool, unreachable: bool) {
         let mut prev: *const Link = self;
         // SAFETY: the caller's promise.
         unsafe {
             self.for_each(|node| {
                 let node = node.as_ref();
                 assert!(ptr::eq(node.prev(), prev), "gc list: broken prev link");
-                assert!(
-                    !node.prev_flag(COLLECTING),
-                    "gc list: stray COLLECTING flag"
+                assert_eq!(
+                    node.prev_flag(COLLECTING),
+                    collecting,
+                    "gc list: wrong COLLECTING flag"
                 );
                 assert_eq!(
                     node.next_flag(UNREACHABLE),

@@ -376,8 +376,10 @@ impl<T: Trace> Cc<T> {
         } else {
             // SAFETY: strong count zero: no one else can read the value.
             let value = unsafe { Self::value_ptr(counts) };
-            // SAFETY: as above; the value is initialised.
-            unsafe { value.as_ref() }.finalize();
+            if let Some(finalize) = T::FINALIZER {
+                // SAFETY: as above; the value is initialised.
+                finalize(unsafe { value.as_ref() });
+            }
             // SAFETY: finalize cannot create a strong reference (upgrade
             // fails at zero), so the value is still ours to drop, once.
             unsafe { ptr::drop_in_place(value.as_ptr()) };

@@ -34,19 +34,21 @@ pub trait Trace {
     /// costs. The default, `true`, is always safe.
     const MAY_CONTAIN_CC: bool = true;
 
+    /// The finalizer: runs once before the value is destroyed, whether by
+    /// reference counting or by the cycle collector, on an intact value
+    /// (PEP 442). During a collection it may resurrect objects by storing
+    /// clones of `Cc`s somewhere reachable. `#[derive(Trace)]` with
+    /// `#[trace(finalize)]` sets it to [`Finalize::finalize`]. A constant,
+    /// so that types without one cost nothing, and collections skip the
+    /// finalizer pass when no garbage has one.
+    const FINALIZER: Option<fn(&Self)> = None;
+
     /// Visits every `Cc` this value owns.
     fn trace(&self, visitor: &mut Visitor<'_>);
-
-    /// Runs once before the value is destroyed, whether by reference
-    /// counting or by the cycle collector, on an intact value (PEP 442).
-    /// During a collection it may resurrect objects by storing clones of
-    /// `Cc`s somewhere reachable. The default does nothing;
-    /// `#[derive(Trace)]` with `#[trace(finalize)]` forwards it to
-    /// [`Finalize::finalize`].
-    fn finalize(&self) {}
 }
 
-/// A finalizer, wired in by `#[derive(Trace)]` with `#[trace(finalize)]`.
+/// A finalizer, wired in by `#[derive(Trace)]` with `#[trace(finalize)]`
+/// (see [`Trace::FINALIZER`]).
 ///
 #[cfg_attr(feature = "std", doc = "```")]
 #[cfg_attr(not(feature = "std"), doc = "```ignore")]
@@ -74,7 +76,7 @@ pub trait Trace {
 /// assert_eq!(FINALIZED.with(Cell::get), 1);
 /// ```
 pub trait Finalize {
-    /// See [`Trace::finalize`].
+    /// See [`Trace::FINALIZER`].
     fn finalize(&self);
 }
 

@@ -4,8 +4,8 @@
 //!   `pymalloc::Trace` bound);
 //! * `#[trace(skip)]` on a field leaves it out (a `Cc` in it then counts as a
 //!   reference from outside: never collected through that field);
-//! * `#[trace(finalize)]` on the type forwards `Trace::finalize` to the
-//!   type's `pymalloc::Finalize` impl;
+//! * `#[trace(finalize)]` on the type sets `Trace::FINALIZER` to the type's
+//!   `pymalloc::Finalize` impl;
 //! * self-referential types: `MAY_CONTAIN_CC` is computed from the field
 //!   types, except that a field whose type names the type itself is judged
 //!   by its tokens (it adds nothing unless it also names something that may
@@ -114,21 +114,19 @@ fn expand(input: DeriveInput) -> syn::Result<TokenStream2> {
     let may_contain = field_types.iter().map(|ty| may_contain(ty, name));
     let finalize = finalize.then(|| {
         quote! {
-            fn finalize(&self) {
-                <Self as ::pymalloc::Finalize>::finalize(self)
-            }
+            const FINALIZER: ::core::option::Option<fn(&Self)> =
+                ::core::option::Option::Some(<Self as ::pymalloc::Finalize>::finalize);
         }
     });
     Ok(quote! {
         impl #impl_generics ::pymalloc::Trace for #name #ty_generics #where_clause {
             const MAY_CONTAIN_CC: bool = false #(|| #may_contain)*;
+            #finalize
 
             #[allow(unused_variables)]
             fn trace(&self, visitor: &mut ::pymalloc::Visitor<'_>) {
                 #body
             }
-
-            #finalize
         }
     })
 }
