@@ -18,9 +18,12 @@ use crate::trace::Trace;
 /// Low bit of a handle: "already counted" during the collector's subtract
 /// pass, so a `Trace` that reports the same `Cc` twice is counted once.
 const MARK: usize = 1;
-/// Address held by a handle the collector emptied (CPython's `tp_clear`)
-/// and by `Weak::new`: `NonNull::dangling()`, where no allocation can be.
+/// `Weak::new`'s address: `NonNull::dangling()`, where no allocation can be.
 const NO_ALLOCATION: usize = core::mem::align_of::<Counts>();
+/// Address held by a handle the collector emptied (CPython's `tp_clear`).
+/// It has the mark bit set, so one test of that bit sends both marked and
+/// emptied handles off the fast path.
+const CLEARED: usize = NO_ALLOCATION | MARK;
 
 /// A single-threaded reference-counted pointer whose cycles the collector
 /// finds and frees. Like `Rc` in every other way.
@@ -81,6 +84,7 @@ fn abort() -> ! {
 }
 
 /// Adds one strong reference.
+#[inline]
 pub(crate) fn inc_strong(counts: &Counts) {
     let strong = counts.strong.get();
     if strong >= MAX_STRONG {
@@ -217,15 +221,14 @@ impl<T: Trace> Cc<T> {
     }
 
     /// The counts this handle refers to, or `None` if the collector emptied it.
+    #[inline]
     fn counts(&self) -> Option<NonNull<Counts>> {
         let raw = self.handle.get();
-        if !Shape::<T>::TRACKED {
+        // Untracked handles are never marked or emptied.
+        if !Shape::<T>::TRACKED || raw.addr().get() & MARK == 0 {
             return Some(raw);
         }
-        if raw.addr().get() == NO_ALLOCATION {
-            return None;
-        }
-        Some(unmarked(raw))
+        marked_counts(raw)
     }
 
     #[track_caller]
@@ -389,7 +392,15 @@ impl<T: Trace> Cc<T> {
     }
 }
 
+/// The counts of a marked or emptied handle, off the fast path.
+#[cold]
+#[inline(never)]
+fn marked_counts(raw: NonNull<Counts>) -> Option<NonNull<Counts>> {
+    (raw.addr().get() != CLEARED).then(|| unmarked(raw))
+}
+
 /// `raw` with the collector's mark bit cleared.
+#[inline]
 fn unmarked(raw: NonNull<Counts>) -> NonNull<Counts> {
     // SAFETY: clearing bit 0 of a 4-aligned, non-null address keeps it non-null.
     unsafe { NonNull::new_unchecked(raw.as_ptr().map_addr(|a| a & !MARK)) }
@@ -403,10 +414,7 @@ pub(crate) mod handle {
     /// `None` if the collector emptied it.
     pub(crate) fn read(handle: &Cell<NonNull<Counts>>) -> Option<(NonNull<Counts>, bool)> {
         let raw = handle.get();
-        if raw.addr().get() == NO_ALLOCATION {
-            return None;
-        }
-        Some((unmarked(raw), raw.addr().get() & MARK != 0))
+        marked_counts(raw).map(|counts| (counts, raw.addr().get() & MARK != 0))
     }
 
     /// Sets or clears the mark of a live handle.
@@ -418,7 +426,7 @@ pub(crate) mod handle {
 
     /// Empties a handle; its reference must be released by the caller.
     pub(crate) fn clear(handle: &Cell<NonNull<Counts>>) {
-        handle.set(NonNull::<Counts>::dangling());
+        handle.set(NonNull::<Counts>::dangling().map_addr(|a| a | MARK));
     }
 }
 
