@@ -118,6 +118,9 @@ pub struct Collector {
     save_all: Cell<bool>,
     /// Whether the objects of `UNREACH` hold a reference we took.
     unreach_held: Cell<bool>,
+    /// A panic interrupted a collection, so some handles may still carry
+    /// subtract-pass marks.
+    marks_dirty: Cell<bool>,
     trash_depth: Cell<usize>,
     /// Objects whose drop was deferred, chained through `next`.
     trash: Cell<*const Link>,
@@ -299,6 +302,7 @@ struct Recover<'a>(&'a Collector);
 impl Drop for Recover<'_> {
     fn drop(&mut self) {
         let c = self.0;
+        c.marks_dirty.set(true);
         let held_unreach = c.unreach_held.replace(false);
         for (list, held) in [(YOUNG, false), (UNREACH, held_unreach), (GARBAGE, true)] {
             let head = c.head(list);
@@ -350,6 +354,7 @@ impl Collector {
             next_callback: Cell::new(0),
             save_all: Cell::new(false),
             unreach_held: Cell::new(false),
+            marks_dirty: Cell::new(false),
             trash_depth: Cell::new(0),
             trash: Cell::new(ptr::null()),
             site_tracing: Cell::new(false),
@@ -367,6 +372,26 @@ impl Collector {
             // SAFETY: live lists are well formed and hold live objects; `f`
             // runs no user code.
             unsafe { self.head(list).for_each(&mut f) };
+        }
+    }
+
+    /// Calls `f`, which may run user code, on every object of the live
+    /// lists. A reference to each is held meanwhile, so user code cannot
+    /// free an object before we visit it.
+    fn for_each_live_held(&self, mut f: impl FnMut(NonNull<Link>)) {
+        let mut objects = Vec::new();
+        self.for_each_live(|link| {
+            // SAFETY: live objects of our lists.
+            inc_strong(unsafe { counts(link) });
+            objects.push(link);
+        });
+        for &link in &objects {
+            f(link);
+        }
+        for link in objects {
+            // SAFETY: we hold one reference to each, and live-list objects
+            // are not part of a collection.
+            unsafe { self.drop_ref(link) };
         }
     }
 
@@ -494,7 +519,7 @@ impl Collector {
         let Some(_busy) = Busy::enter() else {
             return 0;
         };
-        self.release_held();
+        self.recover_from_panic();
         self.run_callbacks(CallbackInfo {
             phase: Phase::Start,
             generation,
@@ -770,8 +795,17 @@ impl Collector {
         kept
     }
 
-    /// Releases objects parked by a collection a panic interrupted.
-    fn release_held(&self) {
+    /// Cleans up after a collection a panic interrupted: removes stale
+    /// marks (else their handles would go uncounted once), then releases the
+    /// objects it left held.
+    fn recover_from_panic(&self) {
+        if self.marks_dirty.get() {
+            self.for_each_live_held(|link| {
+                // SAFETY: held by `for_each_live_held`.
+                unsafe { trace(link, Op::Unmark) };
+            });
+            self.marks_dirty.set(false);
+        }
         // SAFETY: `HELD` objects each hold one reference we took.
         unsafe { self.release(self.head(HELD)) };
     }
@@ -908,30 +942,15 @@ impl Collector {
         let Some((target, _)) = handle::read(target.handle()) else {
             return Vec::new();
         };
-        // Hold every object while user `Trace` code runs, so nothing we are
-        // about to visit can be freed under us.
-        let mut objects = Vec::new();
-        self.for_each_live(|link| {
-            // SAFETY: live objects of our lists.
-            inc_strong(unsafe { counts(link) });
-            objects.push(link);
-        });
         let mut found = Vec::new();
-        for &link in &objects {
+        self.for_each_live_held(|link| {
             // SAFETY: held, so alive with an initialised value.
             let (op, _) = unsafe { trace(link, Op::Find { target, hits: 0 }) };
-            if let Op::Find { hits, .. } = op {
-                if hits > 0 {
-                    // SAFETY: held.
-                    found.push((unsafe { link.as_ref() }.vtable.type_name)());
-                }
+            if let Op::Find { hits: 1.., .. } = op {
+                // SAFETY: held.
+                found.push((unsafe { link.as_ref() }.vtable.type_name)());
             }
-        }
-        for link in objects {
-            // SAFETY: we hold one reference to each, and live-list objects
-            // are not part of a collection.
-            unsafe { self.drop_ref(link) };
-        }
+        });
         found
     }
 }

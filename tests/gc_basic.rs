@@ -356,3 +356,39 @@ fn deep_cycle_is_collected_without_recursion() {
         assert_eq!(drops(), 200_000);
     });
 }
+
+thread_local!(static PANIC_IN_TRACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+
+/// A `Trace` that panics on demand.
+struct Explosive {
+    me: RefCell<Option<Cc<Explosive>>>,
+}
+
+impl Trace for Explosive {
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        if PANIC_IN_TRACE.with(|p| p.get()) {
+            panic!("boom in trace");
+        }
+        self.me.trace(visitor);
+    }
+}
+
+#[test]
+fn panic_in_trace_during_collection_leaves_the_collector_working() {
+    let e = Cc::new(Explosive {
+        me: RefCell::new(None),
+    });
+    *e.me.borrow_mut() = Some(e.clone());
+    let weak = Cc::downgrade(&e);
+    drop(e);
+    let n = Node::new(1);
+    Node::link(&n, &n);
+    drop(n);
+    PANIC_IN_TRACE.with(|p| p.set(true));
+    assert!(catch_unwind(AssertUnwindSafe(gc::collect)).is_err());
+    PANIC_IN_TRACE.with(|p| p.set(false));
+    assert!(weak.upgrade().is_some());
+    assert_eq!(gc::collect(), 2);
+    assert!(weak.upgrade().is_none());
+    assert_eq!(drops(), 1);
+}

@@ -9,6 +9,7 @@ enum Mode {
     Record,
     Resurrect,
     BreakCycle,
+    Panic,
 }
 
 thread_local! {
@@ -39,6 +40,7 @@ impl Finalize for Fin {
                 }
             }
             Mode::BreakCycle => self.edges.borrow_mut().clear(),
+            Mode::Panic => panic!("boom in finalizer"),
         }
     }
 }
@@ -197,4 +199,21 @@ fn finalizer_dropping_other_garbage() {
     gc::collect();
     assert_eq!(dropped(), 3);
     assert!(weaks.iter().all(|w| w.upgrade().is_none()));
+}
+
+#[test]
+fn panic_in_a_finalizer_leaves_the_collector_working() {
+    MODE.with(|m| m.set(Mode::Panic));
+    let weaks = ring(2);
+    let result = std::panic::catch_unwind(gc::collect);
+    assert!(result.is_err());
+    MODE.with(|m| m.set(Mode::Record));
+    assert_eq!(dropped(), 0);
+    gc::collect();
+    assert_eq!(dropped(), 2);
+    assert!(weaks.iter().all(|w| w.upgrade().is_none()));
+    // Each finalizer ran at most once (the one that panicked is not rerun).
+    let ran = finalized();
+    assert!(ran == vec![0, 1] || ran.len() == 1, "{ran:?}");
+    assert_eq!(gc::collect(), 0);
 }
