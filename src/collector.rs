@@ -555,12 +555,10 @@ impl Collector {
     /// Validates a list and its transient flags in debug builds (CPython's
     /// `validate_list`).
     fn validate(&self, list: usize, collecting: bool, unreachable: bool) {
-        // SAFETY: callers pass lists with valid links and live objects.
-        #[cfg(debug_assertions)]
-        unsafe {
-            self.head(list).validate(collecting, unreachable)
-        };
-        let _ = (list, collecting, unreachable);
+        if cfg!(debug_assertions) {
+            // SAFETY: callers pass lists with valid links and live objects.
+            unsafe { self.head(list).validate(collecting, unreachable) };
+        }
     }
 
     /// The collection proper; returns (garbage found, of which not freed).

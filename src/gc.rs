@@ -23,7 +23,7 @@
 //! }
 //! let diff = gc::site_census().diff(&before);
 //! assert_eq!(diff.rows[0].growth.count, 10);
-//! println!("{diff}"); // 1  560 B  10  src/gc.rs:17
+//! println!("{diff}"); // like `1  560 B  10  src/main.rs:17`
 //! assert_eq!(gc::census().get("Handler"), 10);
 //! assert_eq!(gc::collect(), 10);
 //! gc::set_site_tracing(false);

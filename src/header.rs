@@ -369,9 +369,9 @@ impl Link {
         let mut cur = self.next();
         while !ptr::eq(cur, self) {
             // SAFETY: the caller's promise: `cur` is a live node.
-            let next = unsafe { (*cur).next() };
-            f(NonNull::from(unsafe { &*cur }));
-            cur = next;
+            let node = unsafe { &*cur };
+            cur = node.next();
+            f(NonNull::from(node));
         }
     }
 
@@ -411,7 +411,6 @@ impl Link {
     ///
     /// # Safety
     /// As for `for_each`.
-    #[cfg(debug_assertions)]
     pub(crate) unsafe fn validate(&self, collecting: bool, unreachable: bool) {
         let mut prev: *const Link = self;
         // SAFETY: the caller's promise.
