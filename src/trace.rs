@@ -28,7 +28,10 @@ use crate::pointer::{Cc, Weak};
 /// A value that cannot be inspected right now (a `RefCell` borrowed
 /// mutably) calls [`Visitor::untraceable`]; the collector then treats the
 /// value as reachable from outside for this collection.
-pub trait Trace {
+///
+/// `'static` because the collector may trace and drop garbage long after
+/// the code that made it returned: a borrow inside it would have expired.
+pub trait Trace: 'static {
     /// Whether a value of this type may hold a `Cc`. When `false`, a
     /// `Cc<Self>` is not tracked by the collector and costs what an `Rc`
     /// costs. The default, `true`, is always safe.
@@ -137,13 +140,13 @@ leaf!(
     core::num::NonZeroU64,
 );
 
-impl<T: ?Sized> Trace for PhantomData<T> {
+impl<T: ?Sized + 'static> Trace for PhantomData<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
 }
 
 /// A `Cell` can only be read by copying, and `Copy` types hold no `Cc`.
-impl<T: Copy> Trace for Cell<T> {
+impl<T: Copy + 'static> Trace for Cell<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
 }
@@ -228,7 +231,7 @@ sequence!(
 );
 
 #[cfg(feature = "std")]
-sequence!([T: Trace, S] std::collections::HashSet<T, S> => T);
+sequence!([T: Trace, S: 'static] std::collections::HashSet<T, S> => T);
 
 /// Implements `Trace` for a map by tracing keys and values.
 macro_rules! map {
@@ -249,7 +252,7 @@ macro_rules! map {
 
 map!([K: Trace, V: Trace] BTreeMap<K, V>);
 #[cfg(feature = "std")]
-map!([K: Trace, V: Trace, S] std::collections::HashMap<K, V, S>);
+map!([K: Trace, V: Trace, S: 'static] std::collections::HashMap<K, V, S>);
 
 macro_rules! tuple {
     ($($name:ident)+) => {

@@ -345,7 +345,7 @@ fn deep_cycle_is_collected_without_recursion() {
     on_small_stack(|| {
         let first = Node::new(0);
         let mut head = first.clone();
-        for i in 1..200_000 {
+        for i in 1..1_000_000 {
             let next = Node::new(i);
             Node::link(&next, &head);
             head = next;
@@ -353,7 +353,7 @@ fn deep_cycle_is_collected_without_recursion() {
         Node::link(&first, &head);
         drop((first, head));
         gc::collect();
-        assert_eq!(drops(), 200_000);
+        assert_eq!(drops(), 1_000_000);
     });
 }
 
@@ -391,4 +391,35 @@ fn panic_in_trace_during_collection_leaves_the_collector_working() {
     assert_eq!(gc::collect(), 2);
     assert!(weak.upgrade().is_none());
     assert_eq!(drops(), 1);
+}
+
+thread_local!(static UPGRADED: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) });
+
+/// Upgrades a weak reference to its garbage sibling while being dropped.
+#[derive(Trace)]
+struct Upgrader {
+    me: RefCell<Option<Cc<Upgrader>>>,
+    sibling: pymalloc::Weak<Upgrader>,
+}
+
+impl Drop for Upgrader {
+    fn drop(&mut self) {
+        UPGRADED.with(|u| u.set(Some(self.sibling.upgrade().is_some())));
+    }
+}
+
+#[test]
+fn weak_upgrade_inside_drop_during_collection_fails() {
+    let a = Cc::new(Upgrader {
+        me: RefCell::new(None),
+        sibling: pymalloc::Weak::new(),
+    });
+    let b = Cc::new(Upgrader {
+        me: RefCell::new(Some(a.clone())),
+        sibling: Cc::downgrade(&a),
+    });
+    *a.me.borrow_mut() = Some(b.clone());
+    drop((a, b));
+    assert_eq!(gc::collect(), 2);
+    assert_eq!(UPGRADED.with(|u| u.get()), Some(false));
 }
