@@ -10,7 +10,7 @@
 //!    scanned, CPython's `move_unreachable`);
 //! 4. take a reference to each unreachable object (nothing in it can be
 //!    freed while we work), clear its weak references, run finalizers once;
-//! 5. redo 1–3 inside the unreachable set: what a finalizer resurrected,
+//! 5. if a finalizer ran, redo 1–3 inside the unreachable set: what it resurrected,
 //!    and all it reaches, survives untouched;
 //! 6. empty the `Cc` handles inside the garbage that point to garbage
 //!    (CPython's `tp_clear`, done generically through `Trace`), then drop our
