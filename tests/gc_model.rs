@@ -2,24 +2,56 @@
 //! dropped, collected, and checked against a reachability model: everything
 //! unreachable freed exactly once, everything reachable untouched.
 //!
+//! Half the runs give every node a finalizer (which empties the edges of
+//! every third node, as a finalizer breaking its own cycle would), so the
+//! finalize-then-recheck path is modelled too: each node is finalized
+//! exactly once, when it dies.
+//!
 //! `PYMALLOC_MODEL_ROUNDS` sets the number of rounds (default 300).
 #![cfg(feature = "std")]
 
-use pymalloc::{gc, Cc, Trace, Weak};
+use pymalloc::{gc, Cc, Trace, Visitor, Weak};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 
 thread_local! {
     static DROPS: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static FINALIZED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
-#[derive(Trace)]
-struct MNode {
+/// A graph node; with `F`, it has a finalizer.
+struct MNode<const F: bool> {
     id: usize,
-    edges: RefCell<Vec<Cc<MNode>>>,
+    edges: RefCell<Vec<Cc<MNode<F>>>>,
 }
 
-impl Drop for MNode {
+impl<const F: bool> MNode<F> {
+    fn finalize(&self) {
+        FINALIZED.with(|f| {
+            let mut f = f.borrow_mut();
+            f[self.id] += 1;
+            assert_eq!(f[self.id], 1, "node {} finalized twice", self.id);
+        });
+        assert_eq!(
+            DROPS.with(|d| d.borrow()[self.id]),
+            0,
+            "finalized after drop"
+        );
+        if self.id % 3 == 0 {
+            self.edges.borrow_mut().clear();
+        }
+    }
+}
+
+impl<const F: bool> Trace for MNode<F> {
+    const FINALIZER: Option<fn(&Self)> = if F { Some(Self::finalize) } else { None };
+
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        self.edges.trace(visitor);
+    }
+}
+
+impl<const F: bool> Drop for MNode<F> {
     fn drop(&mut self) {
         DROPS.with(|d| {
             let mut d = d.borrow_mut();
@@ -45,15 +77,15 @@ impl Rng {
     }
 }
 
-struct Model {
+struct Model<const F: bool> {
     /// Edges of every node not yet known dead.
     edges: Vec<Vec<usize>>,
-    weaks: Vec<Weak<MNode>>,
-    roots: Vec<(usize, Cc<MNode>)>,
+    weaks: Vec<Weak<MNode<F>>>,
+    roots: Vec<(usize, Cc<MNode<F>>)>,
     dead: BTreeSet<usize>,
 }
 
-impl Model {
+impl<const F: bool> Model<F> {
     fn new() -> Self {
         Model {
             edges: Vec::new(),
@@ -63,7 +95,7 @@ impl Model {
         }
     }
 
-    fn alive(&self, rng: &mut Rng) -> Option<(usize, Cc<MNode>)> {
+    fn alive(&self, rng: &mut Rng) -> Option<(usize, Cc<MNode<F>>)> {
         let n = self.weaks.len();
         if n == 0 {
             return None;
@@ -77,6 +109,7 @@ impl Model {
             0..=2 => {
                 let id = self.weaks.len();
                 DROPS.with(|d| d.borrow_mut().push(0));
+                FINALIZED.with(|f| f.borrow_mut().push(0));
                 let node = Cc::new(MNode {
                     id,
                     edges: RefCell::new(Vec::new()),
@@ -138,6 +171,7 @@ impl Model {
     fn check(&mut self, full: bool) {
         let reachable = self.reachable();
         let drops = DROPS.with(|d| d.borrow().clone());
+        let finalized = FINALIZED.with(|f| f.borrow().clone());
         for (id, weak) in self.weaks.iter().enumerate() {
             if reachable.contains(&id) {
                 let node = weak.upgrade().expect("reachable node freed");
@@ -148,9 +182,11 @@ impl Model {
                     "edges of reachable node {id} changed"
                 );
                 assert_eq!(drops[id], 0);
+                assert_eq!(finalized[id], 0);
             } else if full {
                 assert!(weak.upgrade().is_none(), "unreachable node {id} survived");
                 assert_eq!(drops[id], 1, "unreachable node {id} not dropped once");
+                assert_eq!(finalized[id], u32::from(F), "node {id} finalizer count");
                 if self.dead.insert(id) {
                     self.edges[id].clear();
                 }
@@ -159,9 +195,9 @@ impl Model {
     }
 }
 
-fn run(seed: u64, rounds: usize) {
+fn run<const F: bool>(seed: u64, rounds: usize) {
     let mut rng = Rng(seed);
-    let mut model = Model::new();
+    let mut model = Model::<F>::new();
     gc::set_threshold(1 + rng.below(50), 1 + rng.below(5), 1 + rng.below(5));
     for _ in 0..rounds {
         for _ in 0..rng.below(40) {
@@ -197,7 +233,13 @@ fn random_graphs_match_the_reachability_model() {
     for seed in 1..=8u64 {
         // Each seed on a fresh thread, hence a fresh default collector.
         let rounds = rounds();
-        std::thread::spawn(move || run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), rounds))
+        let seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let run = if seed % 2 == 0 {
+            run::<true>
+        } else {
+            run::<false>
+        };
+        std::thread::spawn(move || run(seed, rounds))
             .join()
             .unwrap();
     }
