@@ -30,7 +30,14 @@ static TALC: talc::TalcLock<spinning_top::RawSpinlock, talc::source::Claim> =
     talc::TalcLock::new(unsafe { talc::source::Claim::array(&raw mut HEAP) });
 static LLA: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
 
-const CONTENDERS: [&str; 6] = ["system", "pymalloc", "mimalloc", "pymalloc-region", "talc", "linked_list"];
+const CONTENDERS: [&str; 6] = [
+    "system",
+    "pymalloc",
+    "mimalloc",
+    "pymalloc-region",
+    "talc",
+    "linked_list",
+];
 
 /// Which allocator this process uses: read from `BENCH_CONTENDER` at the
 /// first allocation (before `main`), so that no block ever crosses from one
@@ -54,7 +61,11 @@ fn choice() -> u8 {
         0
     } else {
         // SAFETY: see above.
-        unsafe { std::ffi::CStr::from_ptr(value) }.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        unsafe { std::ffi::CStr::from_ptr(value) }
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     if c == 5 {
         // SAFETY: HEAP is used by this contender alone in this process, and
@@ -201,7 +212,9 @@ fn btree(keys: usize) -> usize {
 /// 100 live blocks of 513 B to 64 KiB, replaced at random.
 fn large(steps: usize) -> usize {
     let mut rng = Rng(5);
-    let mut live: Vec<Vec<u8>> = (0..100).map(|_| Vec::with_capacity(513 + rng.below(65_024))).collect();
+    let mut live: Vec<Vec<u8>> = (0..100)
+        .map(|_| Vec::with_capacity(513 + rng.below(65_024)))
+        .collect();
     for _ in 0..steps {
         let slot = rng.below(live.len());
         live[slot] = Vec::with_capacity(513 + rng.below(65_024));
@@ -213,7 +226,13 @@ fn large(steps: usize) -> usize {
 
 fn resident_kib() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 4
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+        * 4
 }
 
 /// Resident KiB above the start after allocating 1M small objects and
@@ -221,7 +240,9 @@ fn resident_kib() -> usize {
 fn rss() -> (usize, usize, usize) {
     let base = resident_kib();
     let mut rng = Rng(6);
-    let mut objects: Vec<Option<Box<[u8]>>> = (0..1_000_000).map(|i| Some(vec![i as u8; 16 + rng.below(100)].into_boxed_slice())).collect();
+    let mut objects: Vec<Option<Box<[u8]>>> = (0..1_000_000)
+        .map(|i| Some(vec![i as u8; 16 + rng.below(100)].into_boxed_slice()))
+        .collect();
     let peak = resident_kib() - base;
     for slot in objects.iter_mut() {
         if rng.below(10) != 0 {
@@ -260,10 +281,14 @@ fn child(contender: usize) {
         println!("{name}\t{}", time(|| work(if slow { n / 100 } else { n })));
     }
     if slow {
-        return println!("rss peak KiB\tNaN\nrss after 90% freed KiB\tNaN\nrss after 100% freed KiB\tNaN");
+        return println!(
+            "rss peak KiB\tNaN\nrss after 90% freed KiB\tNaN\nrss after 100% freed KiB\tNaN"
+        );
     }
     let (peak, ninety, all) = rss();
-    println!("rss peak KiB\t{peak}\nrss after 90% freed KiB\t{ninety}\nrss after 100% freed KiB\t{all}");
+    println!(
+        "rss peak KiB\t{peak}\nrss after 90% freed KiB\t{ninety}\nrss after 100% freed KiB\t{all}"
+    );
 }
 
 fn main() {
@@ -272,7 +297,11 @@ fn main() {
         child(args[pos + 1].parse().unwrap());
         return;
     }
-    let reps: usize = args.iter().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
+    let reps: usize = args
+        .iter()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
     let exe = std::env::current_exe().unwrap();
     // best[contender][figure]
     let mut best: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); CONTENDERS.len()];
@@ -284,7 +313,11 @@ fn main() {
                 .env("BENCH_CONTENDER", c.to_string())
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{name} failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             for line in String::from_utf8(out.stdout).unwrap().lines() {
                 let (figure, value) = line.split_once('\t').unwrap();
                 let value: f64 = value.parse().unwrap();
@@ -301,7 +334,9 @@ fn main() {
 }
 
 fn print_table(best: &[BTreeMap<String, f64>], order: &[String], reps: usize) {
-    println!("\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; ratios: /system, /mimalloc\n");
+    println!(
+        "\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; ratios: /system, /mimalloc\n"
+    );
     print!("| workload |");
     for name in CONTENDERS {
         print!(" {name} |");

@@ -23,8 +23,13 @@ enum Value {
 fn document(id: usize) -> Value {
     let mut fields = BTreeMap::new();
     fields.insert("id".to_string(), Value::Number(id as f64));
-    fields.insert("title".to_string(), Value::Text(format!("document number {id}")));
-    let tags = (0..id % 7).map(|t| Value::Text(format!("tag{}", (id * 31 + t) % 50))).collect();
+    fields.insert(
+        "title".to_string(),
+        Value::Text(format!("document number {id}")),
+    );
+    let tags = (0..id % 7)
+        .map(|t| Value::Text(format!("tag{}", (id * 31 + t) % 50)))
+        .collect();
     fields.insert("tags".to_string(), Value::List(tags));
     Value::Object(fields)
 }
@@ -36,7 +41,11 @@ fn resident_kib() -> Option<usize> {
 
 fn main() {
     let start = ALLOC.stats();
-    println!("== at start: {} arenas, resident {:?} KiB\n", start.arenas_current, resident_kib());
+    println!(
+        "== at start: {} arenas, resident {:?} KiB\n",
+        start.arenas_current,
+        resident_kib()
+    );
 
     let docs: Vec<Value> = (0..200_000).map(document).collect();
     let mut index: HashMap<String, Vec<usize>> = HashMap::new();
@@ -51,12 +60,21 @@ fn main() {
             }
         }
     }
-    let hits: usize = (0..50).map(|t| index.get(&format!("tag{t}")).map_or(0, Vec::len)).sum();
-    println!("indexed {} documents, {} tags, {hits} postings", docs.len(), index.len());
+    let hits: usize = (0..50)
+        .map(|t| index.get(&format!("tag{t}")).map_or(0, Vec::len))
+        .sum();
+    println!(
+        "indexed {} documents, {} tags, {hits} postings",
+        docs.len(),
+        index.len()
+    );
 
     let loaded = ALLOC.stats();
     println!("\n== loaded: resident {:?} KiB\n{loaded}", resident_kib());
-    println!("== what grew while loading (largest first)\n{}", loaded.diff(&start));
+    println!(
+        "== what grew while loading (largest first)\n{}",
+        loaded.diff(&start)
+    );
 
     // Keep one document in ten; the rest goes.
     let kept: Vec<Value> = docs.into_iter().step_by(10).collect();
@@ -76,7 +94,10 @@ fn main() {
 
     drop(kept);
     let end = ALLOC.stats();
-    println!("== after dropping everything: resident {:?} KiB\n{end}", resident_kib());
+    println!(
+        "== after dropping everything: resident {:?} KiB\n{end}",
+        resident_kib()
+    );
     println!(
         "{} arenas were taken in all, {} given back to the system, {} held now.",
         end.arenas_allocated_total, end.arenas_reclaimed, end.arenas_current

@@ -37,3 +37,19 @@ pub use backing::System;
 pub use backing::{Backing, Region};
 pub use config::Config;
 pub use stats::{ClassDelta, ClassStats, Stats, StatsDiff};
+
+// Reference counting and the cycle collector.
+extern crate self as pymalloc;
+mod ambient;
+mod census;
+mod collector;
+pub mod gc;
+mod header;
+mod pointer;
+mod trace;
+mod weak_collections;
+pub use collector::Collector;
+pub use pointer::{Cc, Weak};
+pub use pymalloc_derive::Trace;
+pub use trace::{Finalize, Trace, Visitor};
+pub use weak_collections::{WeakSet, WeakValueMap};

@@ -1,1 +1,205 @@
 //! `#[derive(Trace)]` for pymalloc's cycle collector.
+//!
+//! * structs and enums, with generics (each type parameter gets a
+//!   `pymalloc::Trace` bound);
+//! * `#[trace(skip)]` on a field leaves it out (a `Cc` in it then counts as a
+//!   reference from outside: never collected through that field);
+//! * `#[trace(finalize)]` on the type sets `Trace::FINALIZER` to the type's
+//!   `pymalloc::Finalize` impl;
+//! * self-referential types: `MAY_CONTAIN_CC` is computed from the field
+//!   types, except that a field whose type names the type itself is judged
+//!   by its tokens (it adds nothing unless it also names something that may
+//!   hold a `Cc`), which avoids a compile-time cycle.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2, TokenTree};
+use quote::{format_ident, quote};
+use syn::{parse_macro_input, parse_quote, Attribute, Data, DeriveInput, Fields, Ident, Type};
+
+/// Derives `pymalloc::Trace`.
+#[proc_macro_derive(Trace, attributes(trace))]
+pub fn derive_trace(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand(input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Containers and leaves that cannot hold a `Cc` unless their parameters do.
+const CC_FREE: &[&str] = &[
+    "Self",
+    "Box",
+    "Option",
+    "Vec",
+    "VecDeque",
+    "RefCell",
+    "Cell",
+    "String",
+    "BTreeMap",
+    "BTreeSet",
+    "HashMap",
+    "HashSet",
+    "Weak",
+    "Result",
+    "std",
+    "alloc",
+    "core",
+    "boxed",
+    "vec",
+    "collections",
+    "cell",
+    "option",
+    "string",
+    "pymalloc",
+    "bool",
+    "char",
+    "str",
+    "u8",
+    "u16",
+    "u32",
+    "u64",
+    "u128",
+    "usize",
+    "i8",
+    "i16",
+    "i32",
+    "i64",
+    "i128",
+    "isize",
+    "f32",
+    "f64",
+];
+
+fn expand(input: DeriveInput) -> syn::Result<TokenStream2> {
+    let name = &input.ident;
+    let finalize = has_flag(&input.attrs, "finalize")?;
+    let mut generics = input.generics.clone();
+    for param in generics.type_params_mut() {
+        param.bounds.push(parse_quote!(::pymalloc::Trace));
+    }
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
+
+    let mut field_types = Vec::new();
+    let body = match &input.data {
+        Data::Struct(data) => {
+            let (pattern, visits) = destructure(&data.fields, &mut field_types)?;
+            quote! {
+                let Self #pattern = self;
+                #(#visits)*
+            }
+        }
+        Data::Enum(data) => {
+            let mut arms = Vec::new();
+            for variant in &data.variants {
+                let ident = &variant.ident;
+                let (pattern, visits) = destructure(&variant.fields, &mut field_types)?;
+                arms.push(quote! { Self::#ident #pattern => { #(#visits)* } });
+            }
+            quote! {
+                match self {
+                    #(#arms)*
+                    #[allow(unreachable_patterns)]
+                    _ => {}
+                }
+            }
+        }
+        Data::Union(data) => {
+            return Err(syn::Error::new(
+                data.union_token.span,
+                "Trace cannot be derived for unions",
+            ))
+        }
+    };
+
+    let may_contain = field_types.iter().map(|ty| may_contain(ty, name));
+    let finalize = finalize.then(|| {
+        quote! {
+            const FINALIZER: ::core::option::Option<fn(&Self)> =
+                ::core::option::Option::Some(<Self as ::pymalloc::Finalize>::finalize);
+        }
+    });
+    Ok(quote! {
+        impl #impl_generics ::pymalloc::Trace for #name #ty_generics #where_clause {
+            const MAY_CONTAIN_CC: bool = false #(|| #may_contain)*;
+            #finalize
+
+            #[allow(unused_variables)]
+            fn trace(&self, visitor: &mut ::pymalloc::Visitor<'_>) {
+                #body
+            }
+        }
+    })
+}
+
+/// A pattern binding the traced fields, and the calls that trace them.
+fn destructure(
+    fields: &Fields,
+    types: &mut Vec<Type>,
+) -> syn::Result<(TokenStream2, Vec<TokenStream2>)> {
+    let mut bindings = Vec::new();
+    let mut visits = Vec::new();
+    for (index, field) in fields.iter().enumerate() {
+        let binding = format_ident!("__field{}", index);
+        if has_flag(&field.attrs, "skip")? {
+            bindings.push(match &field.ident {
+                Some(ident) => quote!(#ident: _),
+                None => quote!(_),
+            });
+            continue;
+        }
+        types.push(field.ty.clone());
+        visits.push(quote! { ::pymalloc::Trace::trace(#binding, visitor); });
+        bindings.push(match &field.ident {
+            Some(ident) => quote!(#ident: #binding),
+            None => quote!(#binding),
+        });
+    }
+    let pattern = match fields {
+        Fields::Named(_) => quote!({ #(#bindings),* }),
+        Fields::Unnamed(_) => quote!(( #(#bindings),* )),
+        Fields::Unit => quote!(),
+    };
+    Ok((pattern, visits))
+}
+
+/// The field's contribution to `MAY_CONTAIN_CC`.
+fn may_contain(ty: &Type, own: &Ident) -> TokenStream2 {
+    let mut idents = Vec::new();
+    collect_idents(quote!(#ty), &mut idents);
+    if !idents.iter().any(|i| i == own || i == "Self") {
+        return quote!(<#ty as ::pymalloc::Trace>::MAY_CONTAIN_CC);
+    }
+    // Naming our own type: asking for its constant would be a cycle. The
+    // recursion adds nothing new, so only other names matter.
+    let other = idents
+        .iter()
+        .any(|i| i != own && !CC_FREE.iter().any(|free| i == free));
+    let value = syn::LitBool::new(other, Span::call_site());
+    quote!(#value)
+}
+
+fn collect_idents(tokens: TokenStream2, out: &mut Vec<Ident>) {
+    for token in tokens {
+        match token {
+            TokenTree::Ident(ident) => out.push(ident),
+            TokenTree::Group(group) => collect_idents(group.stream(), out),
+            _ => {}
+        }
+    }
+}
+
+/// Whether `#[trace(flag)]` is among `attrs`; rejects unknown options.
+fn has_flag(attrs: &[Attribute], flag: &str) -> syn::Result<bool> {
+    let mut found = false;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("trace")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("skip") || meta.path.is_ident("finalize") {
+                found |= meta.path.is_ident(flag);
+                Ok(())
+            } else {
+                Err(meta.error("expected `skip` or `finalize`"))
+            }
+        })?;
+    }
+    Ok(found)
+}

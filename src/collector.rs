@@ -1,0 +1,975 @@
+//! The `Collector`: CPython's generational trial-deletion cycle collector.
+//!
+//! A collection of generation `g` (CPython's `gc_collect_main`):
+//! 1. splice generations `0..=g` into a working list, copy each strong
+//!    count into `gc_refs` (kept in the `prev` word);
+//! 2. subtract every reference found by tracing objects of that list; what
+//!    stays above zero is referenced from outside;
+//! 3. move everything not reachable from those objects to an unreachable
+//!    list (no recursion: revived objects are appended to the list being
+//!    scanned, CPython's `move_unreachable`);
+//! 4. take a reference to each unreachable object (nothing in it can be
+//!    freed while we work), clear its weak references, run finalizers once;
+//! 5. if a finalizer ran, redo 1–3 inside the unreachable set: what it resurrected,
+//!    and all it reaches, survives untouched;
+//! 6. empty the `Cc` handles inside the garbage that point to garbage
+//!    (CPython's `tp_clear`, done generically through `Trace`), then drop our
+//!    references: reference counting frees the values, whose `Drop` sees
+//!    emptied handles (a panic if used), never a dropped sibling.
+//!
+//! Values are only ever dropped when their strong count reaches zero, and
+//! memory only freed when the weak count does, so even a wrong `Trace`
+//! cannot make a `Cc` dangle.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::fmt;
+use core::panic::Location;
+use core::ptr::{self, NonNull};
+use core::time::Duration;
+
+use crate::ambient::{self, Busy};
+use crate::header::{
+    counts_of, link_of, Counts, Link, COLLECTING, FINALIZED, ROOT_BIAS, UNREACHABLE, WEAK_CLEARED,
+};
+use crate::pointer::{handle, inc_strong, release_weak};
+use crate::trace::Visitor;
+
+/// Number of generations (not counting the permanent one).
+pub const GENERATIONS: usize = 3;
+
+// Indices of the list heads.
+const PERMANENT: usize = 3;
+/// Garbage kept by `save_all` (CPython's `gc.garbage`); each holds +1.
+const SAVED: usize = 4;
+/// Objects a collection still held when a panic unwound through it.
+const HELD: usize = 5;
+const YOUNG: usize = 6;
+const UNREACH: usize = 7;
+const GARBAGE: usize = 8;
+const LISTS: usize = 9;
+
+/// Lists whose objects are alive and not being collected.
+const LIVE_LISTS: [usize; 6] = [0, 1, 2, PERMANENT, SAVED, HELD];
+
+/// Depth of nested `Cc` drops past which further drops are queued
+/// (CPython's trashcan), so a long chain does not overflow the stack.
+const TRASH_DEPTH: usize = 64;
+
+/// Per-generation statistics, as `gc.get_stats()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenerationStats {
+    /// Collections of this generation.
+    pub collections: usize,
+    /// Objects freed by them.
+    pub collected: usize,
+    /// Objects found unreachable but not freed (kept by `save_all`, or kept
+    /// alive by a `Trace` that could not be followed).
+    pub uncollectable: usize,
+    /// Time spent in them (always zero without `std`, which has no clock).
+    pub time: Duration,
+}
+
+/// When a collection callback is called.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Before the collection.
+    Start,
+    /// After the collection.
+    Stop,
+}
+
+/// What a collection callback is told, as the `info` of `gc.callbacks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallbackInfo {
+    /// Start or stop.
+    pub phase: Phase,
+    /// The generation being collected.
+    pub generation: usize,
+    /// Objects freed (zero at start).
+    pub collected: usize,
+    /// Objects found unreachable but not freed (zero at start).
+    pub uncollectable: usize,
+}
+
+/// Identifies a registered callback, for [`Collector::remove_callback`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallbackHandle(u64);
+
+type Callback = Rc<dyn Fn(&CallbackInfo)>;
+
+/// One cycle collector: its generations, thresholds, statistics and
+/// diagnostics. See the [`gc`](crate::gc) module for the functions that use
+/// the ambient one.
+pub struct Collector {
+    /// List heads, boxed so their addresses survive moving the collector.
+    heads: Box<[Link; LISTS]>,
+    count: [Cell<usize>; GENERATIONS],
+    threshold: [Cell<usize>; GENERATIONS],
+    enabled: Cell<bool>,
+    long_lived_total: Cell<usize>,
+    long_lived_pending: Cell<usize>,
+    stats: [Cell<GenerationStats>; GENERATIONS],
+    callbacks: RefCell<Vec<(u64, Callback)>>,
+    next_callback: Cell<u64>,
+    save_all: Cell<bool>,
+    /// Whether the objects of `UNREACH` hold a reference we took.
+    unreach_held: Cell<bool>,
+    /// A panic interrupted a collection, so some handles may still carry
+    /// subtract-pass marks.
+    marks_dirty: Cell<bool>,
+    trash_depth: Cell<usize>,
+    /// Objects whose drop was deferred, chained through `next`.
+    trash: Cell<*const Link>,
+    pub(crate) site_tracing: Cell<bool>,
+    /// Allocation site of each object created while site tracing was on,
+    /// keyed by link address (a side table keeps the header at 32 bytes).
+    pub(crate) sites: RefCell<BTreeMap<usize, &'static Location<'static>>>,
+}
+
+/// The collector's operation on each `Cc` a `Trace` reports.
+pub(crate) enum Op<'a> {
+    /// Count internal references: `gc_refs -= 1` once per handle.
+    Subtract { consistent: bool },
+    /// Remove the marks `Subtract` left on handles.
+    Unmark,
+    /// Mark what a reachable object reaches as reachable.
+    Reach { young: &'a Link },
+    /// Empty handles that point into the garbage.
+    Clear,
+    /// Count handles that point at `target`.
+    Find {
+        target: NonNull<Counts>,
+        hits: usize,
+    },
+}
+
+impl Op<'_> {
+    pub(crate) fn visit(&mut self, cell: &Cell<NonNull<Counts>>) {
+        let Some((counts, marked)) = handle::read(cell) else {
+            return;
+        };
+        // SAFETY: `visit` is called only for handles of tracked types (see
+        // `Visitor::visit`), and a handle holds a strong reference, so this
+        // is the link of a live tracked allocation.
+        let link = unsafe { link_of(counts).as_ref() };
+        match self {
+            Op::Subtract { consistent } => {
+                if marked || !link.prev_flag(COLLECTING) {
+                    return;
+                }
+                handle::set_mark(cell, counts, true);
+                match link.gc_refs().checked_sub(1) {
+                    Some(refs) => link.set_gc_refs(refs),
+                    // More references reported than exist: a `Trace` visited
+                    // something it does not own.
+                    None => *consistent = false,
+                }
+            }
+            Op::Unmark => {
+                if marked {
+                    handle::set_mark(cell, counts, false);
+                }
+            }
+            Op::Reach { young } => {
+                let young: &Link = young;
+                if !link.prev_flag(COLLECTING) {
+                    return;
+                }
+                if marked {
+                    // Reachable objects are traced exactly once here, so
+                    // this is where the marks `Subtract` left go away.
+                    handle::set_mark(cell, counts, false);
+                }
+                if link.next_flag(UNREACHABLE) {
+                    // Tentatively unreachable after all: back to the end of
+                    // the list being scanned, so it gets scanned too.
+                    // SAFETY: objects in the unreachable list have valid
+                    // `prev` pointers (their `gc_refs` is known to be 0).
+                    unsafe { link.unlink() };
+                    link.set_next_flag(UNREACHABLE, false);
+                    link.set_gc_refs(1);
+                    // SAFETY: the young head's `prev` is its tail, a live node.
+                    let tail = unsafe { &*young.prev() };
+                    tail.set_next(link);
+                    link.set_next(young);
+                    young.set_prev(link);
+                } else if link.gc_refs() == 0 {
+                    link.set_gc_refs(1);
+                }
+            }
+            Op::Clear => {
+                if link.next_flag(UNREACHABLE) {
+                    handle::clear(cell);
+                    // SAFETY: as above, the counts are alive.
+                    let c = unsafe { counts.as_ref() };
+                    // Never reaches zero: the collector holds one reference.
+                    c.strong.set(c.strong.get() - 1);
+                }
+            }
+            Op::Find { target, hits } => {
+                if counts == *target {
+                    *hits += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The counts of a tracked object.
+///
+/// # Safety
+/// `link` is the link of a live tracked object, which stays alive while the
+/// result is used.
+unsafe fn counts<'a>(link: NonNull<Link>) -> &'a Counts {
+    // SAFETY: the caller's promise.
+    unsafe { counts_of(link).as_ref() }
+}
+
+/// Traces one object with `op`; returns the op and whether it was untraceable.
+///
+/// # Safety
+/// `link` is a live tracked object whose value is initialised.
+unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
+    let mut visitor = Visitor {
+        op,
+        untraceable: false,
+    };
+    // SAFETY: the caller's promise; the vtable matches the value's type.
+    unsafe { (link.as_ref().vtable.trace)(link, &mut visitor) };
+    (visitor.op, visitor.untraceable)
+}
+
+/// Destroys a tracked object whose strong count reached zero: unlinks it,
+/// runs its finalizer once, drops the value (through the trashcan) and
+/// releases the memory when no `Weak` remains.
+///
+/// # Safety
+/// `link` is a live tracked object with strong count zero and an initialised
+/// value, not part of a running collection (`COLLECTING` clear).
+pub(crate) unsafe fn destroy_tracked(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
+    if ambient::with(|c| unsafe { c.destroy(link) }).is_none() {
+        // No collector (the thread is exiting): no bookkeeping, no trashcan.
+        // SAFETY: the caller's promise.
+        unsafe {
+            retire(link);
+            drop_now(link);
+        }
+    }
+}
+
+/// First half of destroying: unlinks the object and runs its finalizer if
+/// it has not run yet.
+///
+/// # Safety
+/// As for `destroy_tracked`.
+unsafe fn retire(link: NonNull<Link>) {
+    // SAFETY: the caller's promise: live and in a well-formed list.
+    let l = unsafe { link.as_ref() };
+    // SAFETY: as above.
+    unsafe { l.unlink() };
+    if let Some(finalize) = l.vtable.finalize {
+        if !l.prev_flag(FINALIZED) {
+            l.set_prev_flag(FINALIZED, true);
+            // SAFETY: the value is initialised; with the strong count at
+            // zero the finalizer cannot resurrect it (`upgrade` fails).
+            unsafe { finalize(link) };
+        }
+    }
+}
+
+/// Drops the value and the strong references' shared weak reference.
+///
+/// # Safety
+/// `link` is a live tracked object with strong count zero whose value is
+/// initialised and will not be used again.
+unsafe fn drop_now(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
+    let layout = unsafe { link.as_ref() }.vtable.layout;
+    // SAFETY: the caller's promise.
+    unsafe { (link.as_ref().vtable.drop_value)(link) };
+    // SAFETY: the value is dropped and the shared weak reference is ours.
+    unsafe { release_weak(counts_of(link), link.cast(), layout) };
+}
+
+/// Undoes a collection's partial work if a panic unwinds through it.
+struct Recover<'a>(&'a Collector);
+
+impl Drop for Recover<'_> {
+    fn drop(&mut self) {
+        let c = self.0;
+        c.marks_dirty.set(true);
+        let held_unreach = c.unreach_held.replace(false);
+        for (list, held) in [(YOUNG, false), (UNREACH, held_unreach), (GARBAGE, true)] {
+            let head = c.head(list);
+            // SAFETY: panics come only from user code, which runs between
+            // our list operations, so every `next` chain is intact; `restore`
+            // rebuilds the `prev` words that held `gc_refs`.
+            unsafe {
+                head.restore();
+                // Objects we hold a reference to are parked until the next
+                // collection releases them; running their `Drop` now, during
+                // unwinding, could abort.
+                head.splice_into(c.head(if held { HELD } else { GENERATIONS - 1 }));
+            }
+        }
+    }
+}
+
+/// Decrements the trashcan depth when a drop finishes or unwinds.
+struct Depth<'a>(&'a Cell<usize>);
+
+impl Drop for Depth<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl Default for Collector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Collector {
+    /// A collector with CPython's default thresholds (700, 10, 10), enabled.
+    pub fn new() -> Self {
+        let heads = Box::new(core::array::from_fn(|_| Link::head()));
+        for head in heads.iter() {
+            head.init_ring();
+        }
+        Collector {
+            heads,
+            count: Default::default(),
+            threshold: [Cell::new(700), Cell::new(10), Cell::new(10)],
+            enabled: Cell::new(true),
+            long_lived_total: Cell::new(0),
+            long_lived_pending: Cell::new(0),
+            stats: Default::default(),
+            callbacks: RefCell::new(Vec::new()),
+            next_callback: Cell::new(0),
+            save_all: Cell::new(false),
+            unreach_held: Cell::new(false),
+            marks_dirty: Cell::new(false),
+            trash_depth: Cell::new(0),
+            trash: Cell::new(ptr::null()),
+            site_tracing: Cell::new(false),
+            sites: RefCell::new(BTreeMap::new()),
+        }
+    }
+
+    pub(crate) fn head(&self, list: usize) -> &Link {
+        &self.heads[list]
+    }
+
+    /// Calls `f` on every object of the live lists.
+    pub(crate) fn for_each_live(&self, mut f: impl FnMut(NonNull<Link>)) {
+        for list in LIVE_LISTS {
+            // SAFETY: live lists are well formed and hold live objects; `f`
+            // runs no user code.
+            unsafe { self.head(list).for_each(&mut f) };
+        }
+    }
+
+    /// Calls `f`, which may run user code, on every object of the live
+    /// lists. A reference to each is held meanwhile, so user code cannot
+    /// free an object before we visit it.
+    fn for_each_live_held(&self, mut f: impl FnMut(NonNull<Link>)) {
+        let mut objects = Vec::new();
+        self.for_each_live(|link| {
+            // SAFETY: live objects of our lists.
+            inc_strong(unsafe { counts(link) });
+            objects.push(link);
+        });
+        for &link in &objects {
+            f(link);
+        }
+        for link in objects {
+            // SAFETY: we hold one reference to each, and live-list objects
+            // are not part of a collection.
+            unsafe { self.drop_ref(link) };
+        }
+    }
+
+    /// Links a new object into generation 0, then maybe collects.
+    pub(crate) fn track(&self, link: NonNull<Link>, site: &'static Location<'static>) {
+        // SAFETY: a fresh object, linked only to itself.
+        unsafe { self.head(0).push_back(link.as_ref()) };
+        if self.site_tracing.get() {
+            self.sites.borrow_mut().insert(link.addr().get(), site);
+        }
+        self.count[0].set(self.count[0].get() + 1);
+        self.maybe_collect();
+    }
+
+    /// Bookkeeping for an object leaving the lists for good.
+    pub(crate) fn untrack(&self, link: &Link) {
+        self.count[0].set(self.count[0].get().saturating_sub(1));
+        if let Ok(mut sites) = self.sites.try_borrow_mut() {
+            if !sites.is_empty() {
+                sites.remove(&(link as *const Link).addr());
+            }
+        }
+    }
+
+    /// Drops a reference the collector took; returns whether the object
+    /// lives on.
+    ///
+    /// # Safety
+    /// The caller owns one strong reference to the live tracked object
+    /// `link`, which is in a well-formed list and not `COLLECTING`.
+    unsafe fn drop_ref(&self, link: NonNull<Link>) -> bool {
+        // SAFETY: the caller's reference keeps the object alive.
+        let c = unsafe { counts(link) };
+        let strong = c.strong.get() - 1;
+        c.strong.set(strong);
+        if strong == 0 {
+            // SAFETY: count zero, value initialised, not collecting.
+            unsafe { self.destroy(link) };
+        }
+        strong != 0
+    }
+
+    /// `destroy_tracked` with this collector doing the bookkeeping.
+    ///
+    /// # Safety
+    /// As for `destroy_tracked`.
+    unsafe fn destroy(&self, link: NonNull<Link>) {
+        // SAFETY: the caller's promise.
+        unsafe { retire(link) };
+        // SAFETY: `link` is still allocated (its weak count is held).
+        self.untrack(unsafe { link.as_ref() });
+        // SAFETY: the caller's promise; now unlinked.
+        unsafe { self.trashcan(link) };
+    }
+
+    /// Drops a value now, or queues it when drops are nested too deeply.
+    ///
+    /// # Safety
+    /// As for `drop_now`.
+    unsafe fn trashcan(&self, link: NonNull<Link>) {
+        let depth = self.trash_depth.get();
+        if depth >= TRASH_DEPTH {
+            // SAFETY: the object is unlinked, so its `next` word is free.
+            unsafe { link.as_ref() }.set_next(self.trash.get());
+            self.trash.set(link.as_ptr());
+            return;
+        }
+        self.trash_depth.set(depth + 1);
+        let _depth = Depth(&self.trash_depth);
+        // SAFETY: the caller's promise.
+        unsafe { drop_now(link) };
+        if depth == 0 {
+            // The outermost drop empties the queue, iteratively.
+            while let Some(next) = NonNull::new(self.trash.get().cast_mut()) {
+                // SAFETY: queued objects are live, unlinked, with strong
+                // count zero and an initialised value.
+                self.trash.set(unsafe { next.as_ref() }.next());
+                // SAFETY: as above.
+                unsafe { drop_now(next) };
+            }
+        }
+    }
+
+    /// Runs an automatic collection if generation 0 passed its threshold.
+    fn maybe_collect(&self) {
+        let threshold = self.threshold[0].get();
+        if self.enabled.get()
+            && threshold != 0
+            && self.count[0].get() > threshold
+            && !ambient::busy()
+        {
+            self.collect_generations();
+        }
+    }
+
+    /// CPython's `gc_collect_generations`: the oldest generation over its
+    /// threshold, with the 25 % rule for full collections.
+    fn collect_generations(&self) {
+        for generation in (0..GENERATIONS).rev() {
+            if self.count[generation].get() > self.threshold[generation].get() {
+                if generation == GENERATIONS - 1
+                    && self.long_lived_pending.get() < self.long_lived_total.get() / 4
+                {
+                    continue;
+                }
+                self.collect_generation(generation);
+                return;
+            }
+        }
+    }
+
+    /// A full collection. Returns the number of unreachable objects found
+    /// (0 if a collection is already running).
+    pub fn collect(&self) -> usize {
+        self.collect_generation(GENERATIONS - 1)
+    }
+
+    /// Collects generations `0..=generation`. Returns the number of
+    /// unreachable objects found (0 if a collection is already running).
+    ///
+    /// # Panics
+    /// If `generation` is not 0, 1 or 2.
+    pub fn collect_generation(&self, generation: usize) -> usize {
+        assert!(generation < GENERATIONS, "generation must be 0, 1 or 2");
+        let Some(_busy) = Busy::enter() else {
+            return 0;
+        };
+        self.recover_from_panic();
+        self.run_callbacks(CallbackInfo {
+            phase: Phase::Start,
+            generation,
+            collected: 0,
+            uncollectable: 0,
+        });
+        #[cfg(feature = "std")]
+        let started = std::time::Instant::now();
+        let recover = Recover(self);
+        // SAFETY: `Busy` guarantees no other collection runs, so the working
+        // lists are ours.
+        let (garbage, uncollectable) = unsafe { self.collect_main(generation) };
+        core::mem::forget(recover);
+
+        let mut stats = self.stats[generation].get();
+        stats.collections += 1;
+        stats.collected += garbage - uncollectable;
+        stats.uncollectable += uncollectable;
+        #[cfg(feature = "std")]
+        {
+            stats.time += started.elapsed();
+        }
+        self.stats[generation].set(stats);
+        self.run_callbacks(CallbackInfo {
+            phase: Phase::Stop,
+            generation,
+            collected: garbage - uncollectable,
+            uncollectable,
+        });
+        garbage
+    }
+
+    /// Validates a list and its transient flags in debug builds (CPython's
+    /// `validate_list`).
+    fn validate(&self, list: usize, collecting: bool, unreachable: bool) {
+        if cfg!(debug_assertions) {
+            // SAFETY: callers pass lists with valid links and live objects.
+            unsafe { self.head(list).validate(collecting, unreachable) };
+        }
+    }
+
+    /// The collection proper; returns (garbage found, of which not freed).
+    ///
+    /// # Safety
+    /// Called under `Busy` with the working lists empty.
+    unsafe fn collect_main(&self, generation: usize) -> (usize, usize) {
+        let young = self.head(YOUNG);
+        let unreach = self.head(UNREACH);
+        let older = self.head((generation + 1).min(GENERATIONS - 1));
+        for list in 0..=generation {
+            // SAFETY: generations are well-formed lists.
+            unsafe { self.head(list).splice_into(young) };
+        }
+        self.validate(YOUNG, false, false);
+
+        // SAFETY: `young` holds live objects, and we are the only collection.
+        let found = unsafe { self.find_unreachable(young, unreach, 0) };
+        self.validate(YOUNG, false, false);
+        self.validate(UNREACH, true, true);
+        let survivors = if generation == 1 {
+            // SAFETY: restored and well formed.
+            unsafe { young.len() }
+        } else {
+            0
+        };
+        // SAFETY: both are well formed after `find_unreachable`.
+        unsafe { young.splice_into(older) };
+
+        if generation < GENERATIONS - 1 {
+            let next = &self.count[generation + 1];
+            next.set(next.get() + 1);
+        }
+        for count in &self.count[..=generation] {
+            count.set(0);
+        }
+        match generation {
+            1 => self
+                .long_lived_pending
+                .set(self.long_lived_pending.get() + survivors),
+            2 => {
+                self.long_lived_pending.set(0);
+                // SAFETY: well formed.
+                self.long_lived_total.set(unsafe { older.len() });
+            }
+            _ => {}
+        }
+        if !found {
+            return (0, 0);
+        }
+        // SAFETY: the unreachable list holds live objects, restored.
+        unsafe { self.handle_unreachable() }
+    }
+
+    /// Steps 1–3 on `list`: moves what is unreachable from outside into
+    /// `out` and restores `list`. Objects in `out` keep `COLLECTING` and
+    /// `UNREACHABLE` (with valid `prev` links), and their handles keep the
+    /// marks of the subtract pass. `bias` is subtracted from each strong
+    /// count first (the reference the collector itself holds). Returns
+    /// whether anything was found.
+    ///
+    /// # Safety
+    /// `list` is a well-formed list of live objects, `out` an empty list,
+    /// both working lists of the running collection.
+    unsafe fn find_unreachable(&self, list: &Link, out: &Link, bias: u32) -> bool {
+        // SAFETY (whole block): the caller's promise; user `Trace` code runs
+        // inside, but it cannot unlink objects that are `COLLECTING`
+        // (`Cc::drop` and `try_unwrap` leave those alone), so our chains
+        // stay intact.
+        unsafe {
+            list.for_each(|link| {
+                let l = link.as_ref();
+                let strong = counts(link).strong.get();
+                l.set_prev_flag(COLLECTING, true);
+                l.set_gc_refs(strong.saturating_sub(bias) as usize);
+            });
+            // Subtract internal references; a handle reported twice is
+            // counted once thanks to the mark left on it.
+            let mut consistent = true;
+            list.for_each(|link| {
+                let (op, untraceable) = trace(link, Op::Subtract { consistent });
+                if let Op::Subtract { consistent: c } = op {
+                    consistent = c;
+                }
+                if untraceable {
+                    let l = link.as_ref();
+                    l.set_gc_refs(l.gc_refs() + ROOT_BIAS);
+                }
+            });
+            if consistent {
+                Self::move_unreachable(list, out);
+            } else {
+                Self::unmark(list);
+            }
+            list.restore();
+            !out.is_empty()
+        }
+    }
+
+    /// CPython's `move_unreachable`: scans `young` front to back; objects
+    /// with `gc_refs > 0` are reachable and mark what they reach; others go
+    /// to `unreachable` until something reachable revives them.
+    ///
+    /// # Safety
+    /// As for `find_unreachable`, with `gc_refs` computed.
+    unsafe fn move_unreachable(young: &Link, unreachable: &Link) {
+        let mut prev: &Link = young;
+        let mut cur = young.next();
+        while !ptr::eq(cur, young) {
+            // SAFETY: nodes on the chain are live.
+            let node = unsafe { &*cur };
+            if node.gc_refs() > 0 {
+                // SAFETY: live, value initialised.
+                unsafe { trace(NonNull::from(node), Op::Reach { young }) };
+                prev = node;
+                cur = node.next();
+            } else {
+                let next = node.next();
+                prev.set_next(next);
+                if ptr::eq(young.prev(), node) {
+                    young.set_prev(prev);
+                }
+                // SAFETY: `unreachable` is a well-formed list; `node` is no
+                // longer on `young`'s chain.
+                unsafe { unreachable.push_back(node) };
+                node.set_next_flag(UNREACHABLE, true);
+                cur = next;
+            }
+        }
+    }
+
+    /// Removes the marks the subtract pass left on the handles of `list`.
+    ///
+    /// # Safety
+    /// `list` holds live objects and its `next` chain is intact.
+    unsafe fn unmark(list: &Link) {
+        // SAFETY: the caller's promise; tracing cannot unlink these objects.
+        unsafe {
+            list.for_each(|link| {
+                trace(link, Op::Unmark);
+            });
+        }
+    }
+
+    /// Steps 4–6 on the unreachable list; returns (garbage, not freed).
+    ///
+    /// # Safety
+    /// Called under `Busy`; `UNREACH` holds live objects with valid `prev`
+    /// links, as `find_unreachable` left them.
+    unsafe fn handle_unreachable(&self) -> (usize, usize) {
+        let unreach = self.head(UNREACH);
+        let garbage = self.head(GARBAGE);
+        let mut finalizers = false;
+        // SAFETY (whole block): the lists hold live objects; from the first
+        // pass on, every object in them holds one reference we took, so user
+        // code cannot free them while we iterate.
+        unsafe {
+            unreach.for_each(|link| {
+                let l = link.as_ref();
+                inc_strong(counts(link));
+                l.set_next_flag(WEAK_CLEARED, true);
+                l.set_prev_flag(COLLECTING, false);
+                finalizers |= l.vtable.finalize.is_some() && !l.prev_flag(FINALIZED);
+            });
+            self.unreach_held.set(true);
+            self.validate(UNREACH, false, true);
+            if finalizers {
+                unreach.for_each(|link| {
+                    let l = link.as_ref();
+                    if let Some(finalize) = l.vtable.finalize {
+                        if !l.prev_flag(FINALIZED) {
+                            l.set_prev_flag(FINALIZED, true);
+                            finalize(link);
+                        }
+                    }
+                });
+                // Finalizers ran user code: find again what is garbage.
+                // Whatever they resurrected stays in `unreach`.
+                Self::unmark(unreach);
+                unreach.restore();
+                self.find_unreachable(unreach, garbage, 1);
+                self.validate(UNREACH, false, false);
+                self.validate(GARBAGE, true, true);
+                garbage.for_each(|link| link.as_ref().set_prev_flag(COLLECTING, false));
+                self.release(unreach);
+            } else {
+                unreach.splice_into(garbage);
+            }
+            self.unreach_held.set(false);
+
+            self.validate(GARBAGE, false, true);
+            let found = garbage.len();
+            if self.save_all.get() {
+                Self::unmark(garbage);
+                garbage.restore();
+                garbage.splice_into(self.head(SAVED));
+                return (found, found);
+            }
+            // `tp_clear`: empty every handle that points into the garbage.
+            garbage.for_each(|link| {
+                trace(link, Op::Clear);
+            });
+            let kept = self.release(garbage);
+            (found, kept)
+        }
+    }
+
+    /// Moves each object of `list` to the oldest generation and drops the
+    /// reference the collector held; returns how many are still alive.
+    ///
+    /// # Safety
+    /// Every object of `list` (valid `prev` links) holds one reference we
+    /// took.
+    unsafe fn release(&self, list: &Link) -> usize {
+        let oldest = self.head(GENERATIONS - 1);
+        let mut kept = 0;
+        while !list.is_empty() {
+            // SAFETY: the caller's promise; one node at a time, so user code
+            // run by a drop cannot invalidate our position.
+            unsafe {
+                let link = NonNull::new_unchecked(list.next().cast_mut());
+                let l = link.as_ref();
+                l.unlink();
+                l.set_prev_flag(COLLECTING, false);
+                l.set_next_flag(UNREACHABLE, false);
+                oldest.push_back(l);
+                if self.drop_ref(link) {
+                    kept += 1;
+                }
+            }
+        }
+        kept
+    }
+
+    /// Cleans up after a collection a panic interrupted: removes stale
+    /// marks (else their handles would go uncounted once), then releases the
+    /// objects it left held.
+    fn recover_from_panic(&self) {
+        if self.marks_dirty.get() {
+            self.for_each_live_held(|link| {
+                // SAFETY: held by `for_each_live_held`.
+                unsafe { trace(link, Op::Unmark) };
+            });
+            self.marks_dirty.set(false);
+        }
+        // SAFETY: `HELD` objects each hold one reference we took.
+        unsafe { self.release(self.head(HELD)) };
+    }
+
+    fn run_callbacks(&self, info: CallbackInfo) {
+        let callbacks: Vec<Callback> = match self.callbacks.try_borrow() {
+            Ok(list) if !list.is_empty() => list.iter().map(|(_, f)| f.clone()).collect(),
+            _ => return,
+        };
+        for callback in callbacks {
+            callback(&info);
+        }
+    }
+
+    /// Turns automatic collection on (`gc.enable`).
+    pub fn enable(&self) {
+        self.enabled.set(true);
+    }
+
+    /// Turns automatic collection off (`gc.disable`).
+    pub fn disable(&self) {
+        self.enabled.set(false);
+    }
+
+    /// Whether automatic collection is on (`gc.isenabled`).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.get()
+    }
+
+    /// The per-generation counts (`gc.get_count`): tracked allocations minus
+    /// deallocations since the last collection, then collections of the
+    /// younger generation since the last collection of this one.
+    pub fn count(&self) -> [usize; GENERATIONS] {
+        self.count.each_ref().map(Cell::get)
+    }
+
+    /// The thresholds (`gc.get_threshold`).
+    pub fn threshold(&self) -> [usize; GENERATIONS] {
+        self.threshold.each_ref().map(Cell::get)
+    }
+
+    /// Sets the thresholds (`gc.set_threshold`); a first threshold of 0
+    /// disables automatic collection.
+    pub fn set_threshold(&self, threshold0: usize, threshold1: usize, threshold2: usize) {
+        for (cell, value) in self
+            .threshold
+            .iter()
+            .zip([threshold0, threshold1, threshold2])
+        {
+            cell.set(value);
+        }
+    }
+
+    /// Moves every tracked object to the permanent generation, which
+    /// collections ignore (`gc.freeze`).
+    pub fn freeze(&self) {
+        for list in 0..GENERATIONS {
+            // SAFETY: outside the working lists, generations are well formed
+            // whenever user code can call this.
+            unsafe { self.head(list).splice_into(self.head(PERMANENT)) };
+            self.count[list].set(0);
+        }
+    }
+
+    /// Moves the permanent generation back into the oldest (`gc.unfreeze`).
+    pub fn unfreeze(&self) {
+        // SAFETY: as in `freeze`.
+        unsafe { self.head(PERMANENT).splice_into(self.head(GENERATIONS - 1)) };
+    }
+
+    /// Number of objects in the permanent generation (`gc.get_freeze_count`).
+    pub fn freeze_count(&self) -> usize {
+        // SAFETY: as in `freeze`.
+        unsafe { self.head(PERMANENT).len() }
+    }
+
+    /// Per-generation statistics (`gc.get_stats`).
+    pub fn stats(&self) -> [GenerationStats; GENERATIONS] {
+        self.stats.each_ref().map(Cell::get)
+    }
+
+    /// Registers `callback`, called with [`Phase::Start`] before and
+    /// [`Phase::Stop`] after every collection (`gc.callbacks`).
+    pub fn add_callback(&self, callback: impl Fn(&CallbackInfo) + 'static) -> CallbackHandle {
+        let id = self.next_callback.get();
+        self.next_callback.set(id + 1);
+        self.callbacks.borrow_mut().push((id, Rc::new(callback)));
+        CallbackHandle(id)
+    }
+
+    /// Unregisters a callback; `false` if it was not registered.
+    pub fn remove_callback(&self, handle: CallbackHandle) -> bool {
+        let mut callbacks = self.callbacks.borrow_mut();
+        let before = callbacks.len();
+        callbacks.retain(|(id, _)| *id != handle.0);
+        callbacks.len() != before
+    }
+
+    /// Number of objects the collector tracks (all generations, the
+    /// permanent one and saved garbage).
+    pub fn tracked_count(&self) -> usize {
+        let mut n = 0;
+        self.for_each_live(|_| n += 1);
+        n
+    }
+
+    /// Keeps garbage alive in a list instead of freeing it
+    /// (`gc.DEBUG_SAVEALL`); it shows in the census.
+    pub fn set_save_all(&self, on: bool) {
+        self.save_all.set(on);
+    }
+
+    /// Whether `save_all` is on.
+    pub fn save_all(&self) -> bool {
+        self.save_all.get()
+    }
+
+    /// Number of objects kept by `save_all` (`len(gc.garbage)`).
+    pub fn garbage_count(&self) -> usize {
+        // SAFETY: `SAVED` is a well-formed list.
+        unsafe { self.head(SAVED).len() }
+    }
+
+    /// Lets go of the garbage `save_all` kept (`del gc.garbage[:]`); the
+    /// next collection frees it unless `save_all` is still on.
+    pub fn clear_garbage(&self) {
+        // SAFETY: each `SAVED` object holds one reference we took.
+        unsafe { self.release(self.head(SAVED)) };
+    }
+
+    /// Type names of the tracked objects that hold a `Cc` to `target`
+    /// (`gc.get_referrers`), one entry per referring object.
+    pub fn referrers<T: crate::Trace>(&self, target: &crate::Cc<T>) -> Vec<&'static str> {
+        let Some((target, _)) = handle::read(target.handle()) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        self.for_each_live_held(|link| {
+            // SAFETY: held, so alive with an initialised value.
+            let (op, _) = unsafe { trace(link, Op::Find { target, hits: 0 }) };
+            if let Op::Find { hits: 1.., .. } = op {
+                // SAFETY: held.
+                found.push((unsafe { link.as_ref() }.vtable.type_name)());
+            }
+        });
+        found
+    }
+}
+
+impl fmt::Debug for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Collector")
+            .field("count", &self.count())
+            .field("threshold", &self.threshold())
+            .field("enabled", &self.is_enabled())
+            .field("tracked", &self.tracked_count())
+            .finish()
+    }
+}
+
+impl Drop for Collector {
+    /// Objects still tracked stay linked among themselves (and are never
+    /// collected); only the heads leave their rings.
+    fn drop(&mut self) {
+        for head in self.heads.iter() {
+            head.detach_head();
+        }
+    }
+}

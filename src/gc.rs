@@ -1,0 +1,126 @@
+//! CPython's `gc` toolbox, on the ambient collector of this thread (the
+//! thread-local default with `std`, the one given to `gc::install` without).
+//!
+//! Each function forwards to the [`Collector`] method of the same name;
+//! with no ambient collector (none installed) they do nothing and return
+//! zero or empty values.
+//!
+#![cfg_attr(feature = "std", doc = "```")]
+#![cfg_attr(not(feature = "std"), doc = "```ignore")]
+//! use pymalloc::{gc, Cc, Trace};
+//! use core::cell::RefCell;
+//!
+//! #[derive(Trace)]
+//! struct Handler {
+//!     context: RefCell<Option<Cc<Handler>>>,
+//! }
+//!
+//! gc::set_site_tracing(true);
+//! let before = gc::site_census();
+//! for _ in 0..10 {
+//!     let h = Cc::new(Handler { context: RefCell::new(None) });
+//!     *h.context.borrow_mut() = Some(h.clone()); // a leak, until collected
+//! }
+//! let diff = gc::site_census().diff(&before);
+//! assert_eq!(diff.rows[0].growth.count, 10);
+//! println!("{diff}"); // like `1  560 B  10  src/main.rs:17`
+//! assert_eq!(gc::census().get("Handler"), 10);
+//! assert_eq!(gc::collect(), 10);
+//! gc::set_site_tracing(false);
+//! ```
+
+use alloc::vec::Vec;
+
+use crate::ambient;
+#[cfg(not(feature = "std"))]
+pub use crate::ambient::install;
+pub use crate::census::{
+    Census, CensusDiff, Site, SiteCensus, SiteDiff, SiteGrowth, SiteStat, TypeGrowth,
+};
+pub use crate::collector::{
+    CallbackHandle, CallbackInfo, Collector, GenerationStats, Phase, GENERATIONS,
+};
+use crate::{Cc, Trace};
+
+/// Runs `f` on the ambient collector, if there is one.
+pub fn with_collector<R>(f: impl FnOnce(&Collector) -> R) -> Option<R> {
+    ambient::with(f)
+}
+
+/// Forwards to the ambient collector's method of the same name.
+macro_rules! forward {
+    ($($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;)*) => {$(
+        $(#[$doc])*
+        #[doc = concat!("\n\nSee [`Collector::", stringify!($name), "`].")]
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            ambient::with(|c| c.$name($($arg),*)).unwrap_or_default()
+        }
+    )*};
+}
+
+forward! {
+    /// A full collection; returns the number of unreachable objects found.
+    fn collect() -> usize;
+    /// Collects generations `0..=generation`.
+    fn collect_generation(generation: usize) -> usize;
+    /// Turns automatic collection on.
+    fn enable();
+    /// Turns automatic collection off.
+    fn disable();
+    /// Whether automatic collection is on.
+    fn is_enabled() -> bool;
+    /// The per-generation counts.
+    fn count() -> [usize; GENERATIONS];
+    /// The thresholds.
+    fn threshold() -> [usize; GENERATIONS];
+    /// Sets the thresholds.
+    fn set_threshold(threshold0: usize, threshold1: usize, threshold2: usize);
+    /// Moves everything tracked to the permanent generation.
+    fn freeze();
+    /// Moves the permanent generation back into the oldest one.
+    fn unfreeze();
+    /// Objects in the permanent generation.
+    fn freeze_count() -> usize;
+    /// Per-generation statistics.
+    fn stats() -> [GenerationStats; GENERATIONS];
+    /// Unregisters a collection callback.
+    fn remove_callback(handle: CallbackHandle) -> bool;
+    /// Number of tracked objects.
+    fn tracked_count() -> usize;
+    /// Keeps garbage instead of freeing it.
+    fn set_save_all(on: bool);
+    /// Whether garbage is kept.
+    fn save_all() -> bool;
+    /// Number of objects kept by `save_all`.
+    fn garbage_count() -> usize;
+    /// Lets go of the garbage `save_all` kept.
+    fn clear_garbage();
+    /// Live tracked objects by type name.
+    fn census() -> Census;
+    /// Switches allocation-site tracing on or off.
+    fn set_site_tracing(on: bool);
+    /// Whether site tracing is on.
+    fn site_tracing() -> bool;
+    /// Live tracked objects by allocation site.
+    fn site_census() -> SiteCensus;
+}
+
+/// Registers a collection callback; `None` without an ambient collector.
+///
+/// See [`Collector::add_callback`].
+pub fn add_callback(callback: impl Fn(&CallbackInfo) + 'static) -> Option<CallbackHandle> {
+    ambient::with(|c| c.add_callback(callback))
+}
+
+/// Type names of the tracked objects holding a `Cc` to `target`.
+///
+/// See [`Collector::referrers`].
+pub fn referrers<T: Trace>(target: &Cc<T>) -> Vec<&'static str> {
+    ambient::with(|c| c.referrers(target)).unwrap_or_default()
+}
+
+/// Whether the collector tracks `cc` (`gc.is_tracked`): `false` for types
+/// that cannot hold a `Cc`, such as `Cc<String>`.
+pub fn is_tracked<T: Trace>(cc: &Cc<T>) -> bool {
+    Cc::is_tracked(cc)
+}

@@ -1,0 +1,277 @@
+//! How an object shows the collector the `Cc`s it holds.
+
+use alloc::boxed::Box;
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::marker::PhantomData;
+
+use crate::collector::Op;
+use crate::pointer::{Cc, Weak};
+
+/// A type whose `Cc` references the cycle collector can find.
+///
+/// `trace` must call [`Visitor::visit`] once for every `Cc` the value owns
+/// (directly or inside its fields and containers). Derive it with
+/// `#[derive(Trace)]` rather than writing it by hand.
+///
+/// A wrong implementation cannot cause undefined behaviour through this
+/// crate's safe API, but it can cost correctness:
+/// * a `Cc` not visited counts as a reference from outside, so a cycle
+///   through it is never collected (a leak);
+/// * the same `Cc` visited twice is noticed and counted once;
+/// * visiting a temporary clone is noticed and the collection gives up;
+/// * visiting a `Cc` owned by some *other* live object can make the
+///   collector clear that handle (later use of it panics).
+///
+/// A value that cannot be inspected right now (a `RefCell` borrowed
+/// mutably) calls [`Visitor::untraceable`]; the collector then treats the
+/// value as reachable from outside for this collection.
+///
+/// `'static` because the collector may trace and drop garbage long after
+/// the code that made it returned: a borrow inside it would have expired.
+pub trait Trace: 'static {
+    /// Whether a value of this type may hold a `Cc`. When `false`, a
+    /// `Cc<Self>` is not tracked by the collector and costs what an `Rc`
+    /// costs. The default, `true`, is always safe.
+    const MAY_CONTAIN_CC: bool = true;
+
+    /// The finalizer: runs once before the value is destroyed, whether by
+    /// reference counting or by the cycle collector, on an intact value
+    /// (PEP 442). During a collection it may resurrect objects by storing
+    /// clones of `Cc`s somewhere reachable. `#[derive(Trace)]` with
+    /// `#[trace(finalize)]` sets it to [`Finalize::finalize`]. A constant,
+    /// so that types without one cost nothing, and collections skip the
+    /// finalizer pass when no garbage has one.
+    const FINALIZER: Option<fn(&Self)> = None;
+
+    /// Visits every `Cc` this value owns.
+    fn trace(&self, visitor: &mut Visitor<'_>);
+}
+
+/// A finalizer, wired in by `#[derive(Trace)]` with `#[trace(finalize)]`
+/// (see [`Trace::FINALIZER`]).
+///
+#[cfg_attr(feature = "std", doc = "```")]
+#[cfg_attr(not(feature = "std"), doc = "```ignore")]
+/// use pymalloc::{Cc, Finalize, Trace};
+/// use core::cell::{Cell, RefCell};
+///
+/// #[derive(Trace)]
+/// #[trace(finalize)]
+/// struct Node {
+///     next: RefCell<Option<Cc<Node>>>,
+/// }
+///
+/// std::thread_local!(static FINALIZED: Cell<usize> = Cell::new(0));
+///
+/// impl Finalize for Node {
+///     fn finalize(&self) {
+///         FINALIZED.with(|f| f.set(f.get() + 1));
+///     }
+/// }
+///
+/// let a = Cc::new(Node { next: RefCell::new(None) });
+/// *a.next.borrow_mut() = Some(a.clone());
+/// drop(a);
+/// pymalloc::gc::collect();
+/// assert_eq!(FINALIZED.with(Cell::get), 1);
+/// ```
+pub trait Finalize {
+    /// See [`Trace::FINALIZER`].
+    fn finalize(&self);
+}
+
+/// Receives the `Cc`s a value owns; handed to [`Trace::trace`].
+pub struct Visitor<'a> {
+    pub(crate) op: Op<'a>,
+    pub(crate) untraceable: bool,
+}
+
+impl Visitor<'_> {
+    /// Reports one `Cc` owned by the value being traced.
+    pub fn visit<T: Trace>(&mut self, cc: &Cc<T>) {
+        if T::MAY_CONTAIN_CC {
+            self.op.visit(cc.handle());
+        }
+    }
+
+    /// Reports that the value cannot be traced right now; the collector
+    /// keeps it (and what it holds) alive for this collection.
+    pub fn untraceable(&mut self) {
+        self.untraceable = true;
+    }
+}
+
+macro_rules! leaf {
+    ($($t:ty),* $(,)?) => {$(
+        impl Trace for $t {
+            const MAY_CONTAIN_CC: bool = false;
+            #[inline]
+            fn trace(&self, _: &mut Visitor<'_>) {}
+        }
+    )*};
+}
+
+leaf!(
+    (),
+    bool,
+    char,
+    u8,
+    u16,
+    u32,
+    u64,
+    u128,
+    usize,
+    i8,
+    i16,
+    i32,
+    i64,
+    i128,
+    isize,
+    f32,
+    f64,
+    str,
+    String,
+    core::time::Duration,
+    core::num::NonZeroUsize,
+    core::num::NonZeroU32,
+    core::num::NonZeroU64,
+);
+
+impl<T: ?Sized + 'static> Trace for PhantomData<T> {
+    const MAY_CONTAIN_CC: bool = false;
+    fn trace(&self, _: &mut Visitor<'_>) {}
+}
+
+/// A `Cell` can only be read by copying, and `Copy` types hold no `Cc`.
+impl<T: Copy + 'static> Trace for Cell<T> {
+    const MAY_CONTAIN_CC: bool = false;
+    fn trace(&self, _: &mut Visitor<'_>) {}
+}
+
+/// A `Weak` never keeps its target alive, so it reports nothing.
+impl<T: Trace> Trace for Weak<T> {
+    const MAY_CONTAIN_CC: bool = false;
+    fn trace(&self, _: &mut Visitor<'_>) {}
+}
+
+/// `true` whatever `T` is: this is what lets a type that holds a `Cc` of
+/// itself compute its own constant without a compile-time cycle.
+impl<T: Trace> Trace for Cc<T> {
+    const MAY_CONTAIN_CC: bool = true;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        visitor.visit(self);
+    }
+}
+
+impl<T: Trace + ?Sized> Trace for RefCell<T> {
+    const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        if !T::MAY_CONTAIN_CC {
+            return;
+        }
+        match self.try_borrow() {
+            Ok(value) => value.trace(visitor),
+            // Borrowed mutably: its contents may be mid-change, so keep it.
+            Err(_) => visitor.untraceable(),
+        }
+    }
+}
+
+impl<T: Trace + ?Sized> Trace for Box<T> {
+    const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        (**self).trace(visitor);
+    }
+}
+
+impl<T: Trace> Trace for Option<T> {
+    const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        if let Some(value) = self {
+            value.trace(visitor);
+        }
+    }
+}
+
+impl<T: Trace, E: Trace> Trace for Result<T, E> {
+    const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC || E::MAY_CONTAIN_CC;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        match self {
+            Ok(value) => value.trace(visitor),
+            Err(error) => error.trace(visitor),
+        }
+    }
+}
+
+/// Implements `Trace` for a collection by tracing every item it iterates.
+macro_rules! sequence {
+    ($([$($gen:tt)*] $t:ty => $item:ident),* $(,)?) => {$(
+        impl<$($gen)*> Trace for $t {
+            const MAY_CONTAIN_CC: bool = $item::MAY_CONTAIN_CC;
+            fn trace(&self, visitor: &mut Visitor<'_>) {
+                if $item::MAY_CONTAIN_CC {
+                    for item in self.iter() {
+                        item.trace(visitor);
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+sequence!(
+    [T: Trace] [T] => T,
+    [T: Trace, const N: usize] [T; N] => T,
+    [T: Trace] Vec<T> => T,
+    [T: Trace] VecDeque<T> => T,
+    [T: Trace] BTreeSet<T> => T,
+);
+
+#[cfg(feature = "std")]
+sequence!([T: Trace, S: 'static] std::collections::HashSet<T, S> => T);
+
+/// Implements `Trace` for a map by tracing keys and values.
+macro_rules! map {
+    ($([$($gen:tt)*] $t:ty),* $(,)?) => {$(
+        impl<$($gen)*> Trace for $t {
+            const MAY_CONTAIN_CC: bool = K::MAY_CONTAIN_CC || V::MAY_CONTAIN_CC;
+            fn trace(&self, visitor: &mut Visitor<'_>) {
+                if Self::MAY_CONTAIN_CC {
+                    for (key, value) in self.iter() {
+                        key.trace(visitor);
+                        value.trace(visitor);
+                    }
+                }
+            }
+        }
+    )*};
+}
+
+map!([K: Trace, V: Trace] BTreeMap<K, V>);
+#[cfg(feature = "std")]
+map!([K: Trace, V: Trace, S: 'static] std::collections::HashMap<K, V, S>);
+
+macro_rules! tuple {
+    ($($name:ident)+) => {
+        impl<$($name: Trace),+> Trace for ($($name,)+) {
+            const MAY_CONTAIN_CC: bool = $($name::MAY_CONTAIN_CC)||+;
+            #[allow(non_snake_case)]
+            fn trace(&self, visitor: &mut Visitor<'_>) {
+                let ($($name,)+) = self;
+                $($name.trace(visitor);)+
+            }
+        }
+    };
+}
+
+tuple!(A);
+tuple!(A B);
+tuple!(A B C);
+tuple!(A B C D);
+tuple!(A B C D E);
+tuple!(A B C D E F);
+tuple!(A B C D E F G);
+tuple!(A B C D E F G H);
