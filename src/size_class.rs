@@ -4,8 +4,8 @@
 //! (8, 16, …, 512), as in CPython's classic obmalloc. Alignment is folded into
 //! the size: a request aligned to `a > 8` is rounded up to a multiple of `a`,
 //! and every block of a class is aligned to the largest power of two that
-//! divides the class size (pools place their first block accordingly, see
-//! [`crate::pool`]). So `(24, 8)` → 24-byte blocks, `(24, 16)` → 32-byte
+//! divides the class size (each pool places its first block
+//! accordingly). So `(24, 8)` → 24-byte blocks, `(24, 16)` → 32-byte
 //! blocks (16-aligned), `(1, 256)` → 256-byte blocks (256-aligned).
 //!
 //! Why 8-byte steps and not CPython ≥ 3.8's 16: Rust hands every request its
