@@ -474,8 +474,9 @@ impl<T: Trace> Deref for Cc<T> {
         // SAFETY: this handle holds a strong reference, so the value is
         // initialised and not dropped (values are dropped only when the
         // strong count reaches zero), and it lives at least as long as
-        // `&self` because the handle can only be emptied by the collector
-        // when its owner is unreachable, hence not borrowed.
+        // `&self` because the collector only empties handles that `Trace`
+        // reported, which `Trace`'s safety contract limits to handles owned
+        // by garbage objects: unreachable, hence not borrowed.
         unsafe { Self::value_ptr(counts).as_ref() }
     }
 }

@@ -12,26 +12,85 @@ use crate::pointer::{Cc, Weak};
 
 /// A type whose `Cc` references the cycle collector can find.
 ///
-/// `trace` must call [`Visitor::visit`] once for every `Cc` the value owns
+/// `trace` reports, through [`Visitor::visit`], the `Cc`s the value owns
 /// (directly or inside its fields and containers). Derive it with
-/// `#[derive(Trace)]` rather than writing it by hand.
+/// `#[derive(Trace)]`: the derive writes the `unsafe impl` for you, is
+/// correct by construction (it traces every field with that field's own
+/// `Trace`), and `#[trace(skip)]` on a field only leaks.
 ///
-/// A wrong implementation cannot cause undefined behaviour through this
-/// crate's safe API, but it can cost correctness:
-/// * a `Cc` not visited counts as a reference from outside, so a cycle
-///   through it is never collected (a leak);
-/// * the same `Cc` visited twice is noticed and counted once;
-/// * visiting a temporary clone is noticed and the collection gives up;
-/// * visiting a `Cc` owned by some *other* live object can make the
-///   collector clear that handle (later use of it panics).
+/// # Safety
 ///
-/// A value that cannot be inspected right now (a `RefCell` borrowed
-/// mutably) calls [`Visitor::untraceable`]; the collector then treats the
-/// value as reachable from outside for this collection.
+/// The collector empties the handles `trace` reports when it decides that
+/// their owner is garbage, and it decides that from those same reports. So
+/// an implementation must visit **only `Cc` handles owned by `self`**: handles
+/// stored in `self` or in memory `self` owns exclusively (its fields, boxes,
+/// collections, cells), which nothing else can reach except through `self`.
+/// Never a handle reached through shared ownership (an `Rc`, a `static`, a
+/// `thread_local!`, a raw pointer, the value behind another `Cc`, which
+/// traces itself), and never a temporary clone. Visiting such a handle can
+/// make the collector believe a live object is garbage and empty a handle
+/// inside it while a `&T` obtained from that handle is still in use: a use
+/// after free. No check can tell an owned handle from a borrowed one, which
+/// is why the trait is `unsafe` (as in `gc`, `dumpster` and `rust-cc`).
+///
+/// Within that rule, mistakes are safe:
+/// * visiting fewer handles than `self` owns only leaks (a handle not
+///   visited counts as a reference from outside, so the cycle through it is
+///   never collected);
+/// * visiting the same owned handle more than once in one `trace` call is
+///   noticed and counted once;
+/// * `trace` may panic: the collection unwinds and the collector stays
+///   consistent (the next collection releases what it held);
+/// * a value that cannot be inspected right now (a `RefCell` borrowed
+///   mutably) calls [`Visitor::untraceable`]; the collector then treats it
+///   as reachable from outside for this collection.
+///
+/// Whatever `Drop` and finalizers do with an honest `Trace`, there is no
+/// undefined behaviour either: a `Drop` of garbage that touches a dead
+/// sibling finds an emptied handle and panics, `Weak::upgrade` to garbage
+/// returns `None`, and panics in `Drop` or finalizers leak at most their
+/// own object.
+///
+/// [`MAY_CONTAIN_CC`](Trace::MAY_CONTAIN_CC) carries no safety obligation:
+/// a wrong value only stops the collector from seeing the type's cycles.
+///
+/// A plain `impl` does not compile:
+///
+/// ```compile_fail,E0200
+/// struct Sneaky;
+/// impl pymalloc::Trace for Sneaky {
+///     fn trace(&self, _: &mut pymalloc::Visitor<'_>) {}
+/// }
+/// ```
 ///
 /// `'static` because the collector may trace and drop garbage long after
 /// the code that made it returned: a borrow inside it would have expired.
-pub trait Trace: 'static {
+///
+/// A hand-written implementation delegates to the fields' own impls:
+///
+#[cfg_attr(feature = "std", doc = "```")]
+#[cfg_attr(not(feature = "std"), doc = "```ignore")]
+/// use pymalloc::{Cc, Trace, Visitor};
+/// use core::cell::RefCell;
+///
+/// struct Node {
+///     label: String,
+///     children: RefCell<Vec<Cc<Node>>>,
+/// }
+///
+/// // SAFETY: visits only the handles in `children`, which `self` owns.
+/// unsafe impl Trace for Node {
+///     fn trace(&self, visitor: &mut Visitor<'_>) {
+///         self.children.trace(visitor);
+///     }
+/// }
+///
+/// let a = Cc::new(Node { label: "a".into(), children: RefCell::new(Vec::new()) });
+/// a.children.borrow_mut().push(a.clone());
+/// drop(a);
+/// assert_eq!(pymalloc::gc::collect(), 1);
+/// ```
+pub unsafe trait Trace: 'static {
     /// Whether a value of this type may hold a `Cc`. When `false`, a
     /// `Cc<Self>` is not tracked by the collector and costs what an `Rc`
     /// costs. The default, `true`, is always safe.
@@ -90,7 +149,8 @@ pub struct Visitor<'a> {
 }
 
 impl Visitor<'_> {
-    /// Reports one `Cc` owned by the value being traced.
+    /// Reports one `Cc` owned by the value being traced (see the safety
+    /// contract of [`Trace`]).
     pub fn visit<T: Trace>(&mut self, cc: &Cc<T>) {
         if T::MAY_CONTAIN_CC {
             self.op.visit(cc.handle());
@@ -106,7 +166,8 @@ impl Visitor<'_> {
 
 macro_rules! leaf {
     ($($t:ty),* $(,)?) => {$(
-        impl Trace for $t {
+        // SAFETY: visits nothing.
+        unsafe impl Trace for $t {
             const MAY_CONTAIN_CC: bool = false;
             #[inline]
             fn trace(&self, _: &mut Visitor<'_>) {}
@@ -140,33 +201,39 @@ leaf!(
     core::num::NonZeroU64,
 );
 
-impl<T: ?Sized + 'static> Trace for PhantomData<T> {
+// SAFETY: visits nothing.
+unsafe impl<T: ?Sized + 'static> Trace for PhantomData<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
 }
 
 /// A `Cell` can only be read by copying, and `Copy` types hold no `Cc`.
-impl<T: Copy + 'static> Trace for Cell<T> {
+// SAFETY: visits nothing.
+unsafe impl<T: Copy + 'static> Trace for Cell<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
 }
 
 /// A `Weak` never keeps its target alive, so it reports nothing.
-impl<T: Trace> Trace for Weak<T> {
+// SAFETY: visits nothing.
+unsafe impl<T: Trace> Trace for Weak<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
 }
 
 /// `true` whatever `T` is: this is what lets a type that holds a `Cc` of
 /// itself compute its own constant without a compile-time cycle.
-impl<T: Trace> Trace for Cc<T> {
+// SAFETY: visits exactly the handle `self` is.
+unsafe impl<T: Trace> Trace for Cc<T> {
     const MAY_CONTAIN_CC: bool = true;
     fn trace(&self, visitor: &mut Visitor<'_>) {
         visitor.visit(self);
     }
 }
 
-impl<T: Trace + ?Sized> Trace for RefCell<T> {
+// SAFETY: the contents are owned by the cell; `T::trace` visits only what
+// they own.
+unsafe impl<T: Trace + ?Sized> Trace for RefCell<T> {
     const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
     fn trace(&self, visitor: &mut Visitor<'_>) {
         if !T::MAY_CONTAIN_CC {
@@ -180,14 +247,17 @@ impl<T: Trace + ?Sized> Trace for RefCell<T> {
     }
 }
 
-impl<T: Trace + ?Sized> Trace for Box<T> {
+// SAFETY: a box owns its contents exclusively; `T::trace` visits only what
+// they own.
+unsafe impl<T: Trace + ?Sized> Trace for Box<T> {
     const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
     fn trace(&self, visitor: &mut Visitor<'_>) {
         (**self).trace(visitor);
     }
 }
 
-impl<T: Trace> Trace for Option<T> {
+// SAFETY: delegates to the contained value's `Trace`.
+unsafe impl<T: Trace> Trace for Option<T> {
     const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC;
     fn trace(&self, visitor: &mut Visitor<'_>) {
         if let Some(value) = self {
@@ -196,7 +266,8 @@ impl<T: Trace> Trace for Option<T> {
     }
 }
 
-impl<T: Trace, E: Trace> Trace for Result<T, E> {
+// SAFETY: delegates to the contained value's `Trace`.
+unsafe impl<T: Trace, E: Trace> Trace for Result<T, E> {
     const MAY_CONTAIN_CC: bool = T::MAY_CONTAIN_CC || E::MAY_CONTAIN_CC;
     fn trace(&self, visitor: &mut Visitor<'_>) {
         match self {
@@ -209,7 +280,9 @@ impl<T: Trace, E: Trace> Trace for Result<T, E> {
 /// Implements `Trace` for a collection by tracing every item it iterates.
 macro_rules! sequence {
     ($([$($gen:tt)*] $t:ty => $item:ident),* $(,)?) => {$(
-        impl<$($gen)*> Trace for $t {
+        // SAFETY: the collection owns its items; each item's `Trace` visits
+        // only what the item owns.
+        unsafe impl<$($gen)*> Trace for $t {
             const MAY_CONTAIN_CC: bool = $item::MAY_CONTAIN_CC;
             fn trace(&self, visitor: &mut Visitor<'_>) {
                 if $item::MAY_CONTAIN_CC {
@@ -236,7 +309,9 @@ sequence!([T: Trace, S: 'static] std::collections::HashSet<T, S> => T);
 /// Implements `Trace` for a map by tracing keys and values.
 macro_rules! map {
     ($([$($gen:tt)*] $t:ty),* $(,)?) => {$(
-        impl<$($gen)*> Trace for $t {
+        // SAFETY: the map owns its keys and values; their `Trace` impls
+        // visit only what they own.
+        unsafe impl<$($gen)*> Trace for $t {
             const MAY_CONTAIN_CC: bool = K::MAY_CONTAIN_CC || V::MAY_CONTAIN_CC;
             fn trace(&self, visitor: &mut Visitor<'_>) {
                 if Self::MAY_CONTAIN_CC {
@@ -256,7 +331,9 @@ map!([K: Trace, V: Trace, S: 'static] std::collections::HashMap<K, V, S>);
 
 macro_rules! tuple {
     ($($name:ident)+) => {
-        impl<$($name: Trace),+> Trace for ($($name,)+) {
+        // SAFETY: a tuple owns its fields; each field's `Trace` visits only
+        // what the field owns.
+        unsafe impl<$($name: Trace),+> Trace for ($($name,)+) {
             const MAY_CONTAIN_CC: bool = $($name::MAY_CONTAIN_CC)||+;
             #[allow(non_snake_case)]
             fn trace(&self, visitor: &mut Visitor<'_>) {

@@ -75,7 +75,8 @@ thread_local!(static TRACED: Cell<usize> = const { Cell::new(0) });
 
 struct Counted(RefCell<Option<Cc<Counted>>>);
 
-impl Trace for Counted {
+// SAFETY: visits only the handle in its field.
+unsafe impl Trace for Counted {
     fn trace(&self, visitor: &mut Visitor<'_>) {
         TRACED.with(|t| t.set(t.get() + 1));
         self.0.trace(visitor);

@@ -43,7 +43,8 @@ impl<const F: bool> MNode<F> {
     }
 }
 
-impl<const F: bool> Trace for MNode<F> {
+// SAFETY: visits only the handles in `edges`, which it owns.
+unsafe impl<const F: bool> Trace for MNode<F> {
     const FINALIZER: Option<fn(&Self)> = if F { Some(Self::finalize) } else { None };
 
     fn trace(&self, visitor: &mut Visitor<'_>) {

@@ -1,9 +1,15 @@
 //! `#[derive(Trace)]` for pymalloc's cycle collector.
 //!
+//! The derive emits an `unsafe impl`, and its users write no `unsafe`: the
+//! generated `trace` destructures `self` and calls each field's own `Trace`,
+//! so it visits exactly the handles the fields own (`Trace`'s safety
+//! contract holds as long as the fields' impls keep it).
+//!
 //! * structs and enums, with generics (each type parameter gets a
 //!   `pymalloc::Trace` bound);
 //! * `#[trace(skip)]` on a field leaves it out (a `Cc` in it then counts as a
-//!   reference from outside: never collected through that field);
+//!   reference from outside: never collected through that field, a leak and
+//!   never unsound);
 //! * `#[trace(finalize)]` on the type sets `Trace::FINALIZER` to the type's
 //!   `pymalloc::Finalize` impl;
 //! * self-referential types: `MAY_CONTAIN_CC` is computed from the field
@@ -119,7 +125,7 @@ fn expand(input: DeriveInput) -> syn::Result<TokenStream2> {
         }
     });
     Ok(quote! {
-        impl #impl_generics ::pymalloc::Trace for #name #ty_generics #where_clause {
+        unsafe impl #impl_generics ::pymalloc::Trace for #name #ty_generics #where_clause {
             const MAY_CONTAIN_CC: bool = false #(|| #may_contain)*;
             #finalize
 
