@@ -64,11 +64,18 @@ pub struct Weak<T: Trace> {
     _marker: PhantomData<T>,
 }
 
-/// Aborts the process: a count overflow cannot be recovered from.
+/// Aborts the process, as `Rc` does: only leaking references on a huge
+/// scale gets here, and wrapping would free a value still referenced.
 #[cold]
 fn abort() -> ! {
     #[cfg(feature = "std")]
-    std::process::abort();
+    {
+        std::eprintln!(
+            "pymalloc: reference count overflow (more than {MAX_STRONG} references to one Cc \
+             allocation); aborting"
+        );
+        std::process::abort();
+    }
     #[cfg(not(feature = "std"))]
     {
         // A panic while panicking aborts, also without std.
