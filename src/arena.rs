@@ -94,6 +94,8 @@ impl Arena {
     }
 }
 
+crate::list::impl_links!(Arena);
+
 /// Slots of one table chunk. Small enough that a 64 KiB firmware heap does
 /// not notice one chunk, large enough that chunks are rare.
 const SLOTS_PER_CHUNK: usize = 16;

@@ -101,34 +101,18 @@ unsafe impl Backing for System {
         unsafe { std::alloc::GlobalAlloc::realloc(&std::alloc::System, ptr, layout, new_size) }
     }
 
-    #[cfg(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )
-    ))]
-    fn alloc_arena(&self, size: usize, _pool_size: usize) -> *mut u8 {
-        mapping::map(size)
+    fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+        arena_memory::get(size, pool_size)
     }
 
-    #[cfg(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )
-    ))]
-    unsafe fn dealloc_arena(&self, ptr: *mut u8, size: usize, _pool_size: usize) {
-        // SAFETY: forwarded contract: `ptr` is a live mapping of `size` bytes.
-        unsafe { mapping::unmap(ptr, size) }
+    unsafe fn dealloc_arena(&self, ptr: *mut u8, size: usize, pool_size: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { arena_memory::put(ptr, size, pool_size) }
     }
 }
 
-/// Anonymous mappings, declared by hand: std links libc already, and two
-/// declarations are lighter than a dependency.
+/// Arenas as anonymous mappings, declared by hand: std links libc already,
+/// and two declarations are lighter than a dependency.
 #[cfg(all(
     feature = "std",
     target_os = "linux",
@@ -138,7 +122,7 @@ unsafe impl Backing for System {
         target_arch = "riscv64"
     )
 ))]
-mod mapping {
+mod arena_memory {
     use core::ffi::{c_int, c_long, c_void};
 
     extern "C" {
@@ -158,7 +142,7 @@ mod mapping {
     const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
     const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
 
-    pub(super) fn map(size: usize) -> *mut u8 {
+    pub(super) fn get(size: usize, _pool_size: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping at an address of the kernel's
         // choosing aliases nothing; failure is reported as MAP_FAILED.
         let p = unsafe {
@@ -179,11 +163,44 @@ mod mapping {
     }
 
     /// # Safety
-    /// `ptr` is a live mapping of `size` bytes from `map` that nothing uses.
-    pub(super) unsafe fn unmap(ptr: *mut u8, size: usize) {
+    /// `ptr` is a live mapping of `size` bytes from `get` that nothing uses.
+    pub(super) unsafe fn put(ptr: *mut u8, size: usize, _pool_size: usize) {
         // SAFETY: per the contract. munmap of a whole mapping we made cannot
         // fail; if it somehow did the pages would merely stay mapped.
         unsafe { munmap(ptr.cast(), size) };
+    }
+}
+
+/// Arenas from `std::alloc::System`, where no mapping call is declared.
+#[cfg(all(
+    feature = "std",
+    not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    ))
+))]
+mod arena_memory {
+    use core::alloc::{GlobalAlloc, Layout};
+
+    pub(super) fn get(size: usize, pool_size: usize) -> *mut u8 {
+        match Layout::from_size_align(size, pool_size) {
+            // SAFETY: arenas are never zero-sized.
+            Ok(layout) => unsafe { std::alloc::System.alloc(layout) },
+            Err(_) => core::ptr::null_mut(),
+        }
+    }
+
+    /// # Safety
+    /// `ptr` came from `get(size, pool_size)` and nothing uses it.
+    pub(super) unsafe fn put(ptr: *mut u8, size: usize, pool_size: usize) {
+        // SAFETY: `get` allocated it with this very layout.
+        unsafe {
+            std::alloc::System.dealloc(ptr, Layout::from_size_align_unchecked(size, pool_size))
+        }
     }
 }
 

@@ -23,6 +23,7 @@
 
 use crate::backing::Backing;
 use crate::heap::BlockStatus;
+use crate::list;
 use crate::size_class::class_for;
 use crate::PyMalloc;
 use core::alloc::Layout;
@@ -64,15 +65,8 @@ impl LargeList {
     /// # Safety
     /// `header` is a live large block's header, not on the list.
     unsafe fn push(&mut self, header: *mut Header) {
-        // SAFETY: per the contract, and list members are live headers.
-        unsafe {
-            (*header).prev = ptr::null_mut();
-            (*header).next = self.head;
-            if !self.head.is_null() {
-                (*self.head).prev = header;
-            }
-        }
-        self.head = header;
+        // SAFETY: forwarded contract; list members are live headers.
+        unsafe { list::push_front(&mut self.head, header) }
     }
 
     /// Whether `header` is on the list; compares addresses only, so any
@@ -92,20 +86,12 @@ impl LargeList {
     /// # Safety
     /// `header` is on the list.
     unsafe fn remove(&mut self, header: *mut Header) {
-        // SAFETY: per the contract, and list members are live headers.
-        unsafe {
-            let (prev, next) = ((*header).prev, (*header).next);
-            if prev.is_null() {
-                self.head = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
-        }
+        // SAFETY: forwarded contract; list members are live headers.
+        unsafe { list::unlink(&mut self.head, header) }
     }
 }
+
+list::impl_links!(Header);
 
 /// The layout the heap really serves for a caller's `layout`, and the
 /// offset of the caller's bytes in it; `None` if it would overflow.

@@ -19,6 +19,7 @@
 use crate::arena::{Arena, ArenaTable};
 use crate::backing::Backing;
 use crate::config::{Config, MAX_ARENA_POOLS};
+use crate::list;
 use crate::pool::{blocks_per_pool, pool_of, Pool, POOL_HEADER_SIZE};
 use crate::size_class::{class_size, CLASS_COUNT};
 use crate::stats::Stats;
@@ -155,32 +156,15 @@ impl Heap {
     }
 
     fn link_pool(&mut self, class: usize, pool: *mut Pool) {
-        let head = self.used_pools[class];
-        // SAFETY: `pool` and `head` (when not null) are initialised pools.
-        unsafe {
-            (*pool).prev = ptr::null_mut();
-            (*pool).next = head;
-            if !head.is_null() {
-                (*head).prev = pool;
-            }
-        }
-        self.used_pools[class] = pool;
+        // SAFETY: `pool` is an initialised pool on no list, and class lists
+        // hold initialised pools.
+        unsafe { list::push_front(&mut self.used_pools[class], pool) }
     }
 
     fn unlink_pool(&mut self, class: usize, pool: *mut Pool) {
         // SAFETY: `pool` is on class list `class`, whose members are
         // initialised pools.
-        unsafe {
-            let (prev, next) = ((*pool).prev, (*pool).next);
-            if prev.is_null() {
-                self.used_pools[class] = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
-        }
+        unsafe { list::unlink(&mut self.used_pools[class], pool) }
     }
 
     fn pool_emptied(&mut self, pool: *mut Pool, backing: &impl Backing) {
@@ -240,12 +224,7 @@ impl Heap {
         let free = free - 1;
         if free == 0 {
             // Full arenas leave the list; a freed pool brings them back.
-            self.usable = arena_ref.next;
-            if !self.usable.is_null() {
-                // SAFETY: list members are live records.
-                unsafe { (*self.usable).prev = ptr::null_mut() };
-            }
-            arena_ref.next = ptr::null_mut();
+            self.remove_usable(arena);
         } else if self.last_with_free[free].is_null() {
             // It had the fewest free pools, so no other arena has `free`.
             self.last_with_free[free] = arena;
@@ -277,13 +256,8 @@ impl Heap {
                 return;
             }
             self.release_spare(backing);
-            arena_ref.prev = ptr::null_mut();
-            arena_ref.next = self.usable;
-            if !self.usable.is_null() {
-                // SAFETY: list members are live records.
-                unsafe { (*self.usable).prev = arena };
-            }
-            self.usable = arena;
+            // SAFETY: list members are live records; `arena` is on no list.
+            unsafe { list::push_front(&mut self.usable, arena) };
         } else if wholly_free && !(arena_ref.prev.is_null() && arena_ref.next.is_null()) {
             // Another arena has room, so this one need not stay as a spare.
             self.remove_usable(arena);
@@ -293,16 +267,9 @@ impl Heap {
             // Arenas after it still have `free_before` free pools: it goes
             // behind the last of them, first of its new group.
             self.remove_usable(arena);
-            // SAFETY: `last_of_group` is a live list member.
-            unsafe {
-                let after = (*last_of_group).next;
-                arena_ref.prev = last_of_group;
-                arena_ref.next = after;
-                (*last_of_group).next = arena;
-                if !after.is_null() {
-                    (*after).prev = arena;
-                }
-            }
+            // SAFETY: `last_of_group` is a live list member, `arena` a live
+            // record just taken off the list.
+            unsafe { list::insert_after(&mut self.usable, last_of_group, arena) };
         }
         if self.last_with_free[free].is_null() {
             self.last_with_free[free] = arena;
@@ -326,18 +293,8 @@ impl Heap {
     }
 
     fn remove_usable(&mut self, arena: *mut Arena) {
-        // SAFETY: `arena` and its neighbours are live list members.
-        unsafe {
-            let (prev, next) = ((*arena).prev, (*arena).next);
-            if prev.is_null() {
-                self.usable = next;
-            } else {
-                (*prev).next = next;
-            }
-            if !next.is_null() {
-                (*next).prev = prev;
-            }
-        }
+        // SAFETY: `arena` is on the usable list, whose members are live.
+        unsafe { list::unlink(&mut self.usable, arena) }
     }
 
     fn release_arena(&mut self, arena: *mut Arena, backing: &impl Backing) {

@@ -27,6 +27,7 @@ pub mod config;
 #[cfg(feature = "debug")]
 pub mod debug;
 mod heap;
+mod list;
 mod pool;
 pub mod size_class;
 pub mod stats;

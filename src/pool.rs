@@ -41,6 +41,8 @@ pub(crate) struct Pool {
     pub(crate) bump_limit: u32,
 }
 
+crate::list::impl_links!(Pool);
+
 /// What a free block holds: the link to the next one.
 pub(crate) struct FreeBlock {
     pub(crate) next: *mut FreeBlock,

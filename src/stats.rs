@@ -94,6 +94,11 @@ impl Stats {
         self.classes.iter().map(|c| c.blocks_in_use).sum()
     }
 
+    /// Allocations alive now: small blocks handed out plus large objects.
+    pub fn live_allocations(&self) -> usize {
+        self.blocks_in_use() + self.large_objects
+    }
+
     /// Bytes in small blocks handed out.
     pub fn allocated_block_bytes(&self) -> usize {
         self.classes.iter().map(|c| c.blocks_in_use * c.size).sum()

@@ -24,10 +24,10 @@ fuzz_target!(|ops: &[u8]| {
     model.run(ops.get(1..).unwrap_or_default());
     let stats = heap.stats();
     assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
-    assert_eq!(stats.blocks_in_use() + stats.large_objects, model.live_blocks());
+    assert_eq!(stats.live_allocations(), model.live_blocks());
     model.free_all();
     let stats = heap.stats();
-    assert_eq!((stats.blocks_in_use(), stats.large_objects, stats.requested_bytes), (0, 0, 0));
+    assert_eq!((stats.live_allocations(), stats.requested_bytes), (0, 0));
     drop(heap);
     drop(memory);
 });
