@@ -25,7 +25,8 @@ pub type DefaultBacking = Region;
 /// A pymalloc-style allocator: small blocks from pools in arenas, large ones
 /// from the backing `B`.
 ///
-/// ```
+#[cfg_attr(feature = "std", doc = "```")]
+#[cfg_attr(not(feature = "std"), doc = "```ignore")]
 /// use pymalloc::PyMalloc;
 ///
 /// #[global_allocator]
