@@ -101,7 +101,15 @@ impl PyMalloc<Region> {
         ///
         /// # Panics
         /// If `N` is too small for one arena plus alignment slack
-        /// ([`Region::min_len`]); in a `static` that is a compile error.
+        /// ([`Region::min_len`]); in a `static` that is a compile error:
+        ///
+        /// ```compile_fail
+        /// use pymalloc::{PyMalloc, Region};
+        ///
+        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
+        /// // A 256 KiB arena cannot fit in 64 KiB: rejected at compile time.
+        /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
+        /// ```
         pub unsafe fn region<const N: usize>(heap: *mut [u8; N]) -> Self {
             // SAFETY: forwarded contract.
             unsafe { Self::region_with(heap, Config::DEFAULT) }
