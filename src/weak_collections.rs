@@ -15,24 +15,35 @@ use crate::{Cc, Trace, Weak};
 /// Entries held before the first purge.
 const MIN_PURGE: usize = 32;
 
-/// When to purge: after the entry count reaches twice what survived the
-/// last purge.
-#[derive(Clone, Copy, Debug)]
-struct PurgePolicy {
-    at: usize,
+/// The entries of a weak registry, and when to purge the dead ones: once
+/// the entry count reaches twice what survived the last purge.
+struct WeakTable<K, V: Trace> {
+    entries: BTreeMap<K, Weak<V>>,
+    purge_at: usize,
 }
 
-impl PurgePolicy {
+impl<K: Ord, V: Trace> WeakTable<K, V> {
     const fn new() -> Self {
-        PurgePolicy { at: MIN_PURGE }
+        WeakTable {
+            entries: BTreeMap::new(),
+            purge_at: MIN_PURGE,
+        }
     }
 
-    /// Purges `entries` if due, with `alive` telling which to keep.
-    fn run<K: Ord, V>(&mut self, entries: &mut BTreeMap<K, V>, alive: impl Fn(&V) -> bool) {
-        if entries.len() >= self.at {
-            entries.retain(|_, v| alive(v));
-            self.at = (entries.len() * 2).max(MIN_PURGE);
+    /// Drops the dead entries if a purge is due; called before each insert.
+    fn purge_if_due(&mut self) {
+        if self.entries.len() >= self.purge_at {
+            self.entries.retain(|_, weak| alive(weak));
+            self.purge_at = (self.entries.len() * 2).max(MIN_PURGE);
         }
+    }
+
+    fn live_len(&self) -> usize {
+        self.entries.values().filter(|w| alive(w)).count()
+    }
+
+    fn any_live(&self) -> bool {
+        self.entries.values().any(alive)
     }
 }
 
@@ -55,31 +66,29 @@ fn alive<T: Trace>(weak: &Weak<T>) -> bool {
 pub struct WeakSet<T: Trace> {
     /// Keyed by allocation address, which cannot be reused while the `Weak`
     /// in the entry keeps the allocation.
-    entries: BTreeMap<usize, Weak<T>>,
-    purge: PurgePolicy,
+    table: WeakTable<usize, T>,
 }
 
 impl<T: Trace> WeakSet<T> {
     /// An empty set.
     pub const fn new() -> Self {
         WeakSet {
-            entries: BTreeMap::new(),
-            purge: PurgePolicy::new(),
+            table: WeakTable::new(),
         }
     }
 
     /// Adds `value`; `false` if it was already a member.
     pub fn insert(&mut self, value: &Cc<T>) -> bool {
-        self.purge.run(&mut self.entries, alive);
+        self.table.purge_if_due();
         let weak = Cc::downgrade(value);
-        match self.entries.get_mut(&weak.addr()) {
+        match self.table.entries.get_mut(&weak.addr()) {
             Some(slot) if alive(slot) => false,
             Some(slot) => {
                 *slot = weak;
                 true
             }
             None => {
-                self.entries.insert(weak.addr(), weak);
+                self.table.entries.insert(weak.addr(), weak);
                 true
             }
         }
@@ -88,35 +97,35 @@ impl<T: Trace> WeakSet<T> {
     /// Removes `value`; `false` if it was not a member.
     pub fn remove(&mut self, value: &Cc<T>) -> bool {
         Cc::addr(value)
-            .and_then(|addr| self.entries.remove(&addr))
+            .and_then(|addr| self.table.entries.remove(&addr))
             .is_some_and(|weak| alive(&weak))
     }
 
     /// Whether `value` is a member.
     pub fn contains(&self, value: &Cc<T>) -> bool {
         Cc::addr(value)
-            .and_then(|addr| self.entries.get(&addr))
+            .and_then(|addr| self.table.entries.get(&addr))
             .is_some_and(alive)
     }
 
     /// Number of live members (O(entries)).
     pub fn len(&self) -> usize {
-        self.entries.values().filter(|w| alive(w)).count()
+        self.table.live_len()
     }
 
     /// Whether no member is alive.
     pub fn is_empty(&self) -> bool {
-        !self.entries.values().any(alive)
+        !self.table.any_live()
     }
 
     /// Entries held, dead ones not yet purged included.
     pub fn slots(&self) -> usize {
-        self.entries.len()
+        self.table.entries.len()
     }
 
     /// The live members.
     pub fn iter(&self) -> impl Iterator<Item = Cc<T>> + '_ {
-        self.entries.values().filter_map(Weak::upgrade)
+        self.table.entries.values().filter_map(Weak::upgrade)
     }
 }
 
@@ -146,23 +155,22 @@ impl<T: Trace> fmt::Debug for WeakSet<T> {
 /// assert!(cache.get("answer").is_none());
 /// ```
 pub struct WeakValueMap<K: Ord, V: Trace> {
-    entries: BTreeMap<K, Weak<V>>,
-    purge: PurgePolicy,
+    table: WeakTable<K, V>,
 }
 
 impl<K: Ord, V: Trace> WeakValueMap<K, V> {
     /// An empty map.
     pub const fn new() -> Self {
         WeakValueMap {
-            entries: BTreeMap::new(),
-            purge: PurgePolicy::new(),
+            table: WeakTable::new(),
         }
     }
 
     /// Maps `key` to `value`; returns the previous value if it was alive.
     pub fn insert(&mut self, key: K, value: &Cc<V>) -> Option<Cc<V>> {
-        self.purge.run(&mut self.entries, alive);
-        self.entries
+        self.table.purge_if_due();
+        self.table
+            .entries
             .insert(key, Cc::downgrade(value))
             .and_then(|old| old.upgrade())
     }
@@ -172,7 +180,7 @@ impl<K: Ord, V: Trace> WeakValueMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.entries.get(key).and_then(Weak::upgrade)
+        self.table.entries.get(key).and_then(Weak::upgrade)
     }
 
     /// Removes `key`; returns its value if it was alive.
@@ -180,7 +188,7 @@ impl<K: Ord, V: Trace> WeakValueMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.entries.remove(key).and_then(|old| old.upgrade())
+        self.table.entries.remove(key).and_then(|old| old.upgrade())
     }
 
     /// Whether `key` maps to a live value.
@@ -188,27 +196,28 @@ impl<K: Ord, V: Trace> WeakValueMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.entries.get(key).is_some_and(alive)
+        self.table.entries.get(key).is_some_and(alive)
     }
 
     /// Number of entries whose value is alive (O(entries)).
     pub fn len(&self) -> usize {
-        self.entries.values().filter(|w| alive(w)).count()
+        self.table.live_len()
     }
 
     /// Whether no value is alive.
     pub fn is_empty(&self) -> bool {
-        !self.entries.values().any(alive)
+        !self.table.any_live()
     }
 
     /// Entries held, dead ones not yet purged included.
     pub fn slots(&self) -> usize {
-        self.entries.len()
+        self.table.entries.len()
     }
 
     /// The live entries, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, Cc<V>)> + '_ {
-        self.entries
+        self.table
+            .entries
             .iter()
             .filter_map(|(k, w)| w.upgrade().map(|v| (k, v)))
     }
@@ -224,7 +233,8 @@ impl<K: Ord + fmt::Debug, V: Trace> fmt::Debug for WeakValueMap<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
             .entries(
-                self.entries
+                self.table
+                    .entries
                     .iter()
                     .filter(|(_, w)| alive(w))
                     .map(|(k, _)| (k, "..")),
