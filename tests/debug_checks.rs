@@ -1,39 +1,23 @@
 //! The `debug` feature: fill patterns, and one test per detection. Each
 //! detection aborts the process, so each test runs its bad operation in a
 //! child copy of this test binary and reads the child's report.
-#![cfg(all(feature = "debug", feature = "std"))]
+#![cfg(all(feature = "debug", feature = "std", unix))]
+
+mod common;
 
 use pymalloc::debug::{CLEAN_BYTE, DEAD_BYTE};
 use pymalloc::PyMalloc;
 use std::alloc::{GlobalAlloc, Layout};
-use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 
-const CASE: &str = "PYMALLOC_DEBUG_CASE";
-
-/// In the child, runs `bad` (which must abort); in the parent, runs the
-/// child and checks it died of SIGABRT after printing every `expected` line.
+/// Runs `bad` on a fresh heap in a child process, which must abort after
+/// printing every `expected` text; `bad` returns the block's `p=` address
+/// text, echoed so that a failing run shows which block it was.
 fn expect_abort(name: &str, bad: impl FnOnce(&PyMalloc) -> String, expected: &[&str]) {
-    if std::env::var(CASE).as_deref() == Ok(name) {
+    let in_child = || {
         let heap = PyMalloc::system();
-        let address = bad(&heap);
-        eprintln!("{address}");
-        panic!("the debug checks let the bad operation through");
-    }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CASE, name)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(6),
-        "the child did not abort:\n{stderr}"
-    );
-    for line in expected {
-        assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
-    }
+        eprintln!("{}", bad(&heap));
+    };
+    common::expect_abort_in_child(name, in_child, expected);
 }
 
 fn layout(size: usize) -> Layout {

@@ -3,42 +3,18 @@
 //! SIGABRT after saying why.
 #![cfg(all(feature = "std", target_pointer_width = "64", unix))]
 
+mod common;
+
 use pymalloc::{Cc, Trace};
 use std::cell::RefCell;
-use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
-
-const CASE: &str = "PYMALLOC_OVERFLOW_CASE";
-/// SIGABRT, 6 on every unix Rust supports.
-const SIGABRT: i32 = 6;
 
 #[derive(Trace)]
 struct Node {
     next: RefCell<Option<Cc<Node>>>,
 }
 
-/// In the child, runs `overflow` (which must abort); in the parent, runs
-/// the child and checks how it died.
 fn expect_abort(name: &str, overflow: impl FnOnce()) {
-    if std::env::var(CASE).as_deref() == Ok(name) {
-        overflow();
-        panic!("the count overflowed without aborting");
-    }
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CASE, name)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.signal(),
-        Some(SIGABRT),
-        "the child did not abort:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("pymalloc: reference count overflow"),
-        "no overflow message in:\n{stderr}"
-    );
+    common::expect_abort_in_child(name, overflow, &["pymalloc: reference count overflow"]);
 }
 
 /// Makes and forgets references until a count passes its maximum: ~2^32
