@@ -206,21 +206,33 @@ impl<B: Backing> PyMalloc<B> {
         self.heap.lock()
     }
 
-    /// Allocates `layout`, counting `requested` bytes as asked for.
+    /// Allocates `layout`, counting `requested` bytes as asked for, with
+    /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
-    pub(crate) fn allocate(&self, layout: Layout, requested: usize) -> *mut u8 {
+    pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
         match class_for(layout.size(), layout.align()) {
             Some(class) => {
                 let mut heap = self.heap.lock();
                 let block = heap.alloc(class, &self.backing);
-                if !block.is_null() {
-                    heap.requested = heap.requested.wrapping_add(requested);
+                if block.is_null() {
+                    return block;
+                }
+                heap.requested = heap.requested.wrapping_add(requested);
+                drop(heap);
+                if zeroed {
+                    // SAFETY: the block has at least `layout.size()` bytes.
+                    unsafe { block.write_bytes(0, layout.size()) };
                 }
                 block
             }
             None => {
                 let layout = large_layout(layout);
-                let block = self.backing.alloc(layout);
+                // A backing may have zeroed memory for free (fresh pages).
+                let block = if zeroed {
+                    self.backing.alloc_zeroed(layout)
+                } else {
+                    self.backing.alloc(layout)
+                };
                 if !block.is_null() {
                     self.large.add(layout.size(), requested);
                 }
@@ -297,7 +309,7 @@ impl<B: Backing> PyMalloc<B> {
             }
             return block;
         }
-        let block = self.allocate(new_layout, new_requested);
+        let block = self.allocate(new_layout, new_requested, false);
         if !block.is_null() {
             // SAFETY: both blocks are live, distinct, and at least this long;
             // the old one is then freed once, per the contract.
@@ -341,9 +353,17 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout);
+        return self.debug_alloc(layout, false);
         #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size())
+        self.allocate(layout, layout.size(), false)
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        #[cfg(feature = "debug")]
+        return self.debug_alloc(layout, true);
+        #[cfg(not(feature = "debug"))]
+        self.allocate(layout, layout.size(), true)
     }
 
     #[inline]

@@ -24,6 +24,17 @@ pub unsafe trait Backing {
     /// A block for a large object, or null.
     fn alloc(&self, layout: Layout) -> *mut u8;
 
+    /// As `alloc`, with the block's bytes zeroed. Backings that get zeroed
+    /// memory for free (fresh pages from the kernel) override it.
+    fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let block = self.alloc(layout);
+        if !block.is_null() {
+            // SAFETY: a fresh block of `layout.size()` bytes.
+            unsafe { block.write_bytes(0, layout.size()) };
+        }
+        block
+    }
+
     /// Gives back a block from `alloc` or `realloc`.
     ///
     /// # Safety
@@ -87,6 +98,12 @@ unsafe impl Backing for System {
         // objects are over 512 bytes or over-aligned with a non-zero size
         // forced by `PyMalloc`).
         unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) }
+    }
+
+    #[inline]
+    fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as in `alloc`.
+        unsafe { std::alloc::GlobalAlloc::alloc_zeroed(&std::alloc::System, layout) }
     }
 
     #[inline]

@@ -247,11 +247,13 @@ fn fail(report: Report) -> ! {
 }
 
 impl<B: Backing> PyMalloc<B> {
-    pub(crate) fn debug_alloc(&self, layout: Layout) -> *mut u8 {
+    /// Allocates `layout` with a header and guards, its bytes `CLEAN_BYTE`
+    /// or, if `zeroed`, zero.
+    pub(crate) fn debug_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let Some((inner, prefix)) = wrap(layout) else {
             return ptr::null_mut();
         };
-        let base = self.allocate(inner, layout.size());
+        let base = self.allocate(inner, layout.size(), false);
         if base.is_null() {
             return base;
         }
@@ -265,7 +267,7 @@ impl<B: Backing> PyMalloc<B> {
                 size: layout.size(),
                 guard: [FORBIDDEN_BYTE; GUARD],
             });
-            data.write_bytes(CLEAN_BYTE, layout.size());
+            data.write_bytes(if zeroed { 0 } else { CLEAN_BYTE }, layout.size());
             data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
         }
         if !is_small(inner) {

@@ -76,3 +76,26 @@ fn impossible_requests_are_refused_with_null() {
     // SAFETY: still live after the refused realloc.
     unsafe { heap.dealloc(p, small) };
 }
+
+#[test]
+fn zeroed_allocations_are_zero_even_in_reused_blocks() {
+    let heap = PyMalloc::system();
+    for size in [1, 24, 512, 513, 100_000] {
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: non-zero sizes; each block is dirtied, freed, and the
+        // next zeroed allocation of the same class may reuse it.
+        unsafe {
+            let dirty = heap.alloc(layout);
+            dirty.write_bytes(0xAB, size);
+            heap.dealloc(dirty, layout);
+            let clean = heap.alloc_zeroed(layout);
+            assert!(
+                std::slice::from_raw_parts(clean, size)
+                    .iter()
+                    .all(|&b| b == 0),
+                "size {size}"
+            );
+            heap.dealloc(clean, layout);
+        }
+    }
+}
