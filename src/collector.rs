@@ -18,8 +18,8 @@
 //!    emptied handles (a panic if used), never a dropped sibling.
 //!
 //! Values are only ever dropped when their strong count reaches zero, and
-//! memory only freed when the weak count does, so even a wrong `Trace`
-//! cannot make a `Cc` dangle.
+//! memory only freed when the weak count does, so with a `Trace` that keeps
+//! its safety contract no `Cc` can dangle.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -148,6 +148,7 @@ pub(crate) enum Op<'a> {
 }
 
 impl Op<'_> {
+    #[inline]
     pub(crate) fn visit(&mut self, cell: &Cell<NonNull<Counts>>) {
         let Some((counts, marked)) = handle::read(cell) else {
             return;
@@ -164,8 +165,10 @@ impl Op<'_> {
                 handle::set_mark(cell, counts, true);
                 match link.gc_refs().checked_sub(1) {
                     Some(refs) => link.set_gc_refs(refs),
-                    // More references reported than exist: a `Trace` visited
-                    // something it does not own.
+                    // More references reported than exist: a `Trace` broke
+                    // its safety contract (visited a handle it does not
+                    // own). Guarded against defensively: the collection
+                    // then frees nothing.
                     None => *consistent = false,
                 }
             }
@@ -576,15 +579,9 @@ impl Collector {
         self.validate(YOUNG, false, false);
 
         // SAFETY: `young` holds live objects, and we are the only collection.
-        let found = unsafe { self.find_unreachable(young, unreach, 0) };
+        let survivors = unsafe { self.find_unreachable(young, unreach, 0) };
         self.validate(YOUNG, false, false);
         self.validate(UNREACH, true, true);
-        let survivors = if generation == 1 {
-            // SAFETY: restored and well formed.
-            unsafe { young.len() }
-        } else {
-            0
-        };
         // SAFETY: both are well formed after `find_unreachable`.
         unsafe { young.splice_into(older) };
 
@@ -601,12 +598,13 @@ impl Collector {
                 .set(self.long_lived_pending.get() + survivors),
             2 => {
                 self.long_lived_pending.set(0);
-                // SAFETY: well formed.
-                self.long_lived_total.set(unsafe { older.len() });
+                // `older` was the oldest generation, spliced into `young`:
+                // it now holds exactly the survivors.
+                self.long_lived_total.set(survivors);
             }
             _ => {}
         }
-        if !found {
+        if unreach.is_empty() {
             return (0, 0);
         }
         // SAFETY: the unreachable list holds live objects, restored.
@@ -617,13 +615,13 @@ impl Collector {
     /// `out` and restores `list`. Objects in `out` keep `COLLECTING` and
     /// `UNREACHABLE` (with valid `prev` links), and their handles keep the
     /// marks of the subtract pass. `bias` is subtracted from each strong
-    /// count first (the reference the collector itself holds). Returns
-    /// whether anything was found.
+    /// count first (the reference the collector itself holds). Returns the
+    /// number of objects left in `list`.
     ///
     /// # Safety
     /// `list` is a well-formed list of live objects, `out` an empty list,
     /// both working lists of the running collection.
-    unsafe fn find_unreachable(&self, list: &Link, out: &Link, bias: u32) -> bool {
+    unsafe fn find_unreachable(&self, list: &Link, out: &Link, bias: u32) -> usize {
         // SAFETY (whole block): the caller's promise; user `Trace` code runs
         // inside, but it cannot unlink objects that are `COLLECTING`
         // (`Cc::drop` and `try_unwrap` leave those alone), so our chains
@@ -653,8 +651,7 @@ impl Collector {
             } else {
                 Self::unmark(list);
             }
-            list.restore();
-            !out.is_empty()
+            list.restore()
         }
     }
 
@@ -712,12 +709,14 @@ impl Collector {
         let unreach = self.head(UNREACH);
         let garbage = self.head(GARBAGE);
         let mut finalizers = false;
+        let mut found = 0;
         // SAFETY (whole block): the lists hold live objects; from the first
         // pass on, every object in them holds one reference we took, so user
         // code cannot free them while we iterate.
         unsafe {
             unreach.for_each(|link| {
                 let l = link.as_ref();
+                found += 1;
                 inc_strong(counts(link));
                 l.set_next_flag(WEAK_CLEARED, true);
                 l.set_prev_flag(COLLECTING, false);
@@ -739,7 +738,7 @@ impl Collector {
                 // Whatever they resurrected stays in `unreach`.
                 Self::unmark(unreach);
                 unreach.restore();
-                self.find_unreachable(unreach, garbage, 1);
+                found -= self.find_unreachable(unreach, garbage, 1);
                 self.validate(UNREACH, false, false);
                 self.validate(GARBAGE, true, true);
                 garbage.for_each(|link| link.as_ref().set_prev_flag(COLLECTING, false));
@@ -750,7 +749,6 @@ impl Collector {
             self.unreach_held.set(false);
 
             self.validate(GARBAGE, false, true);
-            let found = garbage.len();
             if self.save_all.get() {
                 Self::unmark(garbage);
                 garbage.restore();
@@ -784,9 +782,18 @@ impl Collector {
                 l.unlink();
                 l.set_prev_flag(COLLECTING, false);
                 l.set_next_flag(UNREACHABLE, false);
-                oldest.push_back(l);
-                if self.drop_ref(link) {
-                    kept += 1;
+                let c = counts(link);
+                if c.strong.get() == 1 {
+                    // Ours is the last reference: destroy it directly (it
+                    // would leave `oldest` again at once). Unlinked, it is
+                    // linked to itself, as `destroy` requires.
+                    c.strong.set(0);
+                    self.destroy(link);
+                } else {
+                    oldest.push_back(l);
+                    if self.drop_ref(link) {
+                        kept += 1;
+                    }
                 }
             }
         }

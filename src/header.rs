@@ -377,22 +377,29 @@ impl Link {
 
     /// Rebuilds every `prev` pointer from the `next` chain and clears the
     /// transient collection flags, making the list well formed again.
+    /// Returns the number of nodes.
     ///
     /// # Safety
     /// `self` heads a list whose `next` chain is intact and live.
-    pub(crate) unsafe fn restore(&self) {
+    pub(crate) unsafe fn restore(&self) -> usize {
         let mut prev: *const Link = self;
+        let mut n = 0;
         // SAFETY: the caller's promise: every node on the chain is live.
         unsafe {
             self.for_each(|node| {
                 let node = node.as_ref();
-                node.set_prev_flag(COLLECTING, false);
-                node.set_next_flag(UNREACHABLE, false);
-                node.set_prev(prev);
+                // One store per word: `prev` keeps only `FINALIZED`, `next`
+                // loses `UNREACHABLE`.
+                let finalized = node.prev.get().addr() & FINALIZED;
+                node.prev.set(prev.map_addr(|a| a | finalized));
+                node.next
+                    .set(node.next.get().map_addr(|a| a & !UNREACHABLE));
                 prev = node;
+                n += 1;
             });
         }
         self.set_prev(prev);
+        n
     }
 
     /// Number of nodes in the list.

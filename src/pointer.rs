@@ -419,12 +419,18 @@ pub(crate) mod handle {
 
     /// The live counts a handle refers to and whether it is marked, or
     /// `None` if the collector emptied it.
+    #[inline]
     pub(crate) fn read(handle: &Cell<NonNull<Counts>>) -> Option<(NonNull<Counts>, bool)> {
         let raw = handle.get();
-        marked_counts(raw).map(|counts| (counts, raw.addr().get() & MARK != 0))
+        if raw.addr().get() & MARK == 0 {
+            // The common case: a live, unmarked handle.
+            return Some((raw, false));
+        }
+        marked_counts(raw).map(|counts| (counts, true))
     }
 
     /// Sets or clears the mark of a live handle.
+    #[inline]
     pub(crate) fn set_mark(handle: &Cell<NonNull<Counts>>, counts: NonNull<Counts>, on: bool) {
         let raw = counts.as_ptr().map_addr(|a| if on { a | MARK } else { a });
         // SAFETY: derived from a non-null pointer without clearing bits.
