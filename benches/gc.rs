@@ -315,6 +315,30 @@ fn chain<C: Contender>() -> usize {
     CHAIN
 }
 
+/// Short-lived, request-scoped structures: chains of `SHORT` nodes built
+/// and dropped one after another, `SHORT_CHAINS` of them. They die young,
+/// so the allocation count never reaches a collection threshold.
+const SHORT: usize = 100;
+const SHORT_CHAINS: usize = 10_000;
+
+fn short_chains<C: Contender>() -> usize {
+    for _ in 0..SHORT_CHAINS {
+        let mut head = C::node();
+        for _ in 1..SHORT {
+            let next = C::node();
+            C::link(&next, &head);
+            head = next;
+        }
+        drop(head);
+    }
+    // A tracing collector frees them on its own schedule; one collection
+    // at the end accounts for what is left.
+    if C::TRACING {
+        C::collect();
+    }
+    SHORT * SHORT_CHAINS
+}
+
 /// Builds `rings` rings of `len` nodes, dropping each once built.
 fn ring_garbage<C: Contender>(rings: usize, len: usize) {
     for _ in 0..rings {
@@ -368,6 +392,10 @@ fn run<C: Contender>() {
     let base = live_allocations();
     let figures = [
         ("acyclic chain 100k, build + drop", time(chain::<C>)),
+        (
+            "acyclic chains of 100, build + drop (1M nodes)",
+            time(short_chains::<C>),
+        ),
         ("10k rings of 100, build + drop + collect", time(rings::<C>)),
         (
             "100k ring garbage beside 1M live, build + drop + collect",
