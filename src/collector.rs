@@ -6,8 +6,10 @@
 //! 2. subtract every reference found by tracing objects of that list; what
 //!    stays above zero is referenced from outside;
 //! 3. move everything not reachable from those objects to an unreachable
-//!    list (no recursion: revived objects are appended to the list being
-//!    scanned, CPython's `move_unreachable`);
+//!    list (CPython's `move_unreachable`, with no recursion and no
+//!    allocation: objects the scan passed over and something reachable
+//!    revives go on a stack threaded through their `prev` words, so nothing
+//!    is moved out and back);
 //! 4. take a reference to each unreachable object (nothing in it can be
 //!    freed while we work), clear its weak references, run finalizers once;
 //! 5. if a finalizer ran, redo 1–3 inside the unreachable set: what it resurrected,
@@ -136,8 +138,9 @@ pub(crate) enum Op<'a> {
     Subtract { consistent: bool },
     /// Remove the marks `Subtract` left on handles.
     Unmark,
-    /// Mark what a reachable object reaches as reachable.
-    Reach { young: &'a Link },
+    /// Mark what a reachable object reaches as reachable; objects the scan
+    /// already passed over go on `stack` to be traced in turn.
+    Reach { stack: &'a Cell<*const Link> },
     /// Empty handles that point into the garbage.
     Clear,
     /// Count handles that point at `target`.
@@ -177,8 +180,7 @@ impl Op<'_> {
                     handle::set_mark(cell, counts, false);
                 }
             }
-            Op::Reach { young } => {
-                let young: &Link = young;
+            Op::Reach { stack } => {
                 if !link.prev_flag(COLLECTING) {
                     return;
                 }
@@ -188,19 +190,15 @@ impl Op<'_> {
                     handle::set_mark(cell, counts, false);
                 }
                 if link.next_flag(UNREACHABLE) {
-                    // Tentatively unreachable after all: back to the end of
-                    // the list being scanned, so it gets scanned too.
-                    // SAFETY: objects in the unreachable list have valid
-                    // `prev` pointers (their `gc_refs` is known to be 0).
-                    unsafe { link.unlink() };
+                    // Passed over as tentatively unreachable, reachable
+                    // after all: onto the stack of objects still to trace,
+                    // threaded through `prev` (a pointer there reads as
+                    // `gc_refs > 0`: reachable, not to be pushed again).
                     link.set_next_flag(UNREACHABLE, false);
-                    link.set_gc_refs(1);
-                    // SAFETY: the young head's `prev` is its tail, a live node.
-                    let tail = unsafe { &*young.prev() };
-                    tail.set_next(link);
-                    link.set_next(young);
-                    young.set_prev(link);
+                    link.set_prev(stack.get());
+                    stack.set(link);
                 } else if link.gc_refs() == 0 {
+                    // Not reached by the scan yet: it will be traced there.
                     link.set_gc_refs(1);
                 }
             }
@@ -630,8 +628,7 @@ impl Collector {
             list.for_each(|link| {
                 let l = link.as_ref();
                 let strong = counts(link).strong.get();
-                l.set_prev_flag(COLLECTING, true);
-                l.set_gc_refs(strong.saturating_sub(bias) as usize);
+                l.start_collecting(strong.saturating_sub(bias) as usize);
             });
             // Subtract internal references; a handle reported twice is
             // counted once thanks to the mark left on it.
@@ -647,44 +644,79 @@ impl Collector {
                 }
             });
             if consistent {
-                Self::move_unreachable(list, out);
+                Self::move_unreachable(list, out)
             } else {
                 Self::unmark(list);
+                list.restore()
             }
-            list.restore()
         }
     }
 
-    /// CPython's `move_unreachable`: scans `young` front to back; objects
-    /// with `gc_refs > 0` are reachable and mark what they reach; others go
-    /// to `unreachable` until something reachable revives them.
+    /// CPython's `move_unreachable`, without moving anything twice: scans
+    /// `young` front to back; an object with `gc_refs > 0` is reachable and
+    /// marks what it reaches, an object with `gc_refs == 0` is flagged
+    /// `UNREACHABLE` and left in place. When a reachable object reaches a
+    /// flagged one, the flag goes and the object is pushed on a stack
+    /// threaded through its `prev` word, which is drained (each object
+    /// traced in turn) before the scan moves on: no recursion, no
+    /// allocation, each object traced at most once. A last pass moves what
+    /// is still flagged to `unreachable` and restores `young` (`prev`
+    /// pointers, `COLLECTING` cleared). Returns the number of objects left in
+    /// `young`.
+    ///
+    /// Objects stay where they are and keep `COLLECTING` while user `Trace`
+    /// code runs, so a `Cc` it drops to zero is left in place (as in the
+    /// other passes) and the `next` chain is never changed under it.
     ///
     /// # Safety
     /// As for `find_unreachable`, with `gc_refs` computed.
-    unsafe fn move_unreachable(young: &Link, unreachable: &Link) {
+    unsafe fn move_unreachable(young: &Link, unreachable: &Link) -> usize {
+        let stack: Cell<*const Link> = Cell::new(young);
+        let mut cur = young.next();
+        while !ptr::eq(cur, young) {
+            // SAFETY: nodes on the chain are live; the chain does not change
+            // during the scan.
+            let node = unsafe { &*cur };
+            cur = node.next();
+            if node.gc_refs() == 0 {
+                node.set_next_flag(UNREACHABLE, true);
+                continue;
+            }
+            // SAFETY: live, value initialised.
+            unsafe { trace(NonNull::from(node), Op::Reach { stack: &stack }) };
+            while !ptr::eq(stack.get(), young) {
+                // SAFETY: only live nodes of `young` are pushed.
+                let top = unsafe { &*stack.get() };
+                stack.set(top.prev());
+                top.set_gc_refs(1);
+                // SAFETY: live, value initialised.
+                unsafe { trace(NonNull::from(top), Op::Reach { stack: &stack }) };
+            }
+        }
+        // Partition: unlink what is still flagged, restore the rest.
         let mut prev: &Link = young;
+        let mut survivors = 0;
         let mut cur = young.next();
         while !ptr::eq(cur, young) {
             // SAFETY: nodes on the chain are live.
             let node = unsafe { &*cur };
-            if node.gc_refs() > 0 {
-                // SAFETY: live, value initialised.
-                unsafe { trace(NonNull::from(node), Op::Reach { young }) };
-                prev = node;
-                cur = node.next();
-            } else {
-                let next = node.next();
-                prev.set_next(next);
-                if ptr::eq(young.prev(), node) {
-                    young.set_prev(prev);
-                }
-                // SAFETY: `unreachable` is a well-formed list; `node` is no
-                // longer on `young`'s chain.
+            cur = node.next();
+            if node.next_flag(UNREACHABLE) {
+                // SAFETY: `unreachable` is a well-formed list; `node` leaves
+                // `young`'s chain (its predecessor is relinked below).
                 unsafe { unreachable.push_back(node) };
-                node.set_next_flag(UNREACHABLE, true);
-                cur = next;
+            } else {
+                if !ptr::eq(prev.next(), node) {
+                    prev.set_next(node);
+                }
+                node.restore_prev(prev);
+                prev = node;
+                survivors += 1;
             }
         }
+        prev.set_next(young);
+        young.set_prev(prev);
+        survivors
     }
 
     /// Removes the marks the subtract pass left on the handles of `list`.

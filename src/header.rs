@@ -275,6 +275,22 @@ impl Link {
             .set(ptr::without_provenance((refs << FLAG_BITS) | flags));
     }
 
+    /// Sets `COLLECTING` and stores `gc_refs` in `prev`, keeping
+    /// `FINALIZED`: the start of a collection for this node.
+    pub(crate) fn start_collecting(&self, refs: usize) {
+        let finalized = self.prev.get().addr() & FINALIZED;
+        self.prev.set(ptr::without_provenance(
+            (refs << FLAG_BITS) | COLLECTING | finalized,
+        ));
+    }
+
+    /// Points `prev` at `p` and clears `COLLECTING`, keeping `FINALIZED`:
+    /// the end of a collection for this node.
+    pub(crate) fn restore_prev(&self, p: *const Link) {
+        let finalized = self.prev.get().addr() & FINALIZED;
+        self.prev.set(p.map_addr(|a| a | finalized));
+    }
+
     /// Whether `flag` is set in `prev`.
     pub(crate) fn prev_flag(&self, flag: usize) -> bool {
         self.prev.get().addr() & flag != 0
@@ -388,10 +404,8 @@ impl Link {
         unsafe {
             self.for_each(|node| {
                 let node = node.as_ref();
-                // One store per word: `prev` keeps only `FINALIZED`, `next`
-                // loses `UNREACHABLE`.
-                let finalized = node.prev.get().addr() & FINALIZED;
-                node.prev.set(prev.map_addr(|a| a | finalized));
+                // One store per word.
+                node.restore_prev(prev);
                 node.next
                     .set(node.next.get().map_addr(|a| a & !UNREACHABLE));
                 prev = node;
