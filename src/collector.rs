@@ -239,9 +239,22 @@ unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
         op,
         untraceable: false,
     };
+    // SAFETY: the caller's promise.
+    let untraceable = unsafe { trace_with(link, &mut visitor) };
+    (visitor.op, untraceable)
+}
+
+/// Traces one object with a visitor a whole pass reuses; returns whether
+/// the object was untraceable.
+///
+/// # Safety
+/// `link` is a live tracked object whose value is initialised.
+#[inline]
+unsafe fn trace_with(link: NonNull<Link>, visitor: &mut Visitor<'_>) -> bool {
+    visitor.untraceable = false;
     // SAFETY: the caller's promise; the vtable matches the value's type.
-    unsafe { (link.as_ref().vtable.trace)(link, &mut visitor) };
-    (visitor.op, visitor.untraceable)
+    unsafe { (link.as_ref().vtable.trace)(link, visitor) };
+    visitor.untraceable
 }
 
 /// Destroys a tracked object whose strong count reached zero: unlinks it,
@@ -632,18 +645,17 @@ impl Collector {
             });
             // Subtract internal references; a handle reported twice is
             // counted once thanks to the mark left on it.
-            let mut consistent = true;
+            let mut visitor = Visitor {
+                op: Op::Subtract { consistent: true },
+                untraceable: false,
+            };
             list.for_each(|link| {
-                let (op, untraceable) = trace(link, Op::Subtract { consistent });
-                if let Op::Subtract { consistent: c } = op {
-                    consistent = c;
-                }
-                if untraceable {
+                if trace_with(link, &mut visitor) {
                     let l = link.as_ref();
                     l.set_gc_refs(l.gc_refs() + ROOT_BIAS);
                 }
             });
-            if consistent {
+            if let Op::Subtract { consistent: true } = visitor.op {
                 Self::move_unreachable(list, out)
             } else {
                 Self::unmark(list);
@@ -672,6 +684,10 @@ impl Collector {
     /// As for `find_unreachable`, with `gc_refs` computed.
     unsafe fn move_unreachable(young: &Link, unreachable: &Link) -> usize {
         let stack: Cell<*const Link> = Cell::new(young);
+        let mut visitor = Visitor {
+            op: Op::Reach { stack: &stack },
+            untraceable: false,
+        };
         let mut cur = young.next();
         while !ptr::eq(cur, young) {
             // SAFETY: nodes on the chain are live; the chain does not change
@@ -683,14 +699,14 @@ impl Collector {
                 continue;
             }
             // SAFETY: live, value initialised.
-            unsafe { trace(NonNull::from(node), Op::Reach { stack: &stack }) };
+            unsafe { trace_with(NonNull::from(node), &mut visitor) };
             while !ptr::eq(stack.get(), young) {
                 // SAFETY: only live nodes of `young` are pushed.
                 let top = unsafe { &*stack.get() };
                 stack.set(top.prev());
                 top.set_gc_refs(1);
                 // SAFETY: live, value initialised.
-                unsafe { trace(NonNull::from(top), Op::Reach { stack: &stack }) };
+                unsafe { trace_with(NonNull::from(top), &mut visitor) };
             }
         }
         // Partition: unlink what is still flagged, restore the rest.
@@ -788,8 +804,12 @@ impl Collector {
                 return (found, found);
             }
             // `tp_clear`: empty every handle that points into the garbage.
+            let mut visitor = Visitor {
+                op: Op::Clear,
+                untraceable: false,
+            };
             garbage.for_each(|link| {
-                trace(link, Op::Clear);
+                trace_with(link, &mut visitor);
             });
             let kept = self.release(garbage);
             (found, kept)

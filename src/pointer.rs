@@ -422,11 +422,17 @@ pub(crate) mod handle {
     #[inline]
     pub(crate) fn read(handle: &Cell<NonNull<Counts>>) -> Option<(NonNull<Counts>, bool)> {
         let raw = handle.get();
-        if raw.addr().get() & MARK == 0 {
-            // The common case: a live, unmarked handle.
-            return Some((raw, false));
+        let addr = raw.addr().get();
+        if addr & MARK == 0 {
+            // A live, unmarked handle.
+            Some((raw, false))
+        } else if addr != CLEARED {
+            // Marked by the subtract pass (the reach and unmark passes see
+            // these often: inline too).
+            Some((unmarked(raw), true))
+        } else {
+            None
         }
-        marked_counts(raw).map(|counts| (counts, true))
     }
 
     /// Sets or clears the mark of a live handle.
