@@ -411,8 +411,8 @@ impl Collector {
 
     /// Links a new object into generation 0, then maybe collects.
     pub(crate) fn track(&self, link: NonNull<Link>, site: &'static Location<'static>) {
-        // SAFETY: a fresh object, linked only to itself.
-        unsafe { self.head(0).push_back(link.as_ref()) };
+        // SAFETY: a fresh object, linked only to itself, without flags.
+        unsafe { self.head(0).push_back_fresh(link.as_ref()) };
         if self.site_tracing.get() {
             self.sites.borrow_mut().insert(link.addr().get(), site);
         }
@@ -423,6 +423,11 @@ impl Collector {
     /// Bookkeeping for an object leaving the lists for good.
     pub(crate) fn untrack(&self, link: &Link) {
         self.count[0].set(self.count[0].get().saturating_sub(1));
+        // Records exist only while site tracing is on (switching it off
+        // forgets them), so the common case tests one flag.
+        if !self.site_tracing.get() {
+            return;
+        }
         if let Ok(mut sites) = self.sites.try_borrow_mut() {
             if !sites.is_empty() {
                 sites.remove(&(link as *const Link).addr());

@@ -349,6 +349,23 @@ impl Link {
         self.set_prev(node);
     }
 
+    /// `push_back` for a node that has never been in a list: its flags are
+    /// all clear and the head's `prev` has none, so those words are written
+    /// without reading them first.
+    ///
+    /// # Safety
+    /// As for `push_back`, and `node` has no flags set.
+    pub(crate) unsafe fn push_back_fresh(&self, node: &Link) {
+        debug_assert_eq!(node.prev.get().addr() & FLAG_MASK, 0);
+        debug_assert_eq!(node.next.get().addr() & FLAG_MASK, 0);
+        // SAFETY: the caller's promise: the tail is a live link.
+        let tail = unsafe { &*self.prev() };
+        tail.set_next(node);
+        node.prev.set(tail);
+        node.next.set(self);
+        self.prev.set(node);
+    }
+
     /// Moves every node of the list headed by `self` to the tail of `to`.
     ///
     /// # Safety
