@@ -281,11 +281,24 @@ pub(crate) unsafe fn destroy_tracked(link: NonNull<Link>) {
 ///
 /// # Safety
 /// As for `destroy_tracked`.
+#[inline]
 unsafe fn retire(link: NonNull<Link>) {
     // SAFETY: the caller's promise: live and in a well-formed list.
+    unsafe { link.as_ref().unlink() };
+    // SAFETY: the caller's promise.
+    unsafe { finalize_once(link) };
+}
+
+/// Runs the finalizer of an object whose strong count reached zero, unless
+/// it already ran.
+///
+/// # Safety
+/// `link` is a live tracked object with strong count zero and an initialised
+/// value.
+#[inline]
+unsafe fn finalize_once(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
     let l = unsafe { link.as_ref() };
-    // SAFETY: as above.
-    unsafe { l.unlink() };
     if let Some(finalize) = l.vtable.finalize {
         if !l.prev_flag(FINALIZED) {
             l.set_prev_flag(FINALIZED, true);
@@ -458,11 +471,23 @@ impl Collector {
     /// # Safety
     /// As for `destroy_tracked`.
     unsafe fn destroy(&self, link: NonNull<Link>) {
+        // SAFETY: the caller's promise: live and in a well-formed list.
+        unsafe { link.as_ref().unlink() };
+        // SAFETY: the caller's promise; now unlinked.
+        unsafe { self.destroy_unlinked(link) };
+    }
+
+    /// `destroy` for an object already unlinked (linked to itself).
+    ///
+    /// # Safety
+    /// As for `destroy_tracked`, and `link` is in no list.
+    #[inline(always)]
+    unsafe fn destroy_unlinked(&self, link: NonNull<Link>) {
         // SAFETY: the caller's promise.
-        unsafe { retire(link) };
+        unsafe { finalize_once(link) };
         // SAFETY: `link` is still allocated (its weak count is held).
         self.untrack(unsafe { link.as_ref() });
-        // SAFETY: the caller's promise; now unlinked.
+        // SAFETY: the caller's promise; unlinked.
         unsafe { self.trashcan(link) };
     }
 
@@ -470,6 +495,7 @@ impl Collector {
     ///
     /// # Safety
     /// As for `drop_now`.
+    #[inline]
     unsafe fn trashcan(&self, link: NonNull<Link>) {
         let depth = self.trash_depth.get();
         if depth >= TRASH_DEPTH {
@@ -842,10 +868,9 @@ impl Collector {
                 let c = counts(link);
                 if c.strong.get() == 1 {
                     // Ours is the last reference: destroy it directly (it
-                    // would leave `oldest` again at once). Unlinked, it is
-                    // linked to itself, as `destroy` requires.
+                    // would leave `oldest` again at once); it is unlinked.
                     c.strong.set(0);
-                    self.destroy(link);
+                    self.destroy_unlinked(link);
                 } else {
                     oldest.push_back(l);
                     if self.drop_ref(link) {
