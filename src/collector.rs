@@ -151,6 +151,10 @@ pub(crate) enum Op<'a> {
 }
 
 impl Op<'_> {
+    /// The collector's work on one reported handle. The two passes that
+    /// trace every object of a collection, garbage or not (subtract,
+    /// reach), are handled inline; the rest in `visit_other`, which keeps
+    /// this small enough to inline into the `Trace` impls that call it.
     #[inline]
     pub(crate) fn visit(&mut self, cell: &Cell<NonNull<Counts>>) {
         let Some((counts, marked)) = handle::read(cell) else {
@@ -166,18 +170,12 @@ impl Op<'_> {
                     return;
                 }
                 handle::set_mark(cell, counts, true);
-                match link.gc_refs().checked_sub(1) {
-                    Some(refs) => link.set_gc_refs(refs),
+                if !link.dec_gc_refs() {
                     // More references reported than exist: a `Trace` broke
                     // its safety contract (visited a handle it does not
                     // own). Guarded against defensively: the collection
                     // then frees nothing.
-                    None => *consistent = false,
-                }
-            }
-            Op::Unmark => {
-                if marked {
-                    handle::set_mark(cell, counts, false);
+                    *consistent = false;
                 }
             }
             Op::Reach { stack } => {
@@ -202,10 +200,30 @@ impl Op<'_> {
                     link.set_gc_refs(1);
                 }
             }
+            _ => self.visit_other(cell, counts, marked, link),
+        }
+    }
+
+    /// `visit` for the operations that trace only part of a collection
+    /// (clear: the garbage), or run after a panic or for diagnostics.
+    #[inline(never)]
+    fn visit_other(
+        &mut self,
+        cell: &Cell<NonNull<Counts>>,
+        counts: NonNull<Counts>,
+        marked: bool,
+        link: &Link,
+    ) {
+        match self {
+            Op::Unmark => {
+                if marked {
+                    handle::set_mark(cell, counts, false);
+                }
+            }
             Op::Clear => {
                 if link.next_flag(UNREACHABLE) {
                     handle::clear(cell);
-                    // SAFETY: as above, the counts are alive.
+                    // SAFETY: as in `visit`, the counts are alive.
                     let c = unsafe { counts.as_ref() };
                     // Never reaches zero: the collector holds one reference.
                     c.strong.set(c.strong.get() - 1);
@@ -216,6 +234,7 @@ impl Op<'_> {
                     *hits += 1;
                 }
             }
+            Op::Subtract { .. } | Op::Reach { .. } => unreachable!(),
         }
     }
 }

@@ -291,6 +291,19 @@ impl Link {
         self.prev.set(p.map_addr(|a| a | finalized));
     }
 
+    /// `gc_refs -= 1`, valid while `COLLECTING` is set; `false` (and no
+    /// change) if `gc_refs` is already 0.
+    pub(crate) fn dec_gc_refs(&self) -> bool {
+        let word = self.prev.get().addr();
+        if word >> FLAG_BITS == 0 {
+            return false;
+        }
+        // The flags sit below `gc_refs`: one subtraction keeps them.
+        self.prev
+            .set(ptr::without_provenance(word - (1 << FLAG_BITS)));
+        true
+    }
+
     /// Whether `flag` is set in `prev`.
     pub(crate) fn prev_flag(&self, flag: usize) -> bool {
         self.prev.get().addr() & flag != 0
