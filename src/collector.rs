@@ -877,7 +877,11 @@ impl Collector {
         let mut kept = 0;
         while !list.is_empty() {
             // SAFETY: the caller's promise; one node at a time, so user code
-            // run by a drop cannot invalidate our position.
+            // run by a drop cannot invalidate our position. The node is
+            // unlinked and no longer `COLLECTING` before it is destroyed, and
+            // its value is still initialised (values are dropped only when
+            // the count reaches zero, which our reference prevented), as
+            // `destroy_unlinked` requires.
             unsafe {
                 let link = NonNull::new_unchecked(list.next().cast_mut());
                 let l = link.as_ref();
