@@ -8,12 +8,13 @@
 //!
 //! `cargo bench -p pymalloc-bench --bench alloc [-- REPS]`
 
+mod driver;
+
+use driver::time;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
-use std::process::Command;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Instant;
 
 use pymalloc::{PyMalloc, Region};
 
@@ -126,13 +127,6 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
-}
-
-/// Runs `work`, which returns how many operations it did; ns per operation.
-fn time(work: impl FnOnce() -> usize) -> f64 {
-    let start = Instant::now();
-    let ops = work();
-    start.elapsed().as_nanos() as f64 / ops as f64
 }
 
 /// 10k live blocks of random small sizes; each step frees one at random
@@ -292,48 +286,15 @@ fn child(contender: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(pos) = args.iter().position(|a| a == "--contender") {
-        child(args[pos + 1].parse().unwrap());
-        return;
-    }
-    let reps: usize = args
-        .iter()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
-    let exe = std::env::current_exe().unwrap();
-    // best[contender][figure]
-    let mut best: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); CONTENDERS.len()];
-    let mut order: Vec<String> = Vec::new();
-    for rep in 0..reps {
-        for (c, name) in CONTENDERS.iter().enumerate() {
-            let out = Command::new(&exe)
-                .args(["--contender", &c.to_string()])
-                .env("BENCH_CONTENDER", c.to_string())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            for line in String::from_utf8(out.stdout).unwrap().lines() {
-                let (figure, value) = line.split_once('\t').unwrap();
-                let value: f64 = value.parse().unwrap();
-                if rep == 0 && c == 0 {
-                    order.push(figure.to_string());
-                }
-                let slot = best[c].entry(figure.to_string()).or_insert(value);
-                *slot = slot.min(value);
-            }
-        }
-        eprintln!("repetition {} of {reps} done", rep + 1);
-    }
-    print_table(&best, &order, reps);
+    driver::main(&CONTENDERS, child, print_table);
 }
 
-fn print_table(best: &[BTreeMap<String, f64>], order: &[String], reps: usize) {
+fn print_table(best: &driver::Best) {
+    let driver::Best {
+        per_contender: best,
+        figures: order,
+        reps,
+    } = best;
     println!(
         "\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; ratios: /system, /mimalloc\n"
     );

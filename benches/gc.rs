@@ -13,16 +13,30 @@
 //!
 //! `cargo bench -p pymalloc-bench --bench gc [-- REPS]` (5 repetitions by default)
 
+mod driver;
+
+use driver::time;
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::process::Command;
-use std::time::Instant;
 
 use pymalloc::PyMalloc;
 
 #[global_allocator]
 static ALLOC: PyMalloc = PyMalloc::system();
+
+/// `Contender`'s pointer type, `node` and `link` for a node whose `next`
+/// is a `RefCell`-like cell of an optional `$ptr<Node>`.
+macro_rules! node_and_link {
+    ($ptr:ident, $node:expr) => {
+        type Ptr = $ptr<Node>;
+        fn node() -> $ptr<Node> {
+            $ptr::new($node)
+        }
+        fn link(from: &$ptr<Node>, to: &$ptr<Node>) {
+            *from.next.borrow_mut() = Some(to.clone());
+        }
+    };
+}
 
 /// What the workloads need from a reference-counted or collected pointer.
 trait Contender {
@@ -61,16 +75,13 @@ mod rc {
     pub struct Std;
 
     impl Contender for Std {
-        type Ptr = Rc<Node>;
-        fn node() -> Rc<Node> {
-            Rc::new(Node {
+        node_and_link!(
+            Rc,
+            Node {
                 next: RefCell::new(None),
                 _pad: 0,
-            })
-        }
-        fn link(from: &Rc<Node>, to: &Rc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {}
         /// `Rc` cannot collect a ring: it is broken by hand, the floor.
         fn drop_ring(head: Rc<Node>) {
@@ -92,15 +103,12 @@ mod pymalloc_cc {
     pub struct Pymalloc;
 
     impl Contender for Pymalloc {
-        type Ptr = Cc<Node>;
-        fn node() -> Cc<Node> {
-            Cc::new(Node {
+        node_and_link!(
+            Cc,
+            Node {
                 next: RefCell::new(None),
-            })
-        }
-        fn link(from: &Cc<Node>, to: &Cc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             gc::collect();
         }
@@ -125,16 +133,13 @@ mod rust_cc_peer {
     pub struct RustCc;
 
     impl Contender for RustCc {
-        type Ptr = Cc<Node>;
-        fn node() -> Cc<Node> {
-            Cc::new(Node {
+        node_and_link!(
+            Cc,
+            Node {
                 next: RefCell::new(None),
                 _pad: 0,
-            })
-        }
-        fn link(from: &Cc<Node>, to: &Cc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             collect_cycles();
         }
@@ -165,16 +170,13 @@ mod gcmodule_peer {
     pub struct GcModule;
 
     impl Contender for GcModule {
-        type Ptr = Cc<Node>;
-        fn node() -> Cc<Node> {
-            Cc::new(Node {
+        node_and_link!(
+            Cc,
+            Node {
                 next: RefCell::new(None),
                 _pad: 0,
-            })
-        }
-        fn link(from: &Cc<Node>, to: &Cc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             collect_thread_cycles();
         }
@@ -200,16 +202,13 @@ mod bacon_rajan_peer {
     pub struct BaconRajan;
 
     impl Contender for BaconRajan {
-        type Ptr = Cc<Node>;
-        fn node() -> Cc<Node> {
-            Cc::new(Node {
+        node_and_link!(
+            Cc,
+            Node {
                 next: RefCell::new(None),
                 _pad: 0,
-            })
-        }
-        fn link(from: &Cc<Node>, to: &Cc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             collect_cycles();
         }
@@ -230,15 +229,12 @@ mod dumpster_peer {
     pub struct Dumpster;
 
     impl Contender for Dumpster {
-        type Ptr = Gc<Node>;
-        fn node() -> Gc<Node> {
-            Gc::new(Node {
+        node_and_link!(
+            Gc,
+            Node {
                 next: RefCell::new(None),
-            })
-        }
-        fn link(from: &Gc<Node>, to: &Gc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             collect();
         }
@@ -260,16 +256,13 @@ mod gc_peer {
     pub struct RustGc;
 
     impl Contender for RustGc {
-        type Ptr = Gc<Node>;
         const TRACING: bool = true;
-        fn node() -> Gc<Node> {
-            Gc::new(Node {
+        node_and_link!(
+            Gc,
+            Node {
                 next: GcCell::new(None),
-            })
-        }
-        fn link(from: &Gc<Node>, to: &Gc<Node>) {
-            *from.next.borrow_mut() = Some(to.clone());
-        }
+            }
+        );
         fn collect() {
             force_collect();
         }
@@ -289,13 +282,6 @@ fn heap_bytes() -> (usize, usize) {
 fn live_allocations() -> usize {
     let stats = ALLOC.stats();
     stats.blocks_in_use() + stats.large_objects
-}
-
-/// ns per object of `work`, which returns how many objects it handled.
-fn time(work: impl FnOnce() -> usize) -> f64 {
-    let start = Instant::now();
-    let objects = work();
-    start.elapsed().as_nanos() as f64 / objects as f64
 }
 
 const CHAIN: usize = 100_000;
@@ -460,47 +446,15 @@ fn child(contender: usize) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(pos) = args.iter().position(|a| a == "--contender") {
-        child(args[pos + 1].parse().unwrap());
-        return;
-    }
-    let reps: usize = args
-        .iter()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
-    let exe = std::env::current_exe().unwrap();
-    // best[contender][figure]
-    let mut best: Vec<BTreeMap<String, f64>> = vec![BTreeMap::new(); CONTENDERS.len()];
-    let mut order: Vec<String> = Vec::new();
-    for rep in 0..reps {
-        for (c, name) in CONTENDERS.iter().enumerate() {
-            let out = Command::new(&exe)
-                .args(["--contender", &c.to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            for line in String::from_utf8(out.stdout).unwrap().lines() {
-                let (figure, value) = line.split_once('\t').unwrap();
-                let value: f64 = value.parse().unwrap();
-                if !order.iter().any(|f| f == figure) {
-                    order.push(figure.to_string());
-                }
-                let slot = best[c].entry(figure.to_string()).or_insert(value);
-                *slot = slot.min(value);
-            }
-        }
-        eprintln!("repetition {} of {reps} done", rep + 1);
-    }
-    print_table(&best, &order, reps);
+    driver::main(&CONTENDERS, child, print_table);
 }
 
-fn print_table(best: &[BTreeMap<String, f64>], order: &[String], reps: usize) {
+fn print_table(best: &driver::Best) {
+    let driver::Best {
+        per_contender: best,
+        figures: order,
+        reps,
+    } = best;
     println!("\nns per object (bytes and allocation rows as labelled), minimum of {reps} interleaved runs\n");
     print!("| workload |");
     for name in CONTENDERS {
