@@ -100,16 +100,27 @@ impl Drop for Busy {
     }
 }
 
-/// Hands a new tracked object to the ambient collector, which may then run
-/// an automatic collection.
+/// Hands a new tracked object (in no list, its link words unset) to the
+/// ambient collector, which may then run an automatic collection.
+#[inline]
 #[track_caller]
 pub(crate) fn track(link: NonNull<Link>, site: &'static Location<'static>) {
     if with(|c| c.track(link, site)).is_none() {
-        // With std this means the thread is exiting: the object stays linked
-        // to itself and untracked. Without std it is a setup error.
-        #[cfg(not(feature = "std"))]
-        panic!("pymalloc: no collector installed; call pymalloc::gc::install first");
+        no_collector(link);
     }
+}
+
+/// `track` without a collector. With std this means the thread is exiting:
+/// the object is linked to itself (so unlinking it is harmless) and stays
+/// untracked. Without std it is a setup error.
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn no_collector(link: NonNull<Link>) {
+    // SAFETY: `track`'s caller passes the link of a live, fresh allocation.
+    unsafe { link.as_ref() }.init_ring();
+    #[cfg(not(feature = "std"))]
+    panic!("pymalloc: no collector installed; call pymalloc::gc::install first");
 }
 
 /// Tells the ambient collector a tracked object left its lists.

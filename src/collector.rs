@@ -441,15 +441,40 @@ impl Collector {
         }
     }
 
-    /// Links a new object into generation 0, then maybe collects.
+    /// Links a new object into generation 0, then maybe collects. Inlined
+    /// into `Cc::new`: the rare parts (site tracing, the collection) are
+    /// out of line.
+    #[inline]
     pub(crate) fn track(&self, link: NonNull<Link>, site: &'static Location<'static>) {
-        // SAFETY: a fresh object, linked only to itself, without flags.
+        // SAFETY: a fresh object, in no list, without flags.
         unsafe { self.head(0).push_back_fresh(link.as_ref()) };
         if self.site_tracing.get() {
-            self.sites.borrow_mut().insert(link.addr().get(), site);
+            self.record_site(link, site);
         }
-        self.count[0].set(self.count[0].get() + 1);
-        self.maybe_collect();
+        let count = self.count[0].get() + 1;
+        self.count[0].set(count);
+        // An automatic collection once generation 0 passed its threshold
+        // (0 disables them), unless one is running.
+        let threshold = self.threshold[0].get();
+        if count > threshold && threshold != 0 && self.enabled.get() {
+            self.collect_if_idle();
+        }
+    }
+
+    /// Records the allocation site of a new object (site tracing on).
+    #[cold]
+    #[inline(never)]
+    fn record_site(&self, link: NonNull<Link>, site: &'static Location<'static>) {
+        self.sites.borrow_mut().insert(link.addr().get(), site);
+    }
+
+    /// The automatic collection `track` asks for, unless one is running.
+    #[cold]
+    #[inline(never)]
+    fn collect_if_idle(&self) {
+        if !ambient::busy() {
+            self.collect_generations();
+        }
     }
 
     /// Bookkeeping for an object leaving the lists for good.
@@ -536,18 +561,6 @@ impl Collector {
                 // SAFETY: as above.
                 unsafe { drop_now(next) };
             }
-        }
-    }
-
-    /// Runs an automatic collection if generation 0 passed its threshold.
-    fn maybe_collect(&self) {
-        let threshold = self.threshold[0].get();
-        if self.enabled.get()
-            && threshold != 0
-            && self.count[0].get() > threshold
-            && !ambient::busy()
-        {
-            self.collect_generations();
         }
     }
 

@@ -134,6 +134,7 @@ fn cleared() -> ! {
 
 impl<T: Trace> Cc<T> {
     /// Allocates `value` and returns the first reference to it.
+    #[inline]
     #[track_caller]
     pub fn new(value: T) -> Self {
         let counts = Self::allocate();
@@ -165,7 +166,8 @@ impl<T: Trace> Cc<T> {
         unsafe { Self::publish(counts, Location::caller()) }
     }
 
-    /// A fresh allocation: strong 0, weak 1, value uninitialised, link unlinked.
+    /// A fresh allocation: strong 0, weak 1, value uninitialised, link in no
+    /// list (null link words).
     fn allocate() -> NonNull<Counts> {
         let layout = Shape::<T>::LAYOUT;
         // SAFETY: the layout holds at least the counts, so it is not zero-sized.
@@ -186,11 +188,11 @@ impl<T: Trace> Cc<T> {
         if Shape::<T>::TRACKED {
             // SAFETY: as above for the link at the start of a tracked box.
             let link = unsafe { link_of(counts) };
-            // SAFETY: as above.
+            // SAFETY: as above. The link words stay null until `publish`
+            // links the object (or, without a collector, links it to
+            // itself); until then its strong count is zero, so nothing
+            // unlinks it.
             unsafe { link.write(Link::new(&Shape::<T>::VTABLE)) };
-            // SAFETY: just initialised; linked to itself it is safe to
-            // unlink even if `publish` never links it into a list.
-            unsafe { link.as_ref() }.init_ring();
         }
         counts
     }
@@ -209,7 +211,8 @@ impl<T: Trace> Cc<T> {
             _owns: PhantomData,
         };
         if Shape::<T>::TRACKED {
-            // SAFETY: tracked allocations start with a link.
+            // SAFETY: tracked allocations start with a link, in no list
+            // since `allocate`.
             ambient::track(unsafe { link_of(counts) }, site);
         }
         this
