@@ -35,10 +35,11 @@ use core::time::Duration;
 
 use crate::ambient::{self, Busy};
 use crate::header::{
-    counts_of, link_of, Counts, Link, COLLECTING, FINALIZED, ROOT_BIAS, UNREACHABLE, WEAK_CLEARED,
+    counts_of, link_of, Counts, Link, Shape, COLLECTING, FINALIZED, ROOT_BIAS, UNREACHABLE,
+    WEAK_CLEARED,
 };
 use crate::pointer::{handle, inc_strong, release_weak};
-use crate::trace::Visitor;
+use crate::trace::{Trace, Visitor};
 
 /// Number of generations (not counting the permanent one).
 pub const GENERATIONS: usize = 3;
@@ -276,22 +277,35 @@ unsafe fn trace_with(link: NonNull<Link>, visitor: &mut Visitor<'_>) -> bool {
     visitor.untraceable
 }
 
-/// Destroys a tracked object whose strong count reached zero: unlinks it,
-/// runs its finalizer once, drops the value (through the trashcan) and
-/// releases the memory when no `Weak` remains.
+/// Destroys a tracked `T` whose strong count reached zero: unlinks it, runs
+/// its finalizer once, drops the value (through the trashcan) and releases
+/// the memory when no `Weak` remains. `Cc`'s drop knows `T`, so the
+/// finalizer, drop and layout are `T`'s own rather than the vtable's.
 ///
 /// # Safety
-/// `link` is a live tracked object with strong count zero and an initialised
+/// `link` is a live tracked `T` with strong count zero and an initialised
 /// value, not part of a running collection (`COLLECTING` clear).
-pub(crate) unsafe fn destroy_tracked(link: NonNull<Link>) {
+#[inline]
+pub(crate) unsafe fn destroy_tracked<T: Trace>(link: NonNull<Link>) {
     // SAFETY: the caller's promise.
-    if ambient::with(|c| unsafe { c.destroy(link) }).is_none() {
-        // No collector (the thread is exiting): no bookkeeping, no trashcan.
+    if ambient::with(|c| unsafe { c.destroy_typed::<T>(link) }).is_none() {
         // SAFETY: the caller's promise.
-        unsafe {
-            retire(link);
-            drop_now(link);
-        }
+        unsafe { destroy_without_collector(link) };
+    }
+}
+
+/// `destroy_tracked` when there is no collector (the thread is exiting): no
+/// bookkeeping, no trashcan.
+///
+/// # Safety
+/// As for `destroy_tracked`.
+#[cold]
+#[inline(never)]
+unsafe fn destroy_without_collector(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        retire(link);
+        drop_now(link);
     }
 }
 
@@ -326,6 +340,19 @@ unsafe fn finalize_once(link: NonNull<Link>) {
             unsafe { finalize(link) };
         }
     }
+}
+
+/// `drop_now` for a `T` known at compile time.
+///
+/// # Safety
+/// As for `drop_now`, and `link` belongs to a tracked `T`.
+#[inline(always)]
+unsafe fn drop_now_typed<T: Trace>(link: NonNull<Link>) {
+    // SAFETY: the caller's promise: `T` is the type of the value.
+    unsafe { Shape::<T>::drop_value(link) };
+    // SAFETY: the value is dropped and the shared weak reference is ours;
+    // a tracked `T`'s allocation has `T`'s layout and starts at its link.
+    unsafe { release_weak(counts_of(link), link.cast(), Shape::<T>::LAYOUT) };
 }
 
 /// Drops the value and the strong references' shared weak reference.
@@ -478,13 +505,20 @@ impl Collector {
     }
 
     /// Bookkeeping for an object leaving the lists for good.
+    #[inline]
     pub(crate) fn untrack(&self, link: &Link) {
         self.count[0].set(self.count[0].get().saturating_sub(1));
         // Records exist only while site tracing is on (switching it off
         // forgets them), so the common case tests one flag.
-        if !self.site_tracing.get() {
-            return;
+        if self.site_tracing.get() {
+            self.forget_site(link);
         }
+    }
+
+    /// Removes the allocation site record of an object leaving the lists.
+    #[cold]
+    #[inline(never)]
+    fn forget_site(&self, link: &Link) {
         if let Ok(mut sites) = self.sites.try_borrow_mut() {
             if !sites.is_empty() {
                 sites.remove(&(link as *const Link).addr());
@@ -521,6 +555,28 @@ impl Collector {
         unsafe { self.destroy_unlinked(link) };
     }
 
+    /// `destroy` for a `T` known at compile time, inline: `T`'s finalizer
+    /// (none tested for when it has none), drop and layout.
+    ///
+    /// # Safety
+    /// As for `destroy_tracked`.
+    #[inline(always)]
+    unsafe fn destroy_typed<T: Trace>(&self, link: NonNull<Link>) {
+        // SAFETY: the caller's promise: live and in a well-formed list.
+        let l = unsafe { link.as_ref() };
+        // SAFETY: as above.
+        unsafe { l.unlink() };
+        if T::FINALIZER.is_some() {
+            // SAFETY: the caller's promise.
+            unsafe { finalize_once(link) };
+        }
+        self.untrack(l);
+        // SAFETY: the caller's promise: unlinked now, strong count zero,
+        // value initialised; `trashcan_with` calls the closure only on
+        // `link`, a `T`, and only once.
+        unsafe { self.trashcan_with(link, |link| drop_now_typed::<T>(link)) };
+    }
+
     /// `destroy` for an object already unlinked (linked to itself).
     ///
     /// # Safety
@@ -541,6 +597,19 @@ impl Collector {
     /// As for `drop_now`.
     #[inline]
     unsafe fn trashcan(&self, link: NonNull<Link>) {
+        // SAFETY: the caller's promise, which is `drop_now`'s;
+        // `trashcan_with` calls the closure only on `link`, once.
+        unsafe { self.trashcan_with(link, |link| drop_now(link)) };
+    }
+
+    /// `trashcan` dropping the value with `drop_now` (the generic or the
+    /// typed one).
+    ///
+    /// # Safety
+    /// As for `drop_now`, and `drop_now(link)` is sound under those
+    /// conditions (it is called at most once, on `link`).
+    #[inline(always)]
+    unsafe fn trashcan_with(&self, link: NonNull<Link>, drop_now: impl FnOnce(NonNull<Link>)) {
         let depth = self.trash_depth.get();
         if depth >= TRASH_DEPTH {
             // SAFETY: the object is unlinked, so its `next` word is free.
@@ -550,17 +619,23 @@ impl Collector {
         }
         self.trash_depth.set(depth + 1);
         let _depth = Depth(&self.trash_depth);
-        // SAFETY: the caller's promise.
-        unsafe { drop_now(link) };
-        if depth == 0 {
-            // The outermost drop empties the queue, iteratively.
-            while let Some(next) = NonNull::new(self.trash.get().cast_mut()) {
-                // SAFETY: queued objects are live, unlinked, with strong
-                // count zero and an initialised value.
-                self.trash.set(unsafe { next.as_ref() }.next());
-                // SAFETY: as above.
-                unsafe { drop_now(next) };
-            }
+        drop_now(link);
+        if depth == 0 && !self.trash.get().is_null() {
+            // The outermost drop empties the queue.
+            self.empty_trash();
+        }
+    }
+
+    /// Drops the queued objects, iteratively.
+    #[cold]
+    #[inline(never)]
+    fn empty_trash(&self) {
+        while let Some(next) = NonNull::new(self.trash.get().cast_mut()) {
+            // SAFETY: queued objects are live, unlinked, with strong
+            // count zero and an initialised value.
+            self.trash.set(unsafe { next.as_ref() }.next());
+            // SAFETY: as above.
+            unsafe { drop_now(next) };
         }
     }
 

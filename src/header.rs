@@ -180,7 +180,7 @@ impl<T: Trace> Shape<T> {
     /// # Safety
     /// `link` belongs to a live tracked `T` whose value is initialised, has
     /// not been dropped, and will never be used again.
-    unsafe fn drop_value(link: NonNull<Link>) {
+    pub(crate) unsafe fn drop_value(link: NonNull<Link>) {
         // SAFETY: the caller's promise.
         unsafe { ptr::drop_in_place(Self::value_of_link(link).as_ptr()) }
     }

@@ -385,7 +385,7 @@ impl<T: Trace> Cc<T> {
             }
             // SAFETY: the strong count is zero and the object is not part of
             // a running collection.
-            unsafe { destroy_tracked(link) };
+            unsafe { destroy_tracked::<T>(link) };
         } else {
             // SAFETY: strong count zero: no one else can read the value.
             let value = unsafe { Self::value_ptr(counts) };
