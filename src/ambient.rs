@@ -25,6 +25,7 @@ std::thread_local! {
 /// Runs `f` on the ambient collector; `None` if there is none (no `install`
 /// without std, or the thread is exiting and its collector is gone).
 #[cfg(feature = "std")]
+#[inline(always)]
 pub(crate) fn with<R>(f: impl FnOnce(&Collector) -> R) -> Option<R> {
     DEFAULT.try_with(f).ok()
 }

@@ -339,13 +339,21 @@ impl Link {
     /// # Safety
     /// The node is in a well-formed circular list (valid `prev` pointers)
     /// whose nodes are all alive.
+    #[inline]
     pub(crate) unsafe fn unlink(&self) {
+        // Each word read once: the neighbours' writes below keep the flags
+        // of the words they write, so this node's flags are still these
+        // afterwards (even when it is its own neighbour).
+        let (next_word, prev_word) = (self.next.get(), self.prev.get());
         // SAFETY: the caller's promise: neighbours are live links.
-        let (prev, next) = unsafe { (&*self.prev(), &*self.next()) };
+        let (prev, next) = unsafe { (&*strip(prev_word), &*strip(next_word)) };
         prev.set_next(next);
         next.set_prev(prev);
-        self.set_next(self);
-        self.set_prev(self);
+        let this: *const Link = self;
+        self.next
+            .set(this.map_addr(|a| a | (next_word.addr() & FLAG_MASK)));
+        self.prev
+            .set(this.map_addr(|a| a | (prev_word.addr() & FLAG_MASK)));
     }
 
     /// Appends `node` at the tail of the list headed by `self`.

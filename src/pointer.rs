@@ -106,6 +106,7 @@ pub(crate) fn inc_strong(counts: &Counts) {
 /// `counts` belongs to a live allocation of `layout` starting at `start`,
 /// whose value is dropped or was never initialised, and the caller owns one
 /// weak reference to it.
+#[inline]
 pub(crate) unsafe fn release_weak(
     counts: NonNull<Counts>,
     start: NonNull<u8>,
