@@ -964,12 +964,10 @@ impl Collector {
         let oldest = self.head(GENERATIONS - 1);
         let mut kept = 0;
         while !list.is_empty() {
-            // SAFETY: the caller's promise; one node at a time, so user code
-            // run by a drop cannot invalidate our position. The node is
-            // unlinked and no longer `COLLECTING` before it is destroyed, and
-            // its value is still initialised (values are dropped only when
-            // the count reaches zero, which our reference prevented), as
-            // `destroy_unlinked` requires.
+            // SAFETY: the list is not empty and, per the caller, its first
+            // node holds our reference, so its value is initialised (values
+            // drop only at a zero count); it is unlinked and no longer
+            // `COLLECTING` before user code runs, as `destroy_unlinked` needs.
             unsafe {
                 let link = NonNull::new_unchecked(list.next().cast_mut());
                 let l = link.as_ref();

@@ -494,12 +494,10 @@ impl<T: Trace> Deref for Cc<T> {
     #[track_caller]
     fn deref(&self) -> &T {
         let counts = self.live_counts();
-        // SAFETY: this handle holds a strong reference, so the value is
-        // initialised and not dropped (values are dropped only when the
-        // strong count reaches zero), and it lives at least as long as
-        // `&self` because the collector only empties handles that `Trace`
-        // reported, which `Trace`'s safety contract limits to handles owned
-        // by garbage objects: unreachable, hence not borrowed.
+        // SAFETY: this handle holds a strong reference, so the value is live
+        // (values drop only at a zero count) for as long as `&self`: the
+        // collector empties only handles that garbage owns (`Trace`'s
+        // contract), and garbage is unreachable, hence not borrowed.
         unsafe { Self::value_ptr(counts).as_ref() }
     }
 }
