@@ -340,20 +340,20 @@ impl fmt::Display for ArenaProduct {
 
 /// A fixed-capacity string for formatting without allocating; text past the
 /// capacity is dropped.
-pub(crate) struct StackString<const N: usize> {
+struct StackString<const N: usize> {
     buf: [u8; N],
     len: usize,
 }
 
 impl<const N: usize> StackString<N> {
-    pub(crate) const fn new() -> Self {
+    const fn new() -> Self {
         StackString {
             buf: [0; N],
             len: 0,
         }
     }
 
-    pub(crate) fn as_str(&self) -> &str {
+    fn as_str(&self) -> &str {
         // Only whole `&str`s are copied in (see `write_str`).
         core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
     }
