@@ -1,5 +1,6 @@
-//! Allocator benchmark: small-object workloads, large blocks, and resident
-//! memory after freeing, for PyMalloc and its peers.
+//! Allocator benchmark: small-object workloads, large blocks, resident
+//! memory after freeing, and the same small-object traffic from several
+//! threads at once, for PyMalloc and its peers.
 //!
 //! Every contender runs in its own process (a global allocator is chosen
 //! once per process). The driver interleaves the repetitions of all
@@ -15,6 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc;
 
 use pymalloc::{PyMalloc, Region};
 
@@ -26,19 +28,35 @@ static PYMALLOC: PyMalloc = PyMalloc::system();
 // SAFETY: HEAP is used by one region contender per process only.
 static PYMALLOC_REGION: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static JEMALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static TALC: talc::TalcLock<spinning_top::RawSpinlock, talc::source::Claim> =
     // SAFETY: as above.
     talc::TalcLock::new(unsafe { talc::source::Claim::array(&raw mut HEAP) });
 static LLA: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
 
-const CONTENDERS: [&str; 6] = [
+/// The contenders in table order; a child's number indexes this, and the
+/// constants in [`id`] name the positions.
+const CONTENDERS: [&str; 7] = [
     "system",
     "pymalloc",
     "mimalloc",
+    "jemalloc",
     "pymalloc-region",
     "talc",
     "linked_list",
 ];
+
+/// Positions in [`CONTENDERS`], so that the dispatch, the skipped rows and
+/// the ratio columns do not depend on counting the list by hand.
+mod id {
+    pub const SYSTEM: u8 = 0;
+    pub const PYMALLOC: u8 = 1;
+    pub const MIMALLOC: u8 = 2;
+    pub const JEMALLOC: u8 = 3;
+    pub const PYMALLOC_REGION: u8 = 4;
+    pub const TALC: u8 = 5;
+    pub const LINKED_LIST: u8 = 6;
+}
 
 /// Which allocator this process uses: read from `BENCH_CONTENDER` at the
 /// first allocation (before `main`), so that no block ever crosses from one
@@ -68,7 +86,7 @@ fn choice() -> u8 {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    if c == 5 {
+    if c == id::LINKED_LIST {
         // SAFETY: HEAP is used by this contender alone in this process, and
         // this runs once, at the first allocation, before any thread.
         unsafe { LLA.lock().init((&raw mut HEAP).cast(), REGION) };
@@ -84,11 +102,12 @@ struct Dispatch;
 macro_rules! dispatch {
     ($method:ident($($arg:expr),*)) => {
         match choice() {
-            1 => PYMALLOC.$method($($arg),*),
-            2 => MIMALLOC.$method($($arg),*),
-            3 => PYMALLOC_REGION.$method($($arg),*),
-            4 => TALC.$method($($arg),*),
-            5 => LLA.$method($($arg),*),
+            id::PYMALLOC => PYMALLOC.$method($($arg),*),
+            id::MIMALLOC => MIMALLOC.$method($($arg),*),
+            id::JEMALLOC => JEMALLOC.$method($($arg),*),
+            id::PYMALLOC_REGION => PYMALLOC_REGION.$method($($arg),*),
+            id::TALC => TALC.$method($($arg),*),
+            id::LINKED_LIST => LLA.$method($($arg),*),
             _ => System.$method($($arg),*),
         }
     };
@@ -231,7 +250,7 @@ fn resident_kib() -> usize {
 
 /// Resident KiB above the start after allocating 1M small objects and
 /// freeing 90 % of them at random, then all of them.
-fn rss() -> (usize, usize, usize) {
+fn rss() -> [usize; 3] {
     let base = resident_kib();
     let mut rng = Rng(6);
     let mut objects: Vec<Option<Box<[u8]>>> = (0..1_000_000)
@@ -245,7 +264,85 @@ fn rss() -> (usize, usize, usize) {
     }
     let ninety = resident_kib().saturating_sub(base);
     drop(objects);
-    (peak, ninety, resident_kib().saturating_sub(base))
+    [peak, ninety, resident_kib().saturating_sub(base)]
+}
+
+/// The figures of [`rss`], in its order.
+const RSS_ROWS: [&str; 3] = [
+    "rss peak KiB",
+    "rss after 90% freed KiB",
+    "rss after 100% freed KiB",
+];
+
+/// Blocks a producer hands over in one message. The channel costs about one
+/// futex wake-up per message (the faster side keeps running dry and
+/// sleeping): a few microseconds, which spread over 256 blocks is a few ns
+/// each, so the row measures the allocator rather than the channel.
+const BATCH: usize = 256;
+
+/// The byte a block of `len` bytes is filled with, so that a consumer can
+/// tell a block that the allocator handed out twice while it was in flight.
+fn cookie(len: usize) -> u8 {
+    len as u8 ^ 0xa5
+}
+
+/// Cross-thread frees, xmalloc-test / larson style: half the threads
+/// allocate `blocks` blocks of 8 to 512 bytes between them, filled with a
+/// cookie, and send them in batches each to its own consumer, which checks
+/// and frees them. Every block dies on a thread other than the one that made
+/// it: a per-thread cache must send it back to its owner (mimalloc,
+/// jemalloc), a heap behind one lock (talc) takes it back under that lock,
+/// contended by the producers.
+fn cross_thread_free(threads: usize, blocks: usize) -> usize {
+    assert!(
+        threads >= 2 && threads.is_multiple_of(2),
+        "producer/consumer pairs"
+    );
+    let pairs = threads / 2;
+    let batches = blocks / pairs / BATCH;
+    std::thread::scope(|s| {
+        for pair in 0..pairs {
+            // Bounded, so that producers cannot run ahead of a descheduled
+            // consumer and turn the row into a test of heap growth.
+            let (tx, rx) = mpsc::sync_channel::<Vec<Box<[u8]>>>(4);
+            s.spawn(move || {
+                let mut rng = Rng(7 + pair as u64);
+                for _ in 0..batches {
+                    let batch = (0..BATCH)
+                        .map(|_| {
+                            let len = 8 + rng.below(505);
+                            vec![cookie(len); len].into_boxed_slice()
+                        })
+                        .collect();
+                    tx.send(batch).expect("consumer alive");
+                }
+            });
+            s.spawn(move || {
+                for batch in rx {
+                    for block in batch {
+                        let c = cookie(block.len());
+                        // Both ends: a block freed or handed out again
+                        // while in flight gets a free-list link in its
+                        // first word, or someone else's bytes anywhere.
+                        assert!(block[0] == c && block[block.len() - 1] == c);
+                    }
+                }
+            });
+        }
+    });
+    pairs * batches * BATCH
+}
+
+/// The single-thread churn on `threads` threads at once, `steps` split
+/// among them. Nothing is shared but the allocator: this shows what its
+/// locking, or its per-thread heaps, cost when every thread allocates.
+fn parallel_churn(threads: usize, steps: usize) -> usize {
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| s.spawn(|| churn(steps / threads)))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    })
 }
 
 /// (name, small-object workload?, run at scale `s`, region-friendly size)
@@ -260,13 +357,29 @@ const WORKLOADS: [Workload; 6] = [
     ("large 513B-64KiB", false, large, 200_000),
 ];
 
+/// (name, run on `threads` threads at total scale `s`, scale). The scale
+/// is the same at every thread count, so on this 2-core machine a row's
+/// ns/op would halve from the single-thread figure with perfect scaling
+/// and stay there at 4 and 8 threads.
+type ThreadedWorkload = (&'static str, fn(usize, usize) -> usize, usize);
+
+const THREADED: [ThreadedWorkload; 2] = [
+    ("cross-thread free", cross_thread_free, 4_000_000),
+    ("churn 10k live per thread", parallel_churn, 4_000_000),
+];
+
+/// 2 threads fill this machine's 2 cores; 4 and 8 oversubscribe them, where
+/// a lock holder can be descheduled and a lock that spins rather than
+/// sleeps makes the others wait out its time slice.
+const THREADS: [usize; 3] = [2, 4, 8];
+
 /// In a child: run every workload once and print one line per figure.
 fn child(contender: usize) {
     assert_eq!(choice() as usize, contender);
     // linked_list_allocator walks its whole free list on every call: with
     // 10k live blocks one step takes microseconds, so it runs the churn
     // alone, at a hundredth of the steps (ns per step stays comparable).
-    let slow = CONTENDERS[contender] == "linked_list";
+    let slow = choice() == id::LINKED_LIST;
     for (name, _, work, n) in WORKLOADS {
         if slow && name != WORKLOADS[0].0 {
             println!("{name}\tNaN");
@@ -274,15 +387,29 @@ fn child(contender: usize) {
         }
         println!("{name}\t{}", time(|| work(if slow { n / 100 } else { n })));
     }
-    if slow {
-        return println!(
-            "rss peak KiB\tNaN\nrss after 90% freed KiB\tNaN\nrss after 100% freed KiB\tNaN"
-        );
+    // Measured before the threaded rows, as it was before they existed, so
+    // that the arenas and caches they leave behind do not move it; printed
+    // after them, so that the table keeps the time rows together.
+    let rss = if slow {
+        [f64::NAN; 3]
+    } else {
+        rss().map(|kib| kib as f64)
+    };
+    for (name, work, n) in THREADED {
+        for threads in THREADS {
+            // Skipped, not scaled down: at a hundredth of the work the
+            // thread start-up would be most of the time.
+            let ns = if slow {
+                f64::NAN
+            } else {
+                time(|| work(threads, n))
+            };
+            println!("{name}, {threads} threads\t{ns}");
+        }
     }
-    let (peak, ninety, all) = rss();
-    println!(
-        "rss peak KiB\t{peak}\nrss after 90% freed KiB\t{ninety}\nrss after 100% freed KiB\t{all}"
-    );
+    for (name, kib) in RSS_ROWS.into_iter().zip(rss) {
+        println!("{name}\t{kib}");
+    }
 }
 
 fn main() {
@@ -296,20 +423,31 @@ fn print_table(best: &driver::Best) {
         reps,
     } = best;
     println!(
-        "\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; ratios: /system, /mimalloc\n"
+        "\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; threaded rows: \
+         wall time / all threads' blocks or steps; ratios: /system, /mimalloc, /jemalloc\n"
     );
     print!("| workload |");
     for name in CONTENDERS {
         print!(" {name} |");
     }
-    println!(" pymalloc/system | pymalloc/mimalloc | region: linked_list/pymalloc-region |");
-    println!("|---|{}---|---|---|", "---|".repeat(CONTENDERS.len()));
+    println!(
+        " pymalloc/system | pymalloc/mimalloc | pymalloc/jemalloc | \
+         region: linked_list/pymalloc-region |"
+    );
+    println!("|---|{}---|---|---|---|", "---|".repeat(CONTENDERS.len()));
     for figure in order {
         print!("| {figure} |");
         for c in best {
             print!(" {:.1} |", c[figure]);
         }
-        let [sys, py, mi, pyr, _talc, lla] = [0, 1, 2, 3, 4, 5].map(|c| best[c][figure]);
-        println!(" {:.2} | {:.2} | {:.1} |", py / sys, py / mi, lla / pyr);
+        let at = |c: u8| best[c as usize][figure];
+        let py = at(id::PYMALLOC);
+        println!(
+            " {:.2} | {:.2} | {:.2} | {:.1} |",
+            py / at(id::SYSTEM),
+            py / at(id::MIMALLOC),
+            py / at(id::JEMALLOC),
+            at(id::LINKED_LIST) / at(id::PYMALLOC_REGION)
+        );
     }
 }
