@@ -6,10 +6,12 @@ use crate::backing::Region;
 #[cfg(feature = "std")]
 use crate::backing::System;
 use crate::config::Config;
-use crate::heap::Heap;
+use crate::heaps::{stack_hint, HeapSet};
 use crate::size_class::class_for;
 use crate::stats::Stats;
-use crate::sync::{loom_const_fn, AtomicUsize, Lock, Ordering};
+use crate::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
+#[cfg(thread_cache)]
+use crate::thread_cache;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
 
@@ -37,9 +39,19 @@ pub type DefaultBacking = Region;
 /// assert!(ALLOC.stats().blocks_in_use() > 0);
 /// ```
 pub struct PyMalloc<B: Backing = DefaultBacking> {
-    heap: Lock<Heap>,
+    /// The heaps, made on first use from the backing, where they stay put
+    /// even if this value moves (thread caches and remote frees refer to
+    /// them by address).
+    set: AtomicPtr<HeapSet>,
+    /// What thread caches call this allocator (0: not yet, or not cached).
+    #[cfg(thread_cache)]
+    id: AtomicUsize,
+    config: Config,
     backing: B,
     large: LargeCounters,
+    /// Live large blocks, for the debug feature's ownership checks.
+    #[cfg(feature = "debug")]
+    pub(crate) large_blocks: crate::sync::Lock<crate::debug::LargeList>,
 }
 
 /// Live large objects, counted outside the heap lock: the backing serves
@@ -166,20 +178,25 @@ impl<B: Backing> PyMalloc<B> {
         /// A heap over any backing.
         pub fn with_backing(backing: B, config: Config) -> Self {
             PyMalloc {
-                heap: Lock::new(Heap::new(config)),
+                set: AtomicPtr::new(ptr::null_mut()),
+                #[cfg(thread_cache)]
+                id: AtomicUsize::new(0),
+                config,
                 backing,
                 large: LargeCounters {
                     objects: AtomicUsize::new(0),
                     bytes: AtomicUsize::new(0),
                     requested: AtomicUsize::new(0),
                 },
+                #[cfg(feature = "debug")]
+                large_blocks: crate::sync::Lock::new(crate::debug::LargeList::new()),
             }
         }
     }
 
     /// The heap's geometry.
     pub fn config(&self) -> Config {
-        self.heap.lock().config()
+        self.config
     }
 
     /// The backing the heap draws from.
@@ -189,21 +206,98 @@ impl<B: Backing> PyMalloc<B> {
 
     /// A snapshot of the heap, like CPython's `sys._debugmallocstats()`.
     /// Does not allocate.
+    ///
+    /// Blocks the calling thread caches go back to their pools first, so a
+    /// single-threaded program sees exactly what it holds; blocks other
+    /// threads cache count as free ([`Stats::cached_blocks`]). Every heap's
+    /// inbox of remotely freed blocks is emptied on the way.
     pub fn stats(&self) -> Stats {
-        let heap = self.heap.lock();
-        let config = heap.config();
-        let mut stats = Stats::empty(config.pool_size(), config.arena_size());
-        heap.gather(&mut stats);
-        drop(heap);
+        let mut stats = Stats::empty(self.config.pool_size(), self.config.arena_size());
+        let set = self.set.load(Ordering::Acquire);
+        if !set.is_null() {
+            #[cfg(thread_cache)]
+            thread_cache::flush_all(self);
+            // SAFETY: a published set lives as long as `self`.
+            let set = unsafe { &*set };
+            for index in 0..set.count() {
+                set.hold_exactly(index, &self.backing).gather(&mut stats);
+            }
+            stats.bookkeeping_bytes += set.bytes();
+            stats.requested_bytes = stats
+                .requested_bytes
+                .wrapping_add(set.requested.load(Ordering::Relaxed));
+            #[cfg(thread_cache)]
+            set.caches.gather(&mut stats);
+        }
         stats.large_objects = self.large.objects.load(Ordering::Relaxed);
         stats.large_bytes = self.large.bytes.load(Ordering::Relaxed);
-        stats.requested_bytes += self.large.requested.load(Ordering::Relaxed);
+        stats.requested_bytes = stats
+            .requested_bytes
+            .wrapping_add(self.large.requested.load(Ordering::Relaxed));
         stats
     }
 
+    /// The heaps, made now if this is the first use; null when the backing
+    /// has no memory for them.
+    #[inline]
+    pub(crate) fn heap_set(&self) -> *const HeapSet {
+        let set = self.set.load(Ordering::Acquire);
+        if set.is_null() {
+            self.create_heap_set()
+        } else {
+            set
+        }
+    }
+
+    #[cold]
+    fn create_heap_set(&self) -> *const HeapSet {
+        let set = HeapSet::create(self.config, &self.backing);
+        if set.is_null() {
+            return set;
+        }
+        match self
+            .set
+            .compare_exchange(ptr::null_mut(), set, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                #[cfg(thread_cache)]
+                self.id.store(thread_cache::register(), Ordering::Relaxed);
+                set
+            }
+            Err(winner) => {
+                // SAFETY: ours alone: it was never published.
+                unsafe { HeapSet::destroy(set, &self.backing) };
+                winner
+            }
+        }
+    }
+
+    /// What thread caches call this allocator; 0 if nothing yet.
+    #[cfg(thread_cache)]
+    #[inline]
+    pub(crate) fn cache_id(&self) -> usize {
+        self.id.load(Ordering::Relaxed)
+    }
+
+    /// Where `block`, claimed to be of `class`, stands in this allocator.
     #[cfg(feature = "debug")]
-    pub(crate) fn lock_heap(&self) -> crate::sync::LockGuard<'_, Heap> {
-        self.heap.lock()
+    pub(crate) fn block_status(&self, block: *mut u8, class: usize) -> crate::heap::BlockStatus {
+        let set = self.set.load(Ordering::Acquire);
+        if set.is_null() {
+            return crate::heap::BlockStatus::Foreign;
+        }
+        // SAFETY: a published set lives as long as `self`.
+        unsafe { &*set }.status(block, class, &self.backing)
+    }
+
+    /// The published heap set.
+    ///
+    /// # Safety
+    /// A block of this allocator is live (so the set exists).
+    unsafe fn live_set(&self) -> &HeapSet {
+        // SAFETY: per the contract the set was published before the block
+        // was handed out, and lives as long as `self`.
+        unsafe { &*self.set.load(Ordering::Acquire) }
     }
 
     /// Allocates `layout`, counting `requested` bytes as asked for, with
@@ -212,14 +306,8 @@ impl<B: Backing> PyMalloc<B> {
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
         match class_for(layout.size(), layout.align()) {
             Some(class) => {
-                let mut heap = self.heap.lock();
-                let block = heap.alloc(class, &self.backing);
-                if block.is_null() {
-                    return block;
-                }
-                heap.requested = heap.requested.wrapping_add(requested);
-                drop(heap);
-                if zeroed {
+                let block = self.alloc_small(class, requested);
+                if zeroed && !block.is_null() {
                     // SAFETY: the block has at least `layout.size()` bytes.
                     unsafe { block.write_bytes(0, layout.size()) };
                 }
@@ -241,16 +329,47 @@ impl<B: Backing> PyMalloc<B> {
         }
     }
 
-    /// Frees a small block with the heap already locked.
+    /// A block of `class`: from the thread's cache where there is one, else
+    /// from a heap chosen without thread-local storage.
+    #[inline]
+    fn alloc_small(&self, class: usize, requested: usize) -> *mut u8 {
+        #[cfg(thread_cache)]
+        if let Some(block) = thread_cache::alloc(self, class, requested) {
+            return block;
+        }
+        let set = self.heap_set();
+        if set.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: a published set lives as long as `self`.
+        let set = unsafe { &*set };
+        let block = set
+            .hold(stack_hint(), &self.backing)
+            .alloc(class, &self.backing);
+        if !block.is_null() {
+            set.requested.fetch_add(requested, Ordering::Relaxed);
+        }
+        block
+    }
+
+    /// Frees a small block of `class`.
     ///
     /// # Safety
-    /// `ptr` came from `allocate` with a `layout` of a small class and has
-    /// not been freed since.
+    /// `ptr` came from `allocate` with a layout of class `class` and
+    /// `requested` bytes, and has not been freed since.
     #[inline]
-    pub(crate) unsafe fn free_small(&self, heap: &mut Heap, ptr: *mut u8, requested: usize) {
+    unsafe fn free_small(&self, ptr: *mut u8, class: usize, requested: usize) {
+        #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        unsafe { heap.free(ptr, &self.backing) };
-        heap.requested = heap.requested.wrapping_sub(requested);
+        if unsafe { thread_cache::free(self, ptr, class, requested) } {
+            return;
+        }
+        let _ = class;
+        // SAFETY: forwarded contract: the block is live.
+        let set = unsafe { self.live_set() };
+        set.requested.fetch_sub(requested, Ordering::Relaxed);
+        // SAFETY: forwarded contract.
+        unsafe { set.free(ptr, &self.backing) };
     }
 
     /// Frees what `allocate(layout, requested)` returned.
@@ -260,9 +379,9 @@ impl<B: Backing> PyMalloc<B> {
     /// not been freed since.
     #[inline]
     pub(crate) unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
-        if class_for(layout.size(), layout.align()).is_some() {
+        if let Some(class) = class_for(layout.size(), layout.align()) {
             // SAFETY: forwarded contract.
-            unsafe { self.free_small(&mut self.heap.lock(), ptr, requested) }
+            unsafe { self.free_small(ptr, class, requested) }
         } else {
             let layout = large_layout(layout);
             // SAFETY: forwarded contract; `large_layout` is the layout
@@ -292,11 +411,10 @@ impl<B: Backing> PyMalloc<B> {
         let old_class = class_for(layout.size(), layout.align());
         let new_class = class_for(new_size, layout.align());
         if old_class.is_some() && old_class == new_class {
-            let mut heap = self.heap.lock();
-            heap.requested = heap
-                .requested
-                .wrapping_sub(requested)
-                .wrapping_add(new_requested);
+            // SAFETY: forwarded contract: the block is live.
+            let set = unsafe { self.live_set() };
+            set.requested
+                .fetch_add(new_requested.wrapping_sub(requested), Ordering::Relaxed);
             return ptr;
         }
         if old_class.is_none() && new_class.is_none() {
@@ -326,9 +444,16 @@ impl<B: Backing> Drop for PyMalloc<B> {
     /// Gives the arenas back to the backing. Large objects still live stay
     /// with the backing: only their owners know where they are.
     fn drop(&mut self) {
-        // SAFETY: `&mut self` means no allocation call is in progress, and a
-        // block must not outlive the allocator that served it.
-        unsafe { self.heap.lock().release_all(&self.backing) }
+        // First, so that no thread cache touches our blocks from now on.
+        #[cfg(thread_cache)]
+        thread_cache::unregister(self.cache_id());
+        let set = self.set.load(Ordering::Acquire);
+        if !set.is_null() {
+            // SAFETY: `&mut self` means no allocation call is in progress,
+            // no thread cache refers to the set any more, and a block must
+            // not outlive the allocator that served it.
+            unsafe { HeapSet::destroy(set, &self.backing) }
+        }
     }
 }
 

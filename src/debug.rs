@@ -55,6 +55,10 @@ pub(crate) struct LargeList {
     head: *mut Header,
 }
 
+// SAFETY: the headers belong to live large blocks of the allocator that
+// owns the list, not to any thread; the list is only used under its lock.
+unsafe impl Send for LargeList {}
+
 impl LargeList {
     pub(crate) const fn new() -> Self {
         LargeList {
@@ -272,7 +276,7 @@ impl<B: Backing> PyMalloc<B> {
         }
         if !is_small(inner) {
             // SAFETY: a live large block, not yet listed.
-            unsafe { self.lock_heap().large_blocks.push(header_of(data)) };
+            unsafe { self.large_blocks.lock().push(header_of(data)) };
         }
         data
     }
@@ -290,19 +294,19 @@ impl<B: Backing> PyMalloc<B> {
             fail(report(Fault::Foreign));
         };
         let base = data.wrapping_sub(prefix);
-        let mut heap = self.lock_heap();
+        let mut large_blocks = self.large_blocks.lock();
         let ownership = match class_for(inner.size(), inner.align()) {
-            Some(class) => match heap.status(base, class) {
+            Some(class) => match self.block_status(base, class) {
                 BlockStatus::Live => None,
                 BlockStatus::Free => Some(Fault::DoubleFree),
                 BlockStatus::Foreign => Some(Fault::Foreign),
                 BlockStatus::NotABlock => Some(Fault::NotABlock),
             },
-            None if heap.large_blocks.contains(header_of(data)) => None,
+            None if large_blocks.contains(header_of(data)) => None,
             None => Some(Fault::LargeUnknown),
         };
         if let Some(fault) = ownership {
-            drop(heap);
+            drop(large_blocks);
             fail(report(fault));
         }
         // SAFETY: the block is live and ours, so header, data and trailer
@@ -322,12 +326,12 @@ impl<B: Backing> PyMalloc<B> {
             }
         };
         if let Some(fault) = fault {
-            drop(heap);
+            drop(large_blocks);
             fail(report(fault));
         }
         if !is_small(inner) {
             // SAFETY: found on the list above, under the same lock.
-            unsafe { heap.large_blocks.remove(header_of(data)) };
+            unsafe { large_blocks.remove(header_of(data)) };
         }
         (inner, base)
     }
@@ -356,7 +360,7 @@ impl<B: Backing> PyMalloc<B> {
         let relist = |data: *mut u8, inner: Layout| {
             if !is_small(inner) {
                 // SAFETY: a live large block, taken off (or never on) the list.
-                unsafe { self.lock_heap().large_blocks.push(header_of(data)) };
+                unsafe { self.large_blocks.lock().push(header_of(data)) };
             }
         };
         let new_wrapped = Layout::from_size_align(new_size, layout.align())

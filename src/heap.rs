@@ -28,6 +28,8 @@ use core::ptr;
 /// One heap: everything behind one lock.
 pub(crate) struct Heap {
     config: Config,
+    /// This heap's place among its allocator's heaps, stamped on its pools.
+    index: usize,
     /// Per class, the used pools (free blocks and blocks out), the one to
     /// allocate from first.
     used_pools: [*mut Pool; CLASS_COUNT],
@@ -40,11 +42,6 @@ pub(crate) struct Heap {
     arenas_reclaimed: usize,
     arenas_highwater: usize,
     arenas_current: usize,
-    /// Bytes requested by live small blocks.
-    pub(crate) requested: usize,
-    /// Live large blocks, for the debug feature's ownership checks.
-    #[cfg(feature = "debug")]
-    pub(crate) large_blocks: crate::debug::LargeList,
 }
 
 // SAFETY: the raw pointers all lead into memory the heap owns (arenas and
@@ -67,9 +64,10 @@ pub(crate) enum BlockStatus {
 }
 
 impl Heap {
-    pub(crate) const fn new(config: Config) -> Self {
+    pub(crate) const fn new(config: Config, index: usize) -> Self {
         Heap {
             config,
+            index,
             used_pools: [ptr::null_mut(); CLASS_COUNT],
             usable: ptr::null_mut(),
             last_with_free: [ptr::null_mut(); MAX_ARENA_POOLS + 1],
@@ -78,12 +76,10 @@ impl Heap {
             arenas_reclaimed: 0,
             arenas_highwater: 0,
             arenas_current: 0,
-            requested: 0,
-            #[cfg(feature = "debug")]
-            large_blocks: crate::debug::LargeList::new(),
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn config(&self) -> Config {
         self.config
     }
@@ -125,7 +121,7 @@ impl Heap {
         // empty: blocks were given back to it).
         unsafe {
             if !reused || (*pool).class as usize != class {
-                Pool::init(pool, class, arena, pool_size);
+                Pool::init(pool, class, self.index, arena, pool_size);
             }
         }
         self.link_pool(class, pool);
@@ -326,18 +322,18 @@ impl Heap {
         }
         // SAFETY: the records are no longer needed: the heap is reset below.
         unsafe { self.table.free_chunks(backing) };
-        *self = Heap::new(self.config);
+        *self = Heap::new(self.config, self.index);
     }
 
-    /// Fills the arena and pool parts of `stats`.
+    /// Adds this heap's arenas and pools to `stats`. (The high-water mark
+    /// of several heaps is the sum of theirs: an upper bound.)
     pub(crate) fn gather(&self, stats: &mut Stats) {
         let pool_size = self.config.pool_size();
-        stats.arenas_allocated_total = self.arenas_allocated_total;
-        stats.arenas_reclaimed = self.arenas_reclaimed;
-        stats.arenas_highwater = self.arenas_highwater;
-        stats.arenas_current = self.arenas_current;
-        stats.bookkeeping_bytes = self.table.bytes();
-        stats.requested_bytes += self.requested;
+        stats.arenas_allocated_total += self.arenas_allocated_total;
+        stats.arenas_reclaimed += self.arenas_reclaimed;
+        stats.arenas_highwater += self.arenas_highwater;
+        stats.arenas_current += self.arenas_current;
+        stats.bookkeeping_bytes += self.table.bytes();
         for arena in self.table.open_arenas() {
             stats.arena_alignment_bytes +=
                 self.config.arena_size() - arena.pool_count as usize * pool_size;
@@ -497,7 +493,7 @@ mod tests {
     #[test]
     fn freeing_everything_gives_back_all_arenas_but_one_spare() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let blocks = fill(&mut heap, &backing, 8);
         for block in blocks {
             // SAFETY: each block came from this heap and is freed once.
@@ -521,7 +517,7 @@ mod tests {
     fn one_live_block_pins_its_arena_and_only_its_arena() {
         for pinned_arena in [0, 3, 7] {
             let backing = Counting::default();
-            let mut heap = Heap::new(Config::SMALL);
+            let mut heap = Heap::new(Config::SMALL, 0);
             let blocks = fill(&mut heap, &backing, 8);
             let per_arena = blocks.len() / 8;
             let pinned = blocks[pinned_arena * per_arena + 5];
@@ -542,7 +538,7 @@ mod tests {
     #[test]
     fn new_pools_come_from_the_fullest_arena() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         // Arena 0 gets 4 free pools, arena 1 gets 1, arena 2 gets 2.
@@ -572,7 +568,7 @@ mod tests {
     #[test]
     fn a_loop_at_an_arena_boundary_does_not_open_an_arena_each_time() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let _full = fill(&mut heap, &backing, 2);
         for _ in 0..1000 {
             let block = heap.alloc(BIG, &backing);
@@ -586,7 +582,7 @@ mod tests {
     #[test]
     fn the_spare_goes_back_once_another_arena_has_room() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         for &block in &blocks[..per_arena] {
@@ -607,7 +603,7 @@ mod tests {
     #[test]
     fn ten_thousand_arenas_freed_in_reverse_order() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let blocks = fill(&mut heap, &backing, 10_000);
         for &block in blocks.iter().rev() {
             // SAFETY: freed once. Each free is O(1): no step of
@@ -621,7 +617,7 @@ mod tests {
     #[test]
     fn random_frees_keep_the_list_sorted_and_indexed() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL);
+        let mut heap = Heap::new(Config::SMALL, 0);
         let mut live: Vec<*mut u8> = Vec::new();
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for step in 0..200_000 {

@@ -27,10 +27,13 @@ pub mod config;
 #[cfg(feature = "debug")]
 pub mod debug;
 mod heap;
+mod heaps;
 mod list;
 mod pool;
 pub mod size_class;
 pub mod stats;
+#[cfg(thread_cache)]
+mod thread_cache;
 
 pub use allocator::{DefaultBacking, PyMalloc};
 #[cfg(feature = "std")]

@@ -25,7 +25,10 @@ pub(crate) struct Pool {
     /// Blocks handed out and not yet freed.
     pub(crate) used: u32,
     /// The size class this pool serves.
-    pub(crate) class: u32,
+    pub(crate) class: u16,
+    /// Index of the heap that owns the pool's arena: where a block freed
+    /// by another heap's holder is sent. Fixed while any block is out.
+    pub(crate) heap: u16,
     /// Head of the free list of blocks freed or carved but not handed out.
     pub(crate) free: *mut FreeBlock,
     /// Next pool in the class list (used pools) or the arena's free-pool list
@@ -81,8 +84,14 @@ impl Pool {
     ///
     /// # Safety
     /// `pool` is aligned to `pool_size` and points to `pool_size` writable
-    /// bytes owned by `arena` that no live block uses.
-    pub(crate) unsafe fn init(pool: *mut Pool, class: usize, arena: *mut Arena, pool_size: usize) {
+    /// bytes owned by `arena` (of heap `heap`) that no live block uses.
+    pub(crate) unsafe fn init(
+        pool: *mut Pool,
+        class: usize,
+        heap: usize,
+        arena: *mut Arena,
+        pool_size: usize,
+    ) {
         let first = first_block_offset(class);
         let size = class_size(class);
         // SAFETY: by the contract the first block lies inside the pool and is
@@ -97,7 +106,8 @@ impl Pool {
             });
             pool.write(Pool {
                 used: 0,
-                class: class as u32,
+                class: class as u16,
+                heap: heap as u16,
                 free: first_block,
                 next: ptr::null_mut(),
                 prev: ptr::null_mut(),
@@ -189,7 +199,7 @@ mod tests {
         let mem = unsafe { alloc(layout) };
         assert!(!mem.is_null());
         // SAFETY: `mem` is a fresh, aligned span of `pool_size` bytes.
-        unsafe { Pool::init(mem.cast(), class, ptr::null_mut(), pool_size) };
+        unsafe { Pool::init(mem.cast(), class, 0, ptr::null_mut(), pool_size) };
         f(mem.cast());
         // SAFETY: allocated above with this layout.
         unsafe { dealloc(mem, layout) };

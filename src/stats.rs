@@ -52,8 +52,12 @@ pub struct Stats {
     /// Bytes lost because an arena's memory did not start on a pool
     /// boundary.
     pub arena_alignment_bytes: usize,
-    /// Bytes of arena records, held outside the arenas.
+    /// Bytes of arena records and of the heaps themselves, held outside the
+    /// arenas.
     pub bookkeeping_bytes: usize,
+    /// Free blocks held in other threads' caches (counted in
+    /// `blocks_free`): ready for those threads, not yet back in their pools.
+    pub cached_blocks: usize,
     /// Live objects served by the fallback (over 512 bytes or over-aligned).
     pub large_objects: usize,
     /// Bytes of those objects.
@@ -83,6 +87,7 @@ impl Stats {
             quantization_bytes: 0,
             arena_alignment_bytes: 0,
             bookkeeping_bytes: 0,
+            cached_blocks: 0,
             large_objects: 0,
             large_bytes: 0,
             requested_bytes: 0,
@@ -306,6 +311,7 @@ impl fmt::Display for Stats {
             ArenaProduct(self.unused_pools, self.pool_size, "unused pools", "pool"),
             grouped(self.unused_pools * self.pool_size)
         )?;
+        line(f, "# blocks free in thread caches", self.cached_blocks)?;
         line(f, "# bytes lost to pool headers", self.pool_header_bytes)?;
         line(f, "# bytes lost to quantization", self.quantization_bytes)?;
         line(

@@ -3,9 +3,9 @@
 //! lock for a critical section.
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 
 /// Declares a `const fn`, except under `cfg(loom)`, where loom's types cannot
 /// be built in a `const` and the same function is declared plain.
@@ -94,6 +94,20 @@ impl<T> Lock<T> {
             cell: &self.inner,
         };
         LockGuard { inner }
+    }
+
+    /// Holds the lock if it is free now; `None` if another holder has it.
+    /// A critical section is never held by anyone else while we run, so
+    /// there it always succeeds.
+    pub(crate) fn try_lock(&self) -> Option<LockGuard<'_, T>> {
+        #[cfg(loom)]
+        let inner = self.inner.try_lock().ok()?;
+        #[cfg(all(not(loom), not(feature = "critical-section")))]
+        let inner = self.inner.try_lock()?;
+        #[cfg(all(not(loom), feature = "critical-section"))]
+        return Some(self.lock());
+        #[cfg(any(loom, not(feature = "critical-section")))]
+        Some(LockGuard { inner })
     }
 }
 

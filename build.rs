@@ -1,0 +1,24 @@
+//! Decides whether the allocator gets per-thread caches (`cfg(thread_cache)`).
+//!
+//! They need `std`'s thread locals with a destructor, and a guarantee that
+//! registering that destructor never calls the global allocator (which may
+//! be this crate, mid-allocation). glibc's `__cxa_thread_atexit_impl`, which
+//! `std` uses on Linux with glibc, allocates with glibc's own `calloc`; other
+//! targets may fall back to a `Vec` of destructors, so they go without.
+//! The `debug` feature goes without too: its double-free check needs every
+//! free to reach the block's pool, and loom models the paths without them.
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(thread_cache)");
+    println!("cargo::rerun-if-changed=build.rs");
+    let has = |name: &str| std::env::var_os(name).is_some();
+    let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
+    if has("CARGO_FEATURE_STD")
+        && !has("CARGO_FEATURE_DEBUG")
+        && !has("CARGO_CFG_LOOM")
+        && is("CARGO_CFG_TARGET_OS", "linux")
+        && is("CARGO_CFG_TARGET_ENV", "gnu")
+    {
+        println!("cargo::rustc-cfg=thread_cache");
+    }
+}

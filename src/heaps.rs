@@ -1,0 +1,367 @@
+//! Several heaps, chosen without thread-local storage, and frees from
+//! threads that do not hold a block's heap.
+//!
+//! An allocator holds `Config::heaps()` independent [`Heap`]s, each behind
+//! its own lock, in one block taken from its backing on first use (a
+//! [`HeapSet`]). The set never moves, even when the `PyMalloc` value does,
+//! so that thread caches and remote frees can refer to it by address.
+//!
+//! * **Choosing a heap.** A thread starts from a hint (its thread cache's
+//!   home heap, or a hash of its stack address where there is no
+//!   thread-local storage), takes that heap with a try-lock, and moves on to
+//!   the next heap when the lock is taken: two threads rarely wait on one
+//!   lock while another heap is free. Only when every heap is taken does it
+//!   wait, on the hinted one.
+//! * **Remote frees.** A block belongs to the heap that carved its pool
+//!   (`Pool::heap`). A thread that frees it without holding that heap, and
+//!   cannot take it at once, pushes it onto the heap's *inbox*, a lock-free
+//!   stack (one compare-and-swap per push, or per chain of blocks). Whoever
+//!   next takes the heap empties the inbox in one swap and frees the blocks
+//!   in a batch; taking the whole stack at once is what makes the
+//!   Treiber stack safe from ABA without tags.
+//! * **Nothing left behind.** A holder, after unlocking, looks at its inbox
+//!   once more and takes the heap again if a push arrived meanwhile; a pusher
+//!   that found the heap locked tries it once more after pushing. With a
+//!   sequentially consistent fence on both sides, one of the two always sees
+//!   the other, so whenever no thread holds a heap its inbox is empty: an
+//!   arena whose last blocks were freed remotely still goes back to the
+//!   backing. (Thread exit is the one exception: a dying thread's cache has
+//!   no backing to free into, so it only pushes; the next holder, or
+//!   `stats()`, reclaims those blocks.)
+
+use crate::backing::Backing;
+use crate::config::Config;
+use crate::heap::Heap;
+use crate::pool::{pool_of, FreeBlock};
+use crate::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
+use core::alloc::Layout;
+use core::ops::{Deref, DerefMut};
+use core::ptr;
+
+/// One heap and its inbox, alone on its cache lines so that threads working
+/// in neighbouring heaps do not slow each other down.
+#[repr(align(128))]
+pub(crate) struct Slot {
+    heap: Lock<Heap>,
+    /// Blocks of this heap freed by threads that did not hold it.
+    inbox: AtomicPtr<FreeBlock>,
+}
+
+/// The heaps of one allocator, followed in memory by their [`Slot`]s.
+pub(crate) struct HeapSet {
+    config: Config,
+    /// Where the next thread cache makes its home.
+    #[cfg(thread_cache)]
+    next_home: AtomicUsize,
+    /// Bytes requested by live small blocks, as far as the paths without a
+    /// thread cache (and caches gone with their threads) know. Wrapping:
+    /// only its sum with the caches' counts is meaningful.
+    pub(crate) requested: AtomicUsize,
+    /// The thread caches bound to this allocator, for statistics.
+    #[cfg(thread_cache)]
+    pub(crate) caches: crate::thread_cache::CacheList,
+}
+
+/// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
+/// again if blocks reached its inbox meanwhile.
+pub(crate) struct Held<'a, B: Backing> {
+    guard: Option<LockGuard<'a, Heap>>,
+    slot: &'a Slot,
+    #[cfg(thread_cache)]
+    index: usize,
+    backing: &'a B,
+}
+
+impl HeapSet {
+    /// Where the slots start, and the layout of the whole block.
+    fn layout(count: usize) -> (Layout, usize) {
+        let slots = Layout::array::<Slot>(count).expect("at most MAX_HEAPS slots");
+        let (layout, offset) = Layout::new::<HeapSet>().extend(slots).expect("a few KiB");
+        (layout.pad_to_align(), offset)
+    }
+
+    /// A new set of `config.heaps()` empty heaps in memory from `backing`;
+    /// null when the backing has none.
+    pub(crate) fn create(config: Config, backing: &impl Backing) -> *mut HeapSet {
+        let (layout, offset) = Self::layout(config.heaps());
+        let set = backing.alloc(layout).cast::<HeapSet>();
+        if set.is_null() {
+            return set;
+        }
+        // SAFETY: `set` is a fresh block of `layout`: room and alignment for
+        // the header and, at `offset`, `count` slots.
+        unsafe {
+            set.write(HeapSet {
+                config,
+                #[cfg(thread_cache)]
+                next_home: AtomicUsize::new(0),
+                requested: AtomicUsize::new(0),
+                #[cfg(thread_cache)]
+                caches: crate::thread_cache::CacheList::new(),
+            });
+            let slots = set.cast::<u8>().add(offset).cast::<Slot>();
+            for index in 0..config.heaps() {
+                slots.add(index).write(Slot {
+                    heap: Lock::new(Heap::new(config, index)),
+                    inbox: AtomicPtr::new(ptr::null_mut()),
+                });
+            }
+        }
+        set
+    }
+
+    /// Gives every arena of every heap, and the set itself, back to
+    /// `backing`.
+    ///
+    /// # Safety
+    /// `set` came from `create` with this `backing`; no block of it, and
+    /// no reference to it, is used again.
+    pub(crate) unsafe fn destroy(set: *mut HeapSet, backing: &impl Backing) {
+        // SAFETY: per the contract the set is live and ours alone.
+        unsafe {
+            let count = (*set).count();
+            for index in 0..count {
+                let slot = (*set).slot(index);
+                slot.heap.lock().release_all(backing);
+                ptr::drop_in_place(ptr::from_ref(slot).cast_mut());
+            }
+            ptr::drop_in_place(set);
+            backing.dealloc(set.cast(), Self::layout(count).0);
+        }
+    }
+
+    /// The geometry every heap of the set shares.
+    #[cfg(thread_cache)]
+    pub(crate) fn config(&self) -> Config {
+        self.config
+    }
+
+    /// Bytes the set takes from the backing.
+    pub(crate) fn bytes(&self) -> usize {
+        Self::layout(self.count()).0.size()
+    }
+
+    /// How many heaps the set holds.
+    pub(crate) fn count(&self) -> usize {
+        self.config.heaps()
+    }
+
+    fn slot(&self, index: usize) -> &Slot {
+        debug_assert!(index < self.count());
+        let offset = Self::layout(self.count()).1;
+        // SAFETY: `create` wrote `count` slots at `offset` after the header,
+        // and they live as long as the set.
+        unsafe {
+            &*ptr::from_ref(self)
+                .cast::<u8>()
+                .add(offset)
+                .cast::<Slot>()
+                .add(index)
+        }
+    }
+
+    /// A home heap for a new thread cache: round robin, so that the first
+    /// `count` threads each get their own.
+    #[cfg(thread_cache)]
+    pub(crate) fn next_home(&self) -> usize {
+        self.next_home.fetch_add(1, Ordering::Relaxed) % self.count()
+    }
+
+    /// Takes a heap: the hinted one if it is free, else the first free one
+    /// after it, else waits for the hinted one.
+    pub(crate) fn hold<'a, B: Backing>(&'a self, hint: usize, backing: &'a B) -> Held<'a, B> {
+        let count = self.count();
+        let start = hint % count;
+        for step in 0..count {
+            let index = (start + step) % count;
+            if let Some(held) = self.try_hold(index, backing) {
+                return held;
+            }
+        }
+        self.hold_exactly(start, backing)
+    }
+
+    /// Waits for heap `index`.
+    pub(crate) fn hold_exactly<'a, B: Backing>(
+        &'a self,
+        index: usize,
+        backing: &'a B,
+    ) -> Held<'a, B> {
+        let slot = self.slot(index);
+        Held::new(slot.heap.lock(), slot, index, backing)
+    }
+
+    /// Heap `index` if no one holds it now.
+    pub(crate) fn try_hold<'a, B: Backing>(
+        &'a self,
+        index: usize,
+        backing: &'a B,
+    ) -> Option<Held<'a, B>> {
+        let slot = self.slot(index);
+        let guard = slot.heap.try_lock()?;
+        Some(Held::new(guard, slot, index, backing))
+    }
+
+    /// Sends the chain of free blocks `first..=last` (linked through
+    /// `FreeBlock::next`), all of heap `index`, to that heap's inbox.
+    ///
+    /// # Safety
+    /// The chain's blocks are out of heap `index`, freed by their owners,
+    /// and linked nowhere else.
+    pub(crate) unsafe fn push_remote(
+        &self,
+        index: usize,
+        first: *mut FreeBlock,
+        last: *mut FreeBlock,
+    ) {
+        let inbox = &self.slot(index).inbox;
+        let mut head = inbox.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `last` is ours until the swap below publishes it.
+            unsafe { (*last).next = head };
+            // Release: the holder that takes the chain sees its links.
+            match inbox.compare_exchange_weak(head, first, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => head = seen,
+            }
+        }
+    }
+
+    /// Frees `block` into its heap: directly if the heap is free, else
+    /// through its inbox, then one more try so that the block is never left
+    /// behind by a holder that was just leaving.
+    ///
+    /// # Safety
+    /// `block` is a live block of this set, not freed since.
+    pub(crate) unsafe fn free(&self, block: *mut u8, backing: &impl Backing) {
+        // SAFETY: a live block's pool header is initialised and its `heap`
+        // does not change while the block is out.
+        let index = unsafe { (*pool_of(block, self.config.pool_size())).heap } as usize;
+        // The debug feature's double-free check reads the pools' free lists,
+        // so there every free must reach its pool before the call returns.
+        if cfg!(feature = "debug") {
+            // SAFETY: forwarded contract; the block is of this heap.
+            unsafe { self.hold_exactly(index, backing).free(block, backing) };
+            return;
+        }
+        if let Some(mut held) = self.try_hold(index, backing) {
+            // SAFETY: forwarded contract; the block is of this heap.
+            unsafe { held.free(block, backing) };
+            return;
+        }
+        // SAFETY: forwarded contract: the block is ours to link.
+        unsafe { self.push_remote(index, block.cast(), block.cast()) };
+        self.after_push(index, backing);
+    }
+
+    /// Where `block`, claimed to be of `class`, stands among the heaps:
+    /// reads only memory of arenas they hold. (Blocks never wait in inboxes
+    /// under the debug feature, see `free`.)
+    #[cfg(feature = "debug")]
+    pub(crate) fn status(
+        &self,
+        block: *mut u8,
+        class: usize,
+        backing: &impl Backing,
+    ) -> crate::heap::BlockStatus {
+        (0..self.count())
+            .map(|index| self.hold_exactly(index, backing).status(block, class))
+            .find(|status| *status != crate::heap::BlockStatus::Foreign)
+            .unwrap_or(crate::heap::BlockStatus::Foreign)
+    }
+
+    /// The pusher's half of "nothing left behind": if the heap's holder left
+    /// before seeing the push, take the heap and empty the inbox.
+    pub(crate) fn after_push(&self, index: usize, backing: &impl Backing) {
+        fence(Ordering::SeqCst);
+        // Taking the heap empties its inbox; dropping it checks once more.
+        drop(self.try_hold(index, backing));
+    }
+}
+
+/// A heap hint that differs between threads without thread-local storage:
+/// the caller's stack address, which one thread keeps within a few 64 KiB
+/// spans while threads' stacks lie megabytes apart, hashed (Fibonacci
+/// hashing) so that neighbouring stacks land on different heaps.
+#[inline]
+pub(crate) fn stack_hint() -> usize {
+    let probe = 0u8;
+    let addr = core::hint::black_box(ptr::addr_of!(probe)) as usize;
+    (addr >> 16).wrapping_mul(0x9E37_79B9) >> 8
+}
+
+impl<'a, B: Backing> Held<'a, B> {
+    fn new(guard: LockGuard<'a, Heap>, slot: &'a Slot, index: usize, backing: &'a B) -> Self {
+        #[cfg(not(thread_cache))]
+        let _ = index;
+        let mut held = Held {
+            guard: Some(guard),
+            slot,
+            #[cfg(thread_cache)]
+            index,
+            backing,
+        };
+        held.drain();
+        held
+    }
+
+    /// Which heap of the set this is.
+    #[cfg(thread_cache)]
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Frees every block waiting in the inbox.
+    fn drain(&mut self) {
+        // Acquire: pairs with the pushers' release, so their links are seen.
+        let mut block = self.slot.inbox.swap(ptr::null_mut(), Ordering::Acquire);
+        let backing = self.backing;
+        let heap = self.guard.as_mut().expect("held");
+        while !block.is_null() {
+            // SAFETY: inbox blocks are live blocks of this heap, given up by
+            // their owners and linked only here, so their link is readable
+            // and each is freed once.
+            unsafe {
+                let next = (*block).next;
+                heap.free(block.cast(), backing);
+                block = next;
+            }
+        }
+    }
+}
+
+impl<B: Backing> Deref for Held<'_, B> {
+    type Target = Heap;
+    fn deref(&self) -> &Heap {
+        self.guard.as_ref().expect("held")
+    }
+}
+
+impl<B: Backing> DerefMut for Held<'_, B> {
+    fn deref_mut(&mut self) -> &mut Heap {
+        self.guard.as_mut().expect("held")
+    }
+}
+
+impl<B: Backing> Drop for Held<'_, B> {
+    /// The holder's half of "nothing left behind": unlock, then if a push
+    /// arrived that a pusher could not hand over (it found us holding the
+    /// lock), take the heap again and free it.
+    fn drop(&mut self) {
+        loop {
+            drop(self.guard.take());
+            fence(Ordering::SeqCst);
+            if self.slot.inbox.load(Ordering::Relaxed).is_null() {
+                return;
+            }
+            match self.slot.heap.try_lock() {
+                Some(guard) => {
+                    self.guard = Some(guard);
+                    self.drain();
+                }
+                // Its new holder empties the inbox before it leaves.
+                None => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Per-thread caches of free blocks: the allocator's fast path, where
+//! thread-local storage is known to be safe (see `build.rs`).
+//!
+//! Each thread keeps, per size class, a short LIFO list of free blocks of
+//! one allocator (its *owner*). Allocation pops from it and a free pushes on
+//! it with no atomic read-modify-write and no lock; only when a list runs
+//! empty (refill) or over its capacity (flush) does the thread take a heap,
+//! and then it moves half a list's worth of blocks at once. This is glibc's
+//! tcache design over obmalloc's pools; the lock is paid once per batch.
+//!
+//! Blocks in a cache are "in use" as far as their pools know; statistics
+//! walk the caches bound to an allocator and count them as free.
+//!
+//! Lifetimes, the part that needs care:
+//! * A cache serves one allocator at a time, named by a process-unique id
+//!   (never by address: a `PyMalloc` value may move). Calls on other
+//!   allocators take the shared path.
+//! * A dropped allocator takes its memory with it, so a cache must never
+//!   touch blocks of a dead owner. Live ids are kept in a global registry;
+//!   dropping an allocator removes its id under the registry lock and bumps
+//!   a generation counter, and a cache re-checks its owner under that lock
+//!   whenever the generation moved, discarding (never touching) its blocks
+//!   if the owner is gone.
+//! * At thread exit the cache's destructor, under the registry lock so that
+//!   the owner cannot be dropped meanwhile, pushes every block to its heap's
+//!   inbox. It cannot free into the heap: the backing lives in the
+//!   `PyMalloc` value, whose address the cache does not know. The next
+//!   holder of each heap reclaims them. After the destructor has run the
+//!   thread local reports itself gone, and later allocations of the dying
+//!   thread take the shared path.
+
+use crate::backing::Backing;
+use crate::config::MAX_HEAPS;
+use crate::heaps::HeapSet;
+use crate::pool::{pool_of, FreeBlock};
+use crate::size_class::{class_size, CLASS_COUNT};
+use crate::stats::Stats;
+use crate::sync::{AtomicUsize, Lock, Ordering};
+use crate::PyMalloc;
+use core::cell::Cell;
+use core::ptr;
+
+/// Bytes of blocks one list aims to hold: two pages' worth, so that a
+/// thread keeps at most 128 pages of free blocks however many classes it
+/// uses (mimalloc keeps a whole 64 KiB page per class a thread uses).
+const LIST_BYTES: usize = 8192;
+
+/// Blocks a list of `class` holds before half of them go back.
+const fn capacity(class: usize) -> usize {
+    let blocks = LIST_BYTES / class_size(class);
+    if blocks < 8 {
+        8
+    } else if blocks > 128 {
+        128
+    } else {
+        blocks
+    }
+}
+
+/// Owner of a cache bound to no allocator: no allocator has this id.
+const NO_OWNER: usize = usize::MAX;
+
+/// Ids of allocators alive now that caches may bind to.
+struct Registry {
+    live: [usize; REGISTRY_SLOTS],
+}
+
+/// Allocators that can be cached for at once; more take the shared path.
+const REGISTRY_SLOTS: usize = 64;
+
+static REGISTRY: Lock<Registry> = Lock::new(Registry {
+    live: [0; REGISTRY_SLOTS],
+});
+
+/// Bumped whenever an id leaves the registry: a cache whose last look was
+/// at this generation knows its owner is still alive without locking.
+static GENERATION: AtomicUsize = AtomicUsize::new(0);
+
+/// Hands out ids; 0 means "none yet".
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// A fresh id for a new heap set, registered so caches may bind to it; 0
+/// if the registry is full (the allocator then goes without caches).
+pub(crate) fn register() -> usize {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let mut registry = REGISTRY.lock();
+    match registry.live.iter_mut().find(|slot| **slot == 0) {
+        Some(slot) => {
+            *slot = id;
+            id
+        }
+        None => 0,
+    }
+}
+
+/// Removes `id`: from now on no cache touches the blocks of its allocator.
+/// Waits for any thread that is handing its cache back to that allocator.
+pub(crate) fn unregister(id: usize) {
+    if id == 0 {
+        return;
+    }
+    let mut registry = REGISTRY.lock();
+    if let Some(slot) = registry.live.iter_mut().find(|slot| **slot == id) {
+        *slot = 0;
+    }
+    GENERATION.fetch_add(1, Ordering::Release);
+}
+
+fn is_live(registry: &Registry, id: usize) -> bool {
+    registry.live.contains(&id)
+}
+
+/// One class's list.
+struct List {
+    head: Cell<*mut FreeBlock>,
+    /// Its length: written by the owning thread only, read by statistics.
+    len: AtomicUsize,
+}
+
+/// A thread's cache.
+pub(crate) struct ThreadCache {
+    /// Id of the allocator the lists hold blocks of, or `NO_OWNER`.
+    owner: Cell<usize>,
+    set: Cell<*const HeapSet>,
+    /// `GENERATION` when the owner was last seen alive.
+    seen: Cell<usize>,
+    /// The heap refills and flushes try first.
+    home: Cell<usize>,
+    /// Bytes requested through this cache, minus bytes freed through it
+    /// (wrapping: only the sum over all counters is meaningful).
+    requested: AtomicUsize,
+    lists: [List; CLASS_COUNT],
+    /// Neighbours in the owner's [`CacheList`]; changed only under its lock.
+    prev: Cell<*const ThreadCache>,
+    next: Cell<*const ThreadCache>,
+}
+
+std::thread_local! {
+    static CACHE: ThreadCache = const { ThreadCache::new() };
+}
+
+impl ThreadCache {
+    const fn new() -> Self {
+        ThreadCache {
+            owner: Cell::new(NO_OWNER),
+            set: Cell::new(ptr::null()),
+            seen: Cell::new(0),
+            home: Cell::new(0),
+            requested: AtomicUsize::new(0),
+            lists: [const {
+                List {
+                    head: Cell::new(ptr::null_mut()),
+                    len: AtomicUsize::new(0),
+                }
+            }; CLASS_COUNT],
+            prev: Cell::new(ptr::null()),
+            next: Cell::new(ptr::null()),
+        }
+    }
+
+    /// Whether the cache serves `alloc`, binding it if it serves no live
+    /// allocator.
+    #[inline]
+    fn serves<B: Backing>(&self, alloc: &PyMalloc<B>) -> bool {
+        self.owner.get() == alloc.cache_id() || self.bind(alloc)
+    }
+
+    #[cold]
+    fn bind<B: Backing>(&self, alloc: &PyMalloc<B>) -> bool {
+        let set = alloc.heap_set();
+        let id = alloc.cache_id();
+        if set.is_null() || id == 0 {
+            return false;
+        }
+        if self.owner.get() != NO_OWNER && GENERATION.load(Ordering::Acquire) == self.seen.get() {
+            // Still serving a live allocator.
+            return false;
+        }
+        let registry = REGISTRY.lock();
+        self.seen.set(GENERATION.load(Ordering::Relaxed));
+        if self.owner.get() != NO_OWNER {
+            if is_live(&registry, self.owner.get()) {
+                return false;
+            }
+            // The owner is gone and its arenas with it: forget the blocks
+            // without touching them.
+            self.forget();
+        }
+        if !is_live(&registry, id) {
+            return false;
+        }
+        self.owner.set(id);
+        self.set.set(set);
+        // SAFETY: `set` is the live set of `alloc`, borrowed for this call.
+        let set = unsafe { &*set };
+        self.home.set(set.next_home());
+        // SAFETY: the cache lives in this thread's TLS until its destructor
+        // unlinks it (or its owner, and with it the list, is gone).
+        unsafe { set.caches.link(self) };
+        true
+    }
+
+    fn forget(&self) {
+        for list in &self.lists {
+            list.head.set(ptr::null_mut());
+            list.len.store(0, Ordering::Relaxed);
+        }
+        self.requested.store(0, Ordering::Relaxed);
+        self.owner.set(NO_OWNER);
+        self.set.set(ptr::null());
+    }
+
+    #[inline]
+    fn add_requested(&self, bytes: usize) {
+        let requested = self.requested.load(Ordering::Relaxed);
+        self.requested
+            .store(requested.wrapping_add(bytes), Ordering::Relaxed);
+    }
+
+    /// Fills `class`'s empty list with half its capacity from a heap;
+    /// false when the heap has no memory.
+    #[cold]
+    fn refill<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize) -> bool {
+        // SAFETY: the owner is alive (`alloc` is it), so its set is too.
+        let set = unsafe { &*self.set.get() };
+        let mut held = set.hold(self.home.get(), alloc.backing());
+        self.home.set(held.index());
+        let list = &self.lists[class];
+        let mut len = list.len.load(Ordering::Relaxed);
+        for _ in 0..capacity(class) / 2 {
+            let block = held.alloc(class, alloc.backing()).cast::<FreeBlock>();
+            if block.is_null() {
+                break;
+            }
+            // SAFETY: a fresh block, at least pointer-sized and aligned.
+            unsafe { (*block).next = list.head.get() };
+            list.head.set(block);
+            len += 1;
+        }
+        list.len.store(len, Ordering::Relaxed);
+        len > 0
+    }
+
+    /// Gives back all but the `keep` newest blocks of `class`'s list.
+    #[cold]
+    fn flush<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize, keep: usize) {
+        let list = &self.lists[class];
+        let len = list.len.load(Ordering::Relaxed);
+        let mut cut = list.head.get();
+        if keep == 0 {
+            list.head.set(ptr::null_mut());
+        } else {
+            for _ in 1..keep {
+                // SAFETY: the list has `len > keep` blocks, linked through
+                // their first word.
+                cut = unsafe { (*cut).next };
+            }
+            // SAFETY: as above; `cut` is the last block kept.
+            cut = unsafe { core::mem::replace(&mut (*cut).next, ptr::null_mut()) };
+        }
+        list.len.store(keep.min(len), Ordering::Relaxed);
+        // SAFETY: the owner is alive, so its set is too.
+        let set = unsafe { &*self.set.get() };
+        let mut held = set.hold(self.home.get(), alloc.backing());
+        self.home.set(held.index());
+        let here = held.index();
+        // SAFETY: the blocks were cut from this cache's list: live blocks of
+        // `set`, given up by their users, linked nowhere else; those of the
+        // held heap go straight back to it.
+        let chains = unsafe {
+            Chains::sort(set, cut, |heap, block| {
+                heap == here && {
+                    held.free(block.cast(), alloc.backing());
+                    true
+                }
+            })
+        };
+        drop(held);
+        for heap in chains.push(set) {
+            set.after_push(heap, alloc.backing());
+        }
+    }
+}
+
+/// Blocks bound for other heaps' inboxes, one chain per heap.
+struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS]);
+
+impl Chains {
+    /// Sorts the chain of cached blocks starting at `block`: those that
+    /// `free_here` takes (given their heap index) are gone, the others are
+    /// chained by heap.
+    ///
+    /// # Safety
+    /// The chain's blocks are live blocks of `set`, given up by their users
+    /// and linked nowhere else.
+    unsafe fn sort(
+        set: &HeapSet,
+        mut block: *mut FreeBlock,
+        mut free_here: impl FnMut(usize, *mut FreeBlock) -> bool,
+    ) -> Chains {
+        let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS]);
+        let pool_size = set.config().pool_size();
+        while !block.is_null() {
+            // SAFETY: per the contract `block` is a live block of `set`, so
+            // its pool is initialised; and it is ours to relink.
+            unsafe {
+                let next = (*block).next;
+                let heap = (*pool_of(block.cast(), pool_size)).heap as usize;
+                if !free_here(heap, block) {
+                    let (first, last) = &mut chains.0[heap];
+                    (*block).next = *first;
+                    if last.is_null() {
+                        *last = block;
+                    }
+                    *first = block;
+                }
+                block = next;
+            }
+        }
+        chains
+    }
+
+    /// Pushes each chain onto its heap's inbox; returns the heaps pushed to.
+    fn push(self, set: &HeapSet) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (first, _))| !first.is_null())
+            .map(move |(heap, (first, last))| {
+                // SAFETY: a chain built by `sort` from blocks given to it
+                // under its contract, all of heap `heap`.
+                unsafe { set.push_remote(heap, first, last) };
+                heap
+            })
+    }
+}
+
+impl Drop for ThreadCache {
+    /// Thread exit: hands every block back (see the module documentation).
+    fn drop(&mut self) {
+        if self.owner.get() == NO_OWNER {
+            return;
+        }
+        let registry = REGISTRY.lock();
+        if !is_live(&registry, self.owner.get()) {
+            return;
+        }
+        // SAFETY: the owner is registered, and cannot leave the registry
+        // (and so cannot free its set) while we hold the registry lock.
+        let set = unsafe { &*self.set.get() };
+        for list in &self.lists {
+            let chain = list.head.replace(ptr::null_mut());
+            list.len.store(0, Ordering::Relaxed);
+            // SAFETY: cached blocks are live blocks of `set`, given up by
+            // their users. All go to inboxes: we have no backing to free into.
+            let chains = unsafe { Chains::sort(set, chain, |_, _| false) };
+            chains.push(set).for_each(drop);
+        }
+        set.requested
+            .fetch_add(self.requested.load(Ordering::Relaxed), Ordering::Relaxed);
+        // SAFETY: linked into the owner's list when bound.
+        unsafe { set.caches.unlink(self) };
+        drop(registry);
+    }
+}
+
+/// Allocates a block of `class` from the calling thread's cache for
+/// `alloc`: `None` when the cache cannot serve `alloc` (it serves another
+/// allocator, or the thread is exiting), `Some(null)` when memory ran out.
+#[inline]
+pub(crate) fn alloc<B: Backing>(
+    alloc: &PyMalloc<B>,
+    class: usize,
+    requested: usize,
+) -> Option<*mut u8> {
+    CACHE
+        .try_with(|cache| {
+            if !cache.serves(alloc) {
+                return None;
+            }
+            let list = &cache.lists[class];
+            if list.head.get().is_null() && !cache.refill(alloc, class) {
+                return Some(ptr::null_mut());
+            }
+            let block = list.head.get();
+            // SAFETY: a block on the list: free, ours, linked through its
+            // first word.
+            list.head.set(unsafe { (*block).next });
+            list.len
+                .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+            cache.add_requested(requested);
+            Some(block.cast())
+        })
+        .ok()
+        .flatten()
+}
+
+/// Frees `block` of `class` into the calling thread's cache for `alloc`;
+/// false when the cache cannot take it (the caller frees it to its heap).
+///
+/// # Safety
+/// `block` is a live block of `alloc` of class `class`, freed once.
+#[inline]
+pub(crate) unsafe fn free<B: Backing>(
+    alloc: &PyMalloc<B>,
+    block: *mut u8,
+    class: usize,
+    requested: usize,
+) -> bool {
+    CACHE
+        .try_with(|cache| {
+            if !cache.serves(alloc) {
+                return false;
+            }
+            let list = &cache.lists[class];
+            let block = block.cast::<FreeBlock>();
+            // SAFETY: the contract gives us the block: it can hold the link.
+            unsafe { (*block).next = list.head.get() };
+            list.head.set(block);
+            let len = list.len.load(Ordering::Relaxed) + 1;
+            list.len.store(len, Ordering::Relaxed);
+            cache.add_requested(requested.wrapping_neg());
+            if len > capacity(class) {
+                cache.flush(alloc, class, capacity(class) / 2);
+            }
+            true
+        })
+        .unwrap_or(false)
+}
+
+/// Gives every block the calling thread caches for `alloc` back to its heap.
+pub(crate) fn flush_all<B: Backing>(alloc: &PyMalloc<B>) {
+    let _ = CACHE.try_with(|cache| {
+        if cache.owner.get() == alloc.cache_id() {
+            for class in 0..CLASS_COUNT {
+                if !cache.lists[class].head.get().is_null() {
+                    cache.flush(alloc, class, 0);
+                }
+            }
+        }
+    });
+}
+
+/// The caches bound to one allocator, linked through their `prev`/`next`.
+pub(crate) struct CacheList {
+    head: Lock<*const ThreadCache>,
+}
+
+// SAFETY: the pointers are only followed under the lock, to caches that stay
+// alive (in their threads' TLS) until they unlink themselves under it.
+unsafe impl Send for CacheList {}
+unsafe impl Sync for CacheList {}
+
+impl CacheList {
+    pub(crate) const fn new() -> Self {
+        CacheList {
+            head: Lock::new(ptr::null()),
+        }
+    }
+
+    /// # Safety
+    /// `cache` is on no list and stays alive until `unlink`ed.
+    unsafe fn link(&self, cache: &ThreadCache) {
+        let mut head = self.head.lock();
+        cache.prev.set(ptr::null());
+        cache.next.set(*head);
+        if !head.is_null() {
+            // SAFETY: list members are alive (contract of `link`); their
+            // links change only under this lock, which we hold.
+            unsafe { (**head).prev.set(cache) };
+        }
+        *head = cache;
+    }
+
+    /// # Safety
+    /// `cache` is on this list.
+    unsafe fn unlink(&self, cache: &ThreadCache) {
+        let mut head = self.head.lock();
+        let (prev, next) = (cache.prev.get(), cache.next.get());
+        // SAFETY: neighbours are alive list members; we hold the lock.
+        unsafe {
+            if prev.is_null() {
+                *head = next;
+            } else {
+                (*prev).next.set(next);
+            }
+            if !next.is_null() {
+                (*next).prev.set(prev);
+            }
+        }
+    }
+
+    /// Moves the blocks the caches hold from "in use" to "free" in `stats`,
+    /// and adds the bytes requested through them.
+    pub(crate) fn gather(&self, stats: &mut Stats) {
+        let head = self.head.lock();
+        let mut cache = *head;
+        while !cache.is_null() {
+            // SAFETY: list members are alive while linked, and we hold the
+            // lock; only their atomics are read, which their threads write.
+            let c = unsafe { &*cache };
+            for (class, list) in c.lists.iter().enumerate() {
+                let cached = list.len.load(Ordering::Relaxed);
+                let entry = &mut stats.classes[class];
+                // Saturating: a cache may have changed since its heap was read.
+                entry.blocks_in_use = entry.blocks_in_use.saturating_sub(cached);
+                entry.blocks_free += cached;
+                stats.cached_blocks += cached;
+            }
+            stats.requested_bytes = stats
+                .requested_bytes
+                .wrapping_add(c.requested.load(Ordering::Relaxed));
+            cache = c.next.get();
+        }
+    }
+}
