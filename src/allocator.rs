@@ -304,39 +304,43 @@ impl<B: Backing> PyMalloc<B> {
     /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        match class_for(layout.size(), layout.align()) {
-            Some(class) => {
-                let block = self.alloc_small(class, requested);
-                if zeroed && !block.is_null() {
-                    // SAFETY: the block has at least `layout.size()` bytes.
-                    unsafe { block.write_bytes(0, layout.size()) };
-                }
-                block
-            }
-            None => {
-                let layout = large_layout(layout);
-                // A backing may have zeroed memory for free (fresh pages).
-                let block = if zeroed {
-                    self.backing.alloc_zeroed(layout)
-                } else {
-                    self.backing.alloc(layout)
-                };
-                if !block.is_null() {
-                    self.large.add(layout.size(), requested);
-                }
-                block
-            }
+        let Some(class) = class_for(layout.size(), layout.align()) else {
+            return self.allocate_large(layout, requested, zeroed);
+        };
+        #[cfg(thread_cache)]
+        let block = match thread_cache::alloc(self, class, requested) {
+            Some(block) => block,
+            None => self.alloc_shared(class, requested),
+        };
+        #[cfg(not(thread_cache))]
+        let block = self.alloc_shared(class, requested);
+        if zeroed && !block.is_null() {
+            // SAFETY: the block has at least `layout.size()` bytes.
+            unsafe { block.write_bytes(0, layout.size()) };
         }
+        block
     }
 
-    /// A block of `class`: from the thread's cache where there is one, else
-    /// from a heap chosen without thread-local storage.
-    #[inline]
-    fn alloc_small(&self, class: usize, requested: usize) -> *mut u8 {
-        #[cfg(thread_cache)]
-        if let Some(block) = thread_cache::alloc(self, class, requested) {
-            return block;
+    /// A large block, from the backing. Out of line: the small path is the
+    /// hot one.
+    #[inline(never)]
+    fn allocate_large(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
+        let layout = large_layout(layout);
+        // A backing may have zeroed memory for free (fresh pages).
+        let block = if zeroed {
+            self.backing.alloc_zeroed(layout)
+        } else {
+            self.backing.alloc(layout)
+        };
+        if !block.is_null() {
+            self.large.add(layout.size(), requested);
         }
+        block
+    }
+
+    /// A block of `class` from a heap chosen without thread-local storage.
+    #[cfg_attr(thread_cache, inline(never))]
+    fn alloc_shared(&self, class: usize, requested: usize) -> *mut u8 {
         let set = self.heap_set();
         if set.is_null() {
             return ptr::null_mut();
@@ -365,6 +369,16 @@ impl<B: Backing> PyMalloc<B> {
             return;
         }
         let _ = class;
+        // SAFETY: forwarded contract.
+        unsafe { self.free_shared(ptr, requested) }
+    }
+
+    /// Frees a small block into its heap, without a thread cache.
+    ///
+    /// # Safety
+    /// As for `free_small`.
+    #[cfg_attr(thread_cache, inline(never))]
+    unsafe fn free_shared(&self, ptr: *mut u8, requested: usize) {
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
         set.requested.fetch_sub(requested, Ordering::Relaxed);
@@ -383,12 +397,20 @@ impl<B: Backing> PyMalloc<B> {
             // SAFETY: forwarded contract.
             unsafe { self.free_small(ptr, class, requested) }
         } else {
-            let layout = large_layout(layout);
-            // SAFETY: forwarded contract; `large_layout` is the layout
-            // `allocate` gave the backing.
-            unsafe { self.backing.dealloc(ptr, layout) };
-            self.large.remove(layout.size(), requested);
+            // SAFETY: forwarded contract.
+            unsafe { self.deallocate_large(ptr, layout, requested) }
         }
+    }
+
+    /// # Safety
+    /// As for `deallocate`, with a large `layout`.
+    #[inline(never)]
+    unsafe fn deallocate_large(&self, ptr: *mut u8, layout: Layout, requested: usize) {
+        let layout = large_layout(layout);
+        // SAFETY: forwarded contract; `large_layout` is the layout
+        // `allocate` gave the backing.
+        unsafe { self.backing.dealloc(ptr, layout) };
+        self.large.remove(layout.size(), requested);
     }
 
     /// Resizes what `allocate(layout, requested)` returned to `new_size`

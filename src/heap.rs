@@ -20,7 +20,7 @@ use crate::arena::{Arena, ArenaTable};
 use crate::backing::Backing;
 use crate::config::{Config, MAX_ARENA_POOLS};
 use crate::list;
-use crate::pool::{blocks_per_pool, pool_of, Pool, POOL_HEADER_SIZE};
+use crate::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
 use crate::size_class::{class_size, CLASS_COUNT};
 use crate::stats::Stats;
 use core::ptr;
@@ -87,20 +87,39 @@ impl Heap {
     /// A block of `class`, or null when the backing has no arena to give.
     #[inline]
     pub(crate) fn alloc(&mut self, class: usize, backing: &impl Backing) -> *mut u8 {
-        let mut pool = self.used_pools[class];
-        if pool.is_null() {
-            pool = self.new_pool(class, backing);
+        let mut batch = Batch::new();
+        self.alloc_batch(class, 1, &mut batch, backing);
+        batch.first.cast()
+    }
+
+    /// Up to `n` blocks of `class` appended to `batch` (a thread cache's
+    /// refill); fewer only when the backing has no arena to give. Returns
+    /// how many.
+    pub(crate) fn alloc_batch(
+        &mut self,
+        class: usize,
+        n: usize,
+        batch: &mut Batch,
+        backing: &impl Backing,
+    ) -> usize {
+        let mut got = 0;
+        while got < n {
+            let mut pool = self.used_pools[class];
             if pool.is_null() {
-                return ptr::null_mut();
+                pool = self.new_pool(class, backing);
+                if pool.is_null() {
+                    break;
+                }
+            }
+            // SAFETY: pools on a class list are initialised and have a free
+            // block; the blocks in `batch` are out of every pool.
+            let (taken, full) = unsafe { Pool::take_batch(pool, n - got, batch) };
+            got += taken;
+            if full {
+                self.unlink_pool(class, pool);
             }
         }
-        // SAFETY: pools on a class list are initialised and have a free
-        // block (the invariant `Pool::take` keeps).
-        let (block, full) = unsafe { Pool::take(pool) };
-        if full {
-            self.unlink_pool(class, pool);
-        }
-        block
+        got
     }
 
     /// Puts a pool with a free block at the head of `class`'s list, taken

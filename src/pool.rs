@@ -51,6 +51,39 @@ pub(crate) struct FreeBlock {
     pub(crate) next: *mut FreeBlock,
 }
 
+/// Blocks handed out together, in the order they were taken, so that
+/// their user consumes a pool front to back: taking them LIFO would hand
+/// out the second pool's blocks before the first's and strand a partly used
+/// pool whenever the user stops midway.
+pub(crate) struct Batch {
+    pub(crate) first: *mut FreeBlock,
+    pub(crate) last: *mut FreeBlock,
+}
+
+impl Batch {
+    pub(crate) const fn new() -> Self {
+        Batch {
+            first: ptr::null_mut(),
+            last: ptr::null_mut(),
+        }
+    }
+
+    /// # Safety
+    /// `block` is a block no one else uses, not in the batch.
+    unsafe fn push_back(&mut self, block: *mut FreeBlock) {
+        // SAFETY: per the contract `block`, and the batch's last block, are
+        // ours to link.
+        unsafe {
+            (*block).next = ptr::null_mut();
+            match self.last.is_null() {
+                true => self.first = block,
+                false => (*self.last).next = block,
+            }
+        }
+        self.last = block;
+    }
+}
+
 /// Bytes the header takes from every pool.
 pub(crate) const POOL_HEADER_SIZE: usize = core::mem::size_of::<Pool>();
 
@@ -118,27 +151,46 @@ impl Pool {
         }
     }
 
-    /// Hands out one block. Returns it and whether the pool is now full.
+    /// Hands out up to `n` blocks at once, appended to `batch`: free-list
+    /// blocks first, then fresh ones carved from the bump offset. Returns
+    /// how many, and whether the pool is now full.
     ///
     /// # Safety
-    /// `pool` is an initialised pool whose free list is not empty.
-    #[inline]
-    pub(crate) unsafe fn take(pool: *mut Pool) -> (*mut u8, bool) {
-        // SAFETY: the contract makes `pool` a live header and `free` a free
-        // block inside it.
+    /// `pool` is an initialised pool whose free list is not empty; the
+    /// blocks already in `batch` are not this pool's free blocks.
+    pub(crate) unsafe fn take_batch(pool: *mut Pool, n: usize, batch: &mut Batch) -> (usize, bool) {
+        let mut taken = 0;
+        // SAFETY: the contract makes `pool` a live header; free-list blocks
+        // and the untouched tail below `bump_limit` are blocks of this pool
+        // no one uses, so each can take the link of the batch it joins.
         unsafe {
-            let block = (*pool).free;
-            let mut next = (*block).next;
-            (*pool).used += 1;
-            if next.is_null() && (*pool).bump <= (*pool).bump_limit {
-                // Carve the next untouched block rather than leave the list
-                // empty: a pool in its class list always has a free block.
-                next = pool.cast::<u8>().add((*pool).bump as usize).cast();
-                (*next).next = ptr::null_mut();
-                (*pool).bump += class_size((*pool).class as usize) as u32;
+            let size = class_size((*pool).class as usize) as u32;
+            let mut free = (*pool).free;
+            while taken < n && !free.is_null() {
+                let next = (*free).next;
+                batch.push_back(free);
+                free = next;
+                taken += 1;
             }
-            (*pool).free = next;
-            (block.cast(), next.is_null())
+            let mut bump = (*pool).bump;
+            // The untouched tail is carved in one go: each block is written
+            // once, as it joins the batch.
+            while taken < n && bump <= (*pool).bump_limit {
+                batch.push_back(pool.cast::<u8>().add(bump as usize).cast());
+                bump += size;
+                taken += 1;
+            }
+            if free.is_null() && bump <= (*pool).bump_limit {
+                // Keep a free block while there is room: a pool on its
+                // class list always has one (see the module documentation).
+                free = pool.cast::<u8>().add(bump as usize).cast();
+                (*free).next = ptr::null_mut();
+                bump += size;
+            }
+            (*pool).bump = bump;
+            (*pool).free = free;
+            (*pool).used += taken as u32;
+            (taken, free.is_null())
         }
     }
 
@@ -146,7 +198,8 @@ impl Pool {
     /// whether it is empty now.
     ///
     /// # Safety
-    /// `block` was handed out by `take` on this pool and not given back since.
+    /// `block` was handed out by `take_batch` on this pool and not given
+    /// back since.
     #[inline]
     pub(crate) unsafe fn give(pool: *mut Pool, block: *mut u8) -> (bool, bool) {
         let block = block.cast::<FreeBlock>();
@@ -193,6 +246,17 @@ mod tests {
     use std::alloc::{alloc, dealloc, Layout};
     use std::vec::Vec;
 
+    /// One block and whether the pool is now full.
+    ///
+    /// # Safety
+    /// As for `Pool::take_batch`.
+    unsafe fn take(pool: *mut Pool) -> (*mut u8, bool) {
+        let mut batch = Batch::new();
+        // SAFETY: forwarded contract; the batch is empty.
+        let (_, full) = unsafe { Pool::take_batch(pool, 1, &mut batch) };
+        (batch.first.cast(), full)
+    }
+
     fn with_pool(pool_size: usize, class: usize, f: impl FnOnce(*mut Pool)) {
         let layout = Layout::from_size_align(pool_size, pool_size).unwrap();
         // SAFETY: the layout has a non-zero size.
@@ -213,7 +277,7 @@ mod tests {
                 let mut blocks = Vec::new();
                 for i in 0..capacity {
                     // SAFETY: the pool is not full until the last take.
-                    let (block, full) = unsafe { Pool::take(pool) };
+                    let (block, full) = unsafe { take(pool) };
                     assert_eq!(full, i + 1 == capacity);
                     assert_eq!(block as usize % class_alignment(class), 0);
                     assert!(block as usize >= pool as usize + POOL_HEADER_SIZE);
@@ -238,19 +302,54 @@ mod tests {
         with_pool(4096, 3, |pool| {
             // SAFETY: a fresh pool has free blocks; blocks are given back once.
             unsafe {
-                let (a, _) = Pool::take(pool);
-                let (b, _) = Pool::take(pool);
-                let (c, _) = Pool::take(pool);
+                let (a, _) = take(pool);
+                let (b, _) = take(pool);
+                let (c, _) = take(pool);
                 assert_eq!(Pool::give(pool, b), (false, false));
                 assert_eq!(Pool::give(pool, a), (false, false));
-                assert_eq!(Pool::take(pool).0, a);
-                assert_eq!(Pool::take(pool).0, b);
+                assert_eq!(take(pool).0, a);
+                assert_eq!(take(pool).0, b);
                 assert_eq!((*pool).used, 3);
                 Pool::give(pool, a);
                 Pool::give(pool, b);
                 assert_eq!(Pool::give(pool, c), (false, true));
             }
         });
+    }
+
+    #[test]
+    fn a_batch_takes_free_blocks_then_fresh_ones_and_keeps_one_free() {
+        for class in [0, 5, CLASS_COUNT - 1] {
+            with_pool(4096, class, |pool| {
+                let capacity = blocks_per_pool(4096, class);
+                // SAFETY: blocks are taken from a live pool and given back
+                // once; the batch list is ours.
+                unsafe {
+                    let (a, _) = take(pool);
+                    let (b, _) = take(pool);
+                    Pool::give(pool, a);
+                    Pool::give(pool, b);
+                    let mut batch = Batch::new();
+                    let (taken, full) = Pool::take_batch(pool, 3, &mut batch);
+                    assert_eq!((taken, full), (3, capacity == 3));
+                    let (rest, full) = Pool::take_batch(pool, capacity, &mut batch);
+                    assert_eq!((3 + rest, full), (capacity, true));
+                    assert_eq!((*pool).used as usize, capacity);
+                    let mut all = Vec::new();
+                    let mut list = batch.first;
+                    while !list.is_null() {
+                        all.push(list as usize);
+                        list = (*list).next;
+                    }
+                    assert_eq!(&all[..2], [b as usize, a as usize], "free list first");
+                    assert!(all[2..].is_sorted(), "then fresh blocks in order");
+                    assert_eq!(*all.last().unwrap(), batch.last as usize);
+                    all.sort();
+                    all.dedup();
+                    assert_eq!(all.len(), capacity, "every block once");
+                }
+            });
+        }
     }
 
     #[test]
@@ -262,7 +361,7 @@ mod tests {
             unsafe {
                 let mut last = ptr::null_mut();
                 for _ in 0..7 {
-                    last = Pool::take(pool).0;
+                    last = take(pool).0;
                 }
                 assert!((*pool).free.is_null());
                 assert_eq!(Pool::give(pool, last), (true, false));
@@ -274,7 +373,7 @@ mod tests {
     fn the_pool_of_any_block_is_found_by_masking() {
         with_pool(1024, 0, |pool| {
             // SAFETY: a fresh pool has free blocks.
-            let (block, _) = unsafe { Pool::take(pool) };
+            let (block, _) = unsafe { take(pool) };
             assert_eq!(pool_of(block, 1024), pool);
         });
     }

@@ -32,7 +32,7 @@
 use crate::backing::Backing;
 use crate::config::MAX_HEAPS;
 use crate::heaps::HeapSet;
-use crate::pool::{pool_of, FreeBlock};
+use crate::pool::{pool_of, Batch, FreeBlock};
 use crate::size_class::{class_size, CLASS_COUNT};
 use crate::stats::Stats;
 use crate::sync::{AtomicUsize, Lock, Ordering};
@@ -226,55 +226,43 @@ impl ThreadCache {
         let mut held = set.hold(self.home.get(), alloc.backing());
         self.home.set(held.index());
         let list = &self.lists[class];
-        let mut len = list.len.load(Ordering::Relaxed);
-        for _ in 0..capacity(class) / 2 {
-            let block = held.alloc(class, alloc.backing()).cast::<FreeBlock>();
-            if block.is_null() {
-                break;
-            }
-            // SAFETY: a fresh block, at least pointer-sized and aligned.
-            unsafe { (*block).next = list.head.get() };
-            list.head.set(block);
-            len += 1;
+        let mut batch = Batch::new();
+        let got = held.alloc_batch(class, capacity(class) / 2, &mut batch, alloc.backing());
+        if got > 0 {
+            // SAFETY: the batch's last block is ours to link.
+            unsafe { (*batch.last).next = list.head.get() };
+            list.head.set(batch.first);
         }
-        list.len.store(len, Ordering::Relaxed);
-        len > 0
+        list.len
+            .store(list.len.load(Ordering::Relaxed) + got, Ordering::Relaxed);
+        got > 0
     }
 
-    /// Gives back all but the `keep` newest blocks of `class`'s list.
+    /// Gives the `count` newest blocks of `class`'s list back to their
+    /// heaps. (The newest, not the oldest: finding the oldest would mean
+    /// walking past the blocks that stay.)
     #[cold]
-    fn flush<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize, keep: usize) {
-        let list = &self.lists[class];
-        let len = list.len.load(Ordering::Relaxed);
-        let mut cut = list.head.get();
-        if keep == 0 {
-            list.head.set(ptr::null_mut());
-        } else {
-            for _ in 1..keep {
-                // SAFETY: the list has `len > keep` blocks, linked through
-                // their first word.
-                cut = unsafe { (*cut).next };
-            }
-            // SAFETY: as above; `cut` is the last block kept.
-            cut = unsafe { core::mem::replace(&mut (*cut).next, ptr::null_mut()) };
-        }
-        list.len.store(keep.min(len), Ordering::Relaxed);
+    fn flush<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize, count: usize) {
         // SAFETY: the owner is alive, so its set is too.
         let set = unsafe { &*self.set.get() };
+        let list = &self.lists[class];
         let mut held = set.hold(self.home.get(), alloc.backing());
         self.home.set(held.index());
         let here = held.index();
-        // SAFETY: the blocks were cut from this cache's list: live blocks of
-        // `set`, given up by their users, linked nowhere else; those of the
-        // held heap go straight back to it.
-        let chains = unsafe {
-            Chains::sort(set, cut, |heap, block| {
+        // SAFETY: the list's blocks are live blocks of `set`, given up by
+        // their users and linked only here; those of the held heap go
+        // straight back to it.
+        let (chains, rest) = unsafe {
+            Chains::sort(set, list.head.get(), count, |heap, block| {
                 heap == here && {
                     held.free(block.cast(), alloc.backing());
                     true
                 }
             })
         };
+        list.head.set(rest);
+        list.len
+            .store(list.len.load(Ordering::Relaxed) - count, Ordering::Relaxed);
         drop(held);
         for heap in chains.push(set) {
             set.after_push(heap, alloc.backing());
@@ -286,21 +274,26 @@ impl ThreadCache {
 struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS]);
 
 impl Chains {
-    /// Sorts the chain of cached blocks starting at `block`: those that
-    /// `free_here` takes (given their heap index) are gone, the others are
-    /// chained by heap.
+    /// Sorts the first `count` blocks of the list starting at `block` (all
+    /// of them if it is shorter): those that `free_here` takes (given their
+    /// heap index) are gone, the others are chained by heap. Returns the
+    /// chains and the rest of the list.
     ///
     /// # Safety
-    /// The chain's blocks are live blocks of `set`, given up by their users
+    /// The list's blocks are live blocks of `set`, given up by their users
     /// and linked nowhere else.
     unsafe fn sort(
         set: &HeapSet,
         mut block: *mut FreeBlock,
+        count: usize,
         mut free_here: impl FnMut(usize, *mut FreeBlock) -> bool,
-    ) -> Chains {
+    ) -> (Chains, *mut FreeBlock) {
         let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS]);
         let pool_size = set.config().pool_size();
-        while !block.is_null() {
+        for _ in 0..count {
+            if block.is_null() {
+                break;
+            }
             // SAFETY: per the contract `block` is a live block of `set`, so
             // its pool is initialised; and it is ours to relink.
             unsafe {
@@ -317,7 +310,7 @@ impl Chains {
                 block = next;
             }
         }
-        chains
+        (chains, block)
     }
 
     /// Pushes each chain onto its heap's inbox; returns the heaps pushed to.
@@ -353,7 +346,7 @@ impl Drop for ThreadCache {
             list.len.store(0, Ordering::Relaxed);
             // SAFETY: cached blocks are live blocks of `set`, given up by
             // their users. All go to inboxes: we have no backing to free into.
-            let chains = unsafe { Chains::sort(set, chain, |_, _| false) };
+            let (chains, _) = unsafe { Chains::sort(set, chain, usize::MAX, |_, _| false) };
             chains.push(set).for_each(drop);
         }
         set.requested
@@ -421,7 +414,7 @@ pub(crate) unsafe fn free<B: Backing>(
             list.len.store(len, Ordering::Relaxed);
             cache.add_requested(requested.wrapping_neg());
             if len > capacity(class) {
-                cache.flush(alloc, class, capacity(class) / 2);
+                cache.flush(alloc, class, len - capacity(class) / 2);
             }
             true
         })
@@ -433,8 +426,9 @@ pub(crate) fn flush_all<B: Backing>(alloc: &PyMalloc<B>) {
     let _ = CACHE.try_with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
             for class in 0..CLASS_COUNT {
-                if !cache.lists[class].head.get().is_null() {
-                    cache.flush(alloc, class, 0);
+                let len = cache.lists[class].len.load(Ordering::Relaxed);
+                if len > 0 {
+                    cache.flush(alloc, class, len);
                 }
             }
         }
