@@ -1,7 +1,11 @@
-//! loom models of every path where threads meet in this heap: the heap lock
-//! (allocation, free, pool and arena bookkeeping), the large-object counters,
-//! the Region's store lock, and statistics read while others allocate. Run
-//! with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`.
+//! loom models, through the public API, of the paths where threads meet:
+//! the heap locks (allocation, free, pool and arena bookkeeping), the
+//! creation of the heap set, the large-object counters, the Region's store
+//! lock, and statistics read while others allocate. The models of the paths
+//! between heaps (try-lock fall-over, inboxes, their batch reclaim, arena
+//! release racing a remote free) sit beside the code, in `src/heaps.rs`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom` and
+//! `... --lib loom_models`.
 #![cfg(loom)]
 
 use loom::sync::Arc;
@@ -42,12 +46,31 @@ fn give(heap: &impl GlobalAlloc, addr: usize, layout: Layout, tag: u8) {
     }
 }
 
+/// Runs `f` under every interleaving loom finds with at most `preemptions`
+/// preemptions (`None`: all of them), and insists there were many: each
+/// lock or atomic is a point where loom switches threads, and a model that
+/// saw one order would prove nothing.
+fn model(preemptions: Option<usize>, min_runs: usize, f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = preemptions;
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(runs >= min_runs, "only {runs} interleavings explored");
+}
+
 #[test]
 fn two_threads_allocate_and_free_while_a_third_reads_stats() {
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    loom::model(|| {
-        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let heap = Arc::new(PyMalloc::system_with(Config::SMALL));
+    // Three threads explored exhaustively take five minutes here; six
+    // preemptions take seconds and still interleave every step of the
+    // two workers with the stats read.
+    model(Some(6), 100, || {
+        // Two heaps: statistics merge them while both are in use.
+        let heap = Arc::new(PyMalloc::system_with(Config::SMALL.with_heaps(2)));
         let other = heap.clone();
         let worker = thread::spawn(move || {
             let a = take(&*other, small(), 1);
@@ -66,14 +89,11 @@ fn two_threads_allocate_and_free_while_a_third_reads_stats() {
         let stats = heap.stats();
         assert_eq!((stats.live_allocations(), stats.requested_bytes), (0, 0));
     });
-    // Each lock taken is a point where loom switches threads: a model that
-    // explored one order only would prove nothing.
-    assert!(RUNS.load(std::sync::atomic::Ordering::Relaxed) > 100);
 }
 
 #[test]
 fn a_free_emptying_an_arena_races_an_allocation_needing_one() {
-    loom::model(|| {
+    model(None, 20, || {
         let heap = Arc::new(PyMalloc::system_with(Config::new(1024, 1)));
         // One-pool arenas holding one 512-byte block: every free empties an
         // arena and every allocation may need a new one.
@@ -95,7 +115,7 @@ fn a_free_emptying_an_arena_races_an_allocation_needing_one() {
 
 #[test]
 fn two_threads_share_a_region_store() {
-    loom::model(|| {
+    model(None, 10, || {
         let memory: &'static mut [u8] =
             Box::leak(vec![0u8; Region::min_len(Config::SMALL) + 8192].into_boxed_slice());
         let heap = Arc::new(PyMalloc::region_uninit(Config::SMALL));
