@@ -36,6 +36,12 @@ pub mod stats;
 mod thread_cache;
 
 pub use allocator::{DefaultBacking, PyMalloc};
+
+/// Whether this build gives each thread a cache of free blocks in front of
+/// the shared heaps: with `std`, on Linux with glibc, without the `debug`
+/// feature (see `build.rs` for why only there). Without them every
+/// allocation takes a heap's lock, chosen without thread-local storage.
+pub const THREAD_CACHES: bool = cfg!(thread_cache);
 #[cfg(feature = "std")]
 pub use backing::System;
 pub use backing::{Backing, Region};

@@ -19,7 +19,7 @@
 //! final count is exact.
 #![cfg(feature = "std")]
 
-use pymalloc::{PyMalloc, Stats};
+use pymalloc::{Backing, PyMalloc, Region, Stats};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Mutex;
@@ -31,6 +31,23 @@ static ALLOC: PyMalloc = PyMalloc::system();
 
 /// The heap of the producer/consumer test.
 static PIPELINE_ALLOC: PyMalloc = PyMalloc::system();
+
+/// The producer/consumer test again, over a fixed region: several heaps
+/// (the default eight) share one region store.
+static mut REGION: [u8; 64 << 20] = [0; 64 << 20];
+// SAFETY: REGION is used by this allocator alone.
+static REGION_ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut REGION) };
+
+/// What the tests need of a heap, whatever its backing.
+trait TestHeap: GlobalAlloc + Sync {
+    fn stats(&self) -> Stats;
+}
+
+impl<B: Backing + Sync> TestHeap for PyMalloc<B> {
+    fn stats(&self) -> Stats {
+        PyMalloc::stats(self)
+    }
+}
 
 /// Arenas a heap may still hold once everything is freed. Today's heap
 /// keeps at most one spare; a heap split into several may keep one spare
@@ -91,7 +108,7 @@ fn pattern(cookie: u64, i: usize) -> u8 {
 
 /// One live allocation, owned by whoever holds this value.
 struct Block {
-    heap: &'static PyMalloc,
+    heap: &'static dyn TestHeap,
     ptr: *mut u8,
     layout: Layout,
     /// Unique over the whole run, so two blocks never share a cookie.
@@ -105,7 +122,7 @@ unsafe impl Send for Block {}
 
 impl Block {
     /// Allocates `layout` from `heap` and stamps it.
-    fn new(heap: &'static PyMalloc, layout: Layout, id: u64) -> Block {
+    fn new(heap: &'static dyn TestHeap, layout: Layout, id: u64) -> Block {
         // SAFETY: `layout` has a non-zero size (`Rng::size` is at least 1).
         let ptr = unsafe { heap.alloc(layout) };
         assert!(!ptr.is_null(), "allocation of {layout:?} failed");
@@ -393,14 +410,15 @@ const STREAM_BATCHES: usize = 60;
 /// Batches per burst round: some 50,000 blocks, tens of arenas.
 const BURST_BATCHES: usize = 200;
 
-/// Allocates `batches` batches of blocks and hands each to `send`.
-fn produce(round: usize, batches: usize, send: impl Fn(Vec<Block>)) {
+/// Allocates `batches` batches of blocks from `heap` and hands each to
+/// `send`.
+fn produce(heap: &'static dyn TestHeap, round: usize, batches: usize, send: impl Fn(Vec<Block>)) {
     let mut rng = Rng::new(1000 + round as u64);
     for batch in 0..batches {
         let blocks = (0..BATCH)
             .map(|i| {
                 let id = ((round as u64) << 40) | ((batch * BATCH + i) as u64);
-                Block::new(&PIPELINE_ALLOC, rng.layout(), id)
+                Block::new(heap, rng.layout(), id)
             })
             .collect();
         send(blocks);
@@ -421,6 +439,15 @@ fn consume(batches: impl IntoIterator<Item = Vec<Block>>) -> usize {
 
 #[test]
 fn a_producer_allocates_and_a_consumer_frees_everything() {
+    pipeline(&PIPELINE_ALLOC, "pipeline");
+}
+
+#[test]
+fn a_producer_and_a_consumer_share_a_region_between_heaps() {
+    pipeline(&REGION_ALLOC, "pipeline over a region");
+}
+
+fn pipeline(heap: &'static dyn TestHeap, name: &str) {
     let start = Instant::now();
     for round in 0..PIPELINE_ROUNDS {
         let batches = if round % 2 == 0 {
@@ -433,7 +460,8 @@ fn a_producer_allocates_and_a_consumer_frees_everything() {
             // in flight, so the producer's heap is refilled by remote frees
             // while it allocates.
             let (tx, rx) = mpsc::sync_channel(8);
-            let producer = thread::spawn(move || produce(round, batches, |b| tx.send(b).unwrap()));
+            let producer =
+                thread::spawn(move || produce(heap, round, batches, |b| tx.send(b).unwrap()));
             let consumer = thread::spawn(move || consume(rx));
             producer.join().unwrap();
             consumer.join().unwrap()
@@ -442,22 +470,22 @@ fn a_producer_allocates_and_a_consumer_frees_everything() {
             // consumer starts, so every free is for a thread that is gone,
             // and the heap grows to many arenas that must go back.
             let (tx, rx) = mpsc::channel();
-            thread::spawn(move || produce(round, batches, |b| tx.send(b).unwrap()))
+            thread::spawn(move || produce(heap, round, batches, |b| tx.send(b).unwrap()))
                 .join()
                 .unwrap();
             thread::spawn(move || consume(rx)).join().unwrap()
         };
         assert_eq!(freed, batches * BATCH);
-        let stats = PIPELINE_ALLOC.stats();
+        let stats = heap.stats();
         assert_drained(&stats);
     }
-    let stats = PIPELINE_ALLOC.stats();
+    let stats = heap.stats();
     assert!(
         stats.arenas_highwater > SPARE_ARENAS_MAX && stats.arenas_reclaimed > 0,
         "the test should have made the heap grow and shrink:\n{stats}"
     );
     eprintln!(
-        "pipeline: {PIPELINE_ROUNDS} rounds in {:?}, arena high-water {}, \
+        "{name}: {PIPELINE_ROUNDS} rounds in {:?}, arena high-water {}, \
          {} arenas held at the end",
         start.elapsed(),
         stats.arenas_highwater,

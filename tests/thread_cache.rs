@@ -1,0 +1,172 @@
+//! The lifetimes around per-thread caches: blocks cached by a thread that
+//! exits go back, blocks cached by a live thread count as free, a dropped
+//! allocator is forgotten by every cache that served it, and a moved one
+//! keeps being served. Without thread caches (`THREAD_CACHES` false) the
+//! same programs must give the same answers, less the cached counts.
+#![cfg(feature = "std")]
+
+use pymalloc::{PyMalloc, THREAD_CACHES};
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::mpsc;
+use std::thread;
+
+fn layout() -> Layout {
+    Layout::from_size_align(40, 8).unwrap()
+}
+
+/// Allocates `n` blocks from `heap` and frees them all, newest first.
+fn churn(heap: &PyMalloc, n: usize) {
+    // SAFETY: non-zero size; each block is freed once, with its layout.
+    let blocks: Vec<*mut u8> = (0..n).map(|_| unsafe { heap.alloc(layout()) }).collect();
+    assert!(blocks.iter().all(|b| !b.is_null()));
+    for &block in blocks.iter().rev() {
+        // SAFETY: as above.
+        unsafe { heap.dealloc(block, layout()) };
+    }
+}
+
+#[test]
+fn a_live_threads_cached_blocks_count_as_free_and_go_back_when_it_exits() {
+    static HEAP: PyMalloc = PyMalloc::system();
+    let (done, wait) = mpsc::channel::<()>();
+    let (ready, is_ready) = mpsc::channel::<()>();
+    let worker = thread::spawn(move || {
+        churn(&HEAP, 1000);
+        ready.send(()).unwrap();
+        wait.recv().unwrap();
+    });
+    is_ready.recv().unwrap();
+    let stats = HEAP.stats();
+    assert_eq!(stats.live_allocations(), 0);
+    assert_eq!(stats.requested_bytes, 0);
+    assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+    assert_eq!(stats.cached_blocks > 0, THREAD_CACHES, "{stats}");
+    done.send(()).unwrap();
+    worker.join().unwrap();
+    let stats = HEAP.stats();
+    assert_eq!((stats.live_allocations(), stats.cached_blocks), (0, 0));
+    assert_eq!(
+        stats.classes[4].pools, 0,
+        "every pool of the class is empty"
+    );
+    assert!(stats.arenas_current <= 1, "{stats}");
+}
+
+/// An allocator on the heap, dropped by hand while a thread still caches
+/// its blocks.
+fn leaked() -> &'static PyMalloc {
+    Box::leak(Box::new(PyMalloc::system()))
+}
+
+/// # Safety
+/// `heap` came from `leaked`, no block of it is live, and nothing uses it
+/// after this call.
+unsafe fn drop_leaked(heap: &'static PyMalloc) {
+    // SAFETY: per the contract, the box is ours again.
+    unsafe { drop(Box::from_raw(std::ptr::from_ref(heap).cast_mut())) }
+}
+
+#[test]
+fn a_cache_serving_one_allocator_leaves_another_to_the_shared_heaps() {
+    let first = PyMalloc::system();
+    let second = PyMalloc::system();
+    thread::scope(|scope| {
+        // Joined by hand: the end of a scope waits for the closure only, and
+        // the thread's cache goes back later, with its thread locals.
+        scope
+            .spawn(|| {
+                churn(&first, 500);
+                churn(&second, 500);
+                churn(&first, 500);
+            })
+            .join()
+            .unwrap();
+    });
+    for heap in [&first, &second] {
+        let stats = heap.stats();
+        assert_eq!((stats.live_allocations(), stats.cached_blocks), (0, 0));
+        assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+    }
+}
+
+#[test]
+fn a_dropped_allocator_is_forgotten_by_the_caches_that_served_it() {
+    let first = leaked();
+    let (go, wait) = mpsc::channel::<()>();
+    let (cached, is_cached) = mpsc::channel::<()>();
+    let worker = thread::spawn(move || {
+        churn(first, 500);
+        cached.send(()).unwrap();
+        wait.recv().unwrap();
+        // This thread's cache still names the first allocator, now gone
+        // with its arenas: the second must not be handed the old blocks,
+        // and must be served all the same.
+        let second = PyMalloc::system();
+        churn(&second, 500);
+        // SAFETY: non-zero size; freed below.
+        let kept = unsafe { second.alloc(layout()) };
+        let stats = second.stats();
+        assert_eq!(stats.live_allocations(), 1);
+        let pools: usize = stats.classes.iter().map(|c| c.pools).sum();
+        assert_eq!(pools, 1, "one pool, of the second's own");
+        assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+        // SAFETY: allocated above with this layout.
+        unsafe { second.dealloc(kept, layout()) };
+    });
+    is_cached.recv().unwrap();
+    // SAFETY: the worker no longer uses `first` and holds no live block.
+    unsafe { drop_leaked(first) };
+    go.send(()).unwrap();
+    worker.join().unwrap();
+}
+
+#[test]
+fn an_allocator_dropped_while_a_thread_caches_its_blocks_is_never_touched() {
+    let heap = leaked();
+    let (go, wait) = mpsc::channel::<()>();
+    let (cached, is_cached) = mpsc::channel::<()>();
+    let worker = thread::spawn(move || {
+        churn(heap, 500);
+        cached.send(()).unwrap();
+        wait.recv().unwrap();
+        // Exits with its cache naming a dropped allocator: the destructor
+        // must leave those blocks alone.
+    });
+    is_cached.recv().unwrap();
+    // SAFETY: the worker no longer uses `heap` (it only waits), and no
+    // block of it is live: its cached blocks are free ones.
+    unsafe { drop_leaked(heap) };
+    // Memory the dropped allocator released is reused at once, so that a
+    // stray write by the exiting thread would corrupt live data.
+    let other = PyMalloc::system();
+    // SAFETY: non-zero size; freed below.
+    let blocks: Vec<*mut u8> = (0..5000)
+        .map(|i| unsafe {
+            let b = other.alloc(layout());
+            b.write_bytes(i as u8, 40);
+            b
+        })
+        .collect();
+    go.send(()).unwrap();
+    worker.join().unwrap();
+    for (i, &b) in blocks.iter().enumerate() {
+        // SAFETY: live blocks of 40 bytes, freed once.
+        unsafe {
+            assert!(std::slice::from_raw_parts(b, 40)
+                .iter()
+                .all(|&x| x == i as u8));
+            other.dealloc(b, layout());
+        }
+    }
+}
+
+#[test]
+fn a_moved_allocator_keeps_its_thread_cache() {
+    let heap = PyMalloc::system();
+    churn(&heap, 300);
+    let moved = Box::new(heap);
+    churn(&moved, 300);
+    let stats = moved.stats();
+    assert_eq!((stats.live_allocations(), stats.cached_blocks), (0, 0));
+    assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+}
