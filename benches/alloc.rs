@@ -68,11 +68,17 @@ extern "C" {
     fn getenv(name: *const std::ffi::c_char) -> *const std::ffi::c_char;
 }
 
+#[inline]
 fn choice() -> u8 {
     let c = CHOICE.load(Ordering::Relaxed);
     if c != UNCHOSEN {
         return c;
     }
+    choose()
+}
+
+#[cold]
+fn choose() -> u8 {
     // SAFETY: a NUL-terminated name; getenv does not allocate, and its
     // answer, when not null, is a NUL-terminated string.
     let value = unsafe { getenv(c"BENCH_CONTENDER".as_ptr()) };
@@ -96,21 +102,45 @@ fn choice() -> u8 {
 }
 
 /// Forwards to the chosen allocator. Every contender pays the same
-/// predictable branch.
+/// predictable branch and one direct call to an out-of-line function of its
+/// own, as a `#[global_allocator]` is reached through `__rust_alloc`: none
+/// has its code inlined into the dispatcher, where it would share the
+/// registers (and the prologue) of six others.
 struct Dispatch;
 
 macro_rules! dispatch {
     ($method:ident($($arg:expr),*)) => {
         match choice() {
-            id::PYMALLOC => PYMALLOC.$method($($arg),*),
-            id::MIMALLOC => MIMALLOC.$method($($arg),*),
-            id::JEMALLOC => JEMALLOC.$method($($arg),*),
-            id::PYMALLOC_REGION => PYMALLOC_REGION.$method($($arg),*),
-            id::TALC => TALC.$method($($arg),*),
-            id::LINKED_LIST => LLA.$method($($arg),*),
-            _ => System.$method($($arg),*),
+            id::PYMALLOC => OutOfLine::$method(&PYMALLOC, $($arg),*),
+            id::MIMALLOC => OutOfLine::$method(&MIMALLOC, $($arg),*),
+            id::JEMALLOC => OutOfLine::$method(&JEMALLOC, $($arg),*),
+            id::PYMALLOC_REGION => OutOfLine::$method(&PYMALLOC_REGION, $($arg),*),
+            id::TALC => OutOfLine::$method(&TALC, $($arg),*),
+            id::LINKED_LIST => OutOfLine::$method(&LLA, $($arg),*),
+            _ => OutOfLine::$method(&System, $($arg),*),
         }
     };
+}
+
+/// One contender's entry points, never inlined.
+struct OutOfLine;
+
+impl OutOfLine {
+    #[inline(never)]
+    unsafe fn alloc(a: &impl GlobalAlloc, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { a.alloc(layout) }
+    }
+    #[inline(never)]
+    unsafe fn dealloc(a: &impl GlobalAlloc, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { a.dealloc(ptr, layout) }
+    }
+    #[inline(never)]
+    unsafe fn realloc(a: &impl GlobalAlloc, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { a.realloc(ptr, layout, size) }
+    }
 }
 
 // SAFETY: forwards each call, with its contract, to one allocator that never

@@ -39,6 +39,11 @@ pub const fn class_for(size: usize, align: usize) -> Option<usize> {
     if size > SMALL_REQUEST_THRESHOLD || align > SMALL_REQUEST_THRESHOLD {
         return None;
     }
+    if align <= CLASS_STEP {
+        // Every class is aligned to the step: the common case needs no
+        // rounding. (Zero-size requests still get a distinct block.)
+        return Some(size.saturating_sub(1) / CLASS_STEP);
+    }
     let step = if align > CLASS_STEP {
         align
     } else {

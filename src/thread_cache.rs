@@ -45,16 +45,29 @@ use core::ptr;
 /// uses (mimalloc keeps a whole 64 KiB page per class a thread uses).
 const LIST_BYTES: usize = 8192;
 
-/// Blocks a list of `class` holds before half of them go back.
-const fn capacity(class: usize) -> usize {
-    let blocks = LIST_BYTES / class_size(class);
-    if blocks < 8 {
-        8
-    } else if blocks > 128 {
-        128
-    } else {
-        blocks
+/// Blocks a list of each class holds before half of them go back: a table,
+/// so that the free path does not divide.
+const CAPACITY: [usize; CLASS_COUNT] = {
+    let mut table = [0; CLASS_COUNT];
+    let mut class = 0;
+    while class < CLASS_COUNT {
+        let blocks = LIST_BYTES / class_size(class);
+        table[class] = if blocks < 8 {
+            8
+        } else if blocks > 128 {
+            128
+        } else {
+            blocks
+        };
+        class += 1;
     }
+    table
+};
+
+/// Blocks a list of `class` holds before half of them go back.
+#[inline]
+fn capacity(class: usize) -> usize {
+    CAPACITY[class]
 }
 
 /// Owner of a cache bound to no allocator: no allocator has this id.
