@@ -259,8 +259,17 @@ impl ThreadCache {
         // SAFETY: the owner is alive, so its set is too.
         let set = unsafe { &*self.set.get() };
         let list = &self.lists[class];
-        let mut held = set.hold(self.home.get(), alloc.backing());
-        self.home.set(held.index());
+        // The heap of the newest block, if it is free: blocks freed in a
+        // run mostly share a heap, and when that is another thread's (a
+        // consumer freeing a producer's blocks) they go straight back to
+        // their pools instead of through its inbox.
+        // SAFETY: the list holds `count > 0` live blocks of `set`, whose
+        // pool headers are initialised.
+        let newest = unsafe { (*pool_of(list.head.get().cast(), set.config().pool_size())).heap };
+        let mut held = match set.try_hold(newest as usize, alloc.backing()) {
+            Some(held) => held,
+            None => set.hold(self.home.get(), alloc.backing()),
+        };
         let here = held.index();
         // SAFETY: the list's blocks are live blocks of `set`, given up by
         // their users and linked only here; those of the held heap go
