@@ -21,13 +21,18 @@
 //!   a generation counter, and a cache re-checks its owner under that lock
 //!   whenever the generation moved, discarding (never touching) its blocks
 //!   if the owner is gone.
-//! * At thread exit the cache's destructor, under the registry lock so that
-//!   the owner cannot be dropped meanwhile, pushes every block to its heap's
-//!   inbox. It cannot free into the heap: the backing lives in the
-//!   `PyMalloc` value, whose address the cache does not know. The next
-//!   holder of each heap reclaims them. After the destructor has run the
-//!   thread local reports itself gone, and later allocations of the dying
-//!   thread take the shared path.
+//! * The cache itself is a thread local without a destructor, so using it
+//!   costs no state check. Binding it registers a second, empty thread
+//!   local whose destructor, at thread exit, hands the cache back: under the
+//!   registry lock, so that the owner cannot be dropped meanwhile, it pushes
+//!   every block to its heap's inbox. It cannot free into the heap: the
+//!   backing lives in the `PyMalloc` value, whose address the cache does not
+//!   know. The next holder of each heap reclaims them. Once that destructor
+//!   has run it cannot be registered again, so the cache never binds again
+//!   and the dying thread's later allocations (other thread locals'
+//!   destructors) take the shared path.
+//! * Thread start-up needs nothing: a thread's TLS block exists before any
+//!   of its code runs, and the cache starts unbound.
 
 use crate::backing::Backing;
 use crate::config::MAX_HEAPS;
@@ -54,8 +59,8 @@ const CAPACITY: [usize; CLASS_COUNT] = {
         let blocks = LIST_BYTES / class_size(class);
         table[class] = if blocks < 8 {
             8
-        } else if blocks > 128 {
-            128
+        } else if blocks > 512 {
+            512
         } else {
             blocks
         };
@@ -149,8 +154,17 @@ pub(crate) struct ThreadCache {
 }
 
 std::thread_local! {
+    /// No destructor, so no state to check on each access: the fast path is
+    /// one thread-pointer-relative address.
     static CACHE: ThreadCache = const { ThreadCache::new() };
+    /// Registered (by first access) when the cache binds; its destructor
+    /// hands the cache back at thread exit. Once it has run, `try_with`
+    /// fails and the cache never binds again.
+    static EXIT: ExitGuard = const { ExitGuard };
 }
+
+/// Hands the thread's cache back when the thread exits.
+struct ExitGuard;
 
 impl ThreadCache {
     const fn new() -> Self {
@@ -199,7 +213,9 @@ impl ThreadCache {
             // without touching them.
             self.forget();
         }
-        if !is_live(&registry, id) {
+        // Registers the exit guard on first use; fails once the thread is
+        // exiting and the guard has run: then the shared path serves.
+        if !is_live(&registry, id) || EXIT.try_with(|_| ()).is_err() {
             return false;
         }
         self.owner.set(id);
@@ -350,14 +366,22 @@ impl Chains {
     }
 }
 
-impl Drop for ThreadCache {
-    /// Thread exit: hands every block back (see the module documentation).
+impl Drop for ExitGuard {
     fn drop(&mut self) {
+        CACHE.with(ThreadCache::retire);
+    }
+}
+
+impl ThreadCache {
+    /// Thread exit: hands every block back (see the module documentation)
+    /// and unbinds, for good: `EXIT` is gone, so `bind` refuses.
+    fn retire(&self) {
         if self.owner.get() == NO_OWNER {
             return;
         }
         let registry = REGISTRY.lock();
         if !is_live(&registry, self.owner.get()) {
+            self.forget();
             return;
         }
         // SAFETY: the owner is registered, and cannot leave the registry
@@ -375,6 +399,7 @@ impl Drop for ThreadCache {
             .fetch_add(self.requested.load(Ordering::Relaxed), Ordering::Relaxed);
         // SAFETY: linked into the owner's list when bound.
         unsafe { set.caches.unlink(self) };
+        self.forget();
         drop(registry);
     }
 }
@@ -388,6 +413,8 @@ pub(crate) fn alloc<B: Backing>(
     class: usize,
     requested: usize,
 ) -> Option<*mut u8> {
+    // `try_with`, not `with`: it inlines. (It cannot fail: the cache has
+    // no destructor.)
     CACHE
         .try_with(|cache| {
             if !cache.serves(alloc) {
@@ -445,7 +472,7 @@ pub(crate) unsafe fn free<B: Backing>(
 
 /// Gives every block the calling thread caches for `alloc` back to its heap.
 pub(crate) fn flush_all<B: Backing>(alloc: &PyMalloc<B>) {
-    let _ = CACHE.try_with(|cache| {
+    CACHE.with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
             for class in 0..CLASS_COUNT {
                 let len = cache.lists[class].len.load(Ordering::Relaxed);
