@@ -105,6 +105,9 @@ struct Chunk {
     slots: [Arena; SLOTS_PER_CHUNK],
 }
 
+/// Bytes one chunk of arena records takes from the backing.
+pub(crate) const CHUNK_BYTES: usize = core::mem::size_of::<Chunk>();
+
 /// Where `Arena` records live: chunks taken from the backing as needed and
 /// kept for the life of the heap (they are small; CPython never shrinks its
 /// arena table either).
@@ -204,6 +207,6 @@ impl ArenaTable {
             // SAFETY: as in `open_arenas`.
             chunk = unsafe { (*chunk).next };
         }
-        chunks * core::mem::size_of::<Chunk>()
+        chunks * CHUNK_BYTES
     }
 }

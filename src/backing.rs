@@ -265,10 +265,17 @@ impl Region {
         }
     }
 
-    /// The fewest bytes a region needs for `config`: one arena, the padding
-    /// to align it to a pool, and the worst-case trim of a misaligned start.
+    /// The fewest bytes a region needs for `config`: the heaps themselves,
+    /// one chunk of arena records, one arena, the padding to align each,
+    /// and the worst-case trim of a misaligned start.
     pub const fn min_len(config: Config) -> usize {
-        config.arena_size() + config.pool_size() + 2 * REGION_ALIGN
+        (crate::heaps::HeapSet::max_bytes(config.heaps())
+            + crate::arena::CHUNK_BYTES
+            + config.arena_size()
+            + config.pool_size()
+            + 4 * REGION_ALIGN)
+            // A trimmed span is a whole number of `REGION_ALIGN` units.
+            .next_multiple_of(REGION_ALIGN)
     }
 
     /// Gives the region its span.

@@ -130,6 +130,14 @@ impl HeapSet {
         }
     }
 
+    /// Bytes a set of `heaps` heaps takes from a backing at most, padding
+    /// to its alignment included (for `Region::min_len`).
+    pub(crate) const fn max_bytes(heaps: usize) -> usize {
+        core::mem::size_of::<HeapSet>().next_multiple_of(core::mem::align_of::<Slot>())
+            + heaps * core::mem::size_of::<Slot>()
+            + core::mem::align_of::<Slot>()
+    }
+
     /// The geometry every heap of the set shares.
     #[cfg(thread_cache)]
     pub(crate) fn config(&self) -> Config {

@@ -126,3 +126,33 @@ fn a_misaligned_region_never_writes_outside_its_span() {
     assert!(memory[..start].iter().all(|&b| b == 0xA5));
     assert!(memory[start + len..].iter().all(|&b| b == 0xA5));
 }
+
+#[test]
+fn a_region_of_min_len_after_trimming_serves_a_small_block() {
+    for config in [
+        Config::SMALL,
+        Config::DEFAULT,
+        Config::DEFAULT.with_heaps(32),
+    ] {
+        let len = Region::min_len(config);
+        for misalignment in [0, 1, 7, 15] {
+            let mut memory = vec![0u8; len + 64];
+            // A start 64-aligned plus `misalignment`, and enough bytes that
+            // `len` remain once the start is trimmed to 16 bytes.
+            let offset = memory.as_ptr().align_offset(64) + misalignment;
+            let given = len + (16 - misalignment) % 16;
+            let heap = PyMalloc::region_uninit(config);
+            // SAFETY: `memory` outlives `heap` and nothing else uses it; the
+            // span lies within it.
+            unsafe { heap.init(memory.as_mut_ptr().add(offset), given) };
+            let layout = Layout::from_size_align(512, 8).unwrap();
+            // SAFETY: non-zero size; freed below.
+            let block = unsafe { heap.alloc(layout) };
+            assert!(!block.is_null(), "{config:?} +{misalignment}");
+            // SAFETY: allocated above.
+            unsafe { heap.dealloc(block, layout) };
+            drop(heap);
+            drop(memory);
+        }
+    }
+}
