@@ -445,24 +445,22 @@ mod loom_models {
         }
     }
 
-    /// Runs `f` under every interleaving loom finds (no preemption bound:
-    /// these models are small enough to explore exhaustively), and insists
-    /// there were many: a model that saw one order would prove nothing. (loom treats its mutexes as sequentially
-    /// consistent, so the fences in `Held::drop` and `after_push` are
-    /// argued in the module documentation rather than checked here; what is
-    /// checked is the protocol around them.)
+    /// Every interleaving: these models are small enough to explore
+    /// exhaustively. (loom treats its mutexes as sequentially consistent,
+    /// so the fences in `Held::drop` and `after_push` are argued in the
+    /// module documentation rather than checked here; what is checked is the
+    /// protocol around them.)
     fn model(f: impl Fn() + Sync + Send + 'static) {
-        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = runs.clone();
-        let mut builder = loom::model::Builder::new();
-        builder.preemption_bound = None;
-        builder.check(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f()
-        });
-        let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-        std::eprintln!("{runs} interleavings");
-        assert!(runs >= 20, "only {runs} interleavings explored");
+        crate::sync::loom_model(None, 20, f);
+    }
+
+    /// Two blocks of heap `index`, taken while holding it.
+    fn two_blocks(shared: &Shared, index: usize) -> (usize, usize) {
+        let mut held = shared.set().hold_exactly(index, &System);
+        (
+            held.alloc(BIG, &System) as usize,
+            held.alloc(BIG, &System) as usize,
+        )
     }
 
     #[test]
@@ -497,13 +495,7 @@ mod loom_models {
     fn a_remote_free_is_never_left_behind_by_a_leaving_holder() {
         model(|| {
             let shared = Shared::new(ONE_BLOCK_ARENAS.with_heaps(1));
-            let (a, b) = {
-                let mut held = shared.set().hold(0, &System);
-                (
-                    held.alloc(BIG, &System) as usize,
-                    held.alloc(BIG, &System) as usize,
-                )
-            };
+            let (a, b) = two_blocks(&shared, 0);
             let holder = thread::spawn({
                 let shared = shared.clone();
                 move || {
@@ -566,13 +558,7 @@ mod loom_models {
         model(|| {
             let shared = Shared::new(ONE_BLOCK_ARENAS.with_heaps(2));
             // Two arenas of heap 0, each full with one block.
-            let (x, y) = {
-                let mut held = shared.set().hold_exactly(0, &System);
-                (
-                    held.alloc(BIG, &System) as usize,
-                    held.alloc(BIG, &System) as usize,
-                )
-            };
+            let (x, y) = two_blocks(&shared, 0);
             let remote = thread::spawn({
                 let shared = shared.clone();
                 // SAFETY: a live block of the set, freed once.

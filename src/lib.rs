@@ -18,6 +18,9 @@ extern crate std;
 extern crate alloc;
 
 mod sync;
+#[cfg(loom)]
+#[doc(hidden)]
+pub use sync::loom_model;
 
 // The allocator.
 mod allocator;

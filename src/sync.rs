@@ -158,3 +158,29 @@ impl<T> Drop for CriticalGuard<'_, T> {
         unsafe { critical_section::release(self.state) }
     }
 }
+
+/// Runs `f` under every interleaving loom finds with at most `preemptions`
+/// preemptions (`None`: all of them), and insists there were at least
+/// `min_runs`: each lock or atomic is a point where loom switches threads,
+/// and a model that saw one order would prove nothing. For this crate's
+/// loom models, in `src/` and `tests/loom.rs`.
+#[cfg(loom)]
+#[doc(hidden)]
+pub fn loom_model(
+    preemptions: Option<usize>,
+    min_runs: usize,
+    f: impl Fn() + Sync + Send + 'static,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = preemptions;
+    builder.check(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        f()
+    });
+    let runs = runs.load(Ordering::Relaxed);
+    assert!(runs >= min_runs, "only {runs} interleavings explored");
+}

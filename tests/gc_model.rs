@@ -10,6 +10,9 @@
 //! `PYMALLOC_MODEL_ROUNDS` sets the number of rounds (default 300).
 #![cfg(feature = "std")]
 
+mod common;
+
+use common::rng::Rng;
 use pymalloc::{gc, Cc, Trace, Visitor, Weak};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -59,22 +62,6 @@ impl<const F: bool> Drop for MNode<F> {
             d[self.id] += 1;
             assert_eq!(d[self.id], 1, "node {} dropped twice", self.id);
         });
-    }
-}
-
-/// xorshift64*: small, deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
     }
 }
 
@@ -197,7 +184,7 @@ impl<const F: bool> Model<F> {
 }
 
 fn run<const F: bool>(seed: u64, rounds: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut model = Model::<F>::new();
     gc::set_threshold(1 + rng.below(50), 1 + rng.below(5), 1 + rng.below(5));
     for _ in 0..rounds {

@@ -10,7 +10,7 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use pymalloc::{Config, PyMalloc, Region};
+use pymalloc::{loom_model as model, Config, PyMalloc, Region};
 use std::alloc::{GlobalAlloc, Layout};
 
 fn small() -> Layout {
@@ -44,23 +44,6 @@ fn give(heap: &impl GlobalAlloc, addr: usize, layout: Layout, tag: u8) {
         );
         heap.dealloc(p, layout);
     }
-}
-
-/// Runs `f` under every interleaving loom finds with at most `preemptions`
-/// preemptions (`None`: all of them), and insists there were many: each
-/// lock or atomic is a point where loom switches threads, and a model that
-/// saw one order would prove nothing.
-fn model(preemptions: Option<usize>, min_runs: usize, f: impl Fn() + Sync + Send + 'static) {
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = preemptions;
-    builder.check(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(runs >= min_runs, "only {runs} interleavings explored");
 }
 
 #[test]

@@ -19,6 +19,9 @@
 //! final count is exact.
 #![cfg(feature = "std")]
 
+mod common;
+
+use common::rng::Rng;
 use pymalloc::{Backing, PyMalloc, Region, Stats};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -58,32 +61,13 @@ const SPARE_ARENAS_MAX: usize = 16;
 /// Largest request: well past the 512-byte small limit, into the fallback.
 const LARGE_MAX: usize = 16 * 1024;
 
-/// xorshift64*: cheap, deterministic, one per thread.
-struct Rng(u64);
+/// The requests the stress makes.
+trait Requests {
+    fn size(&mut self) -> usize;
+    fn layout(&mut self) -> Layout;
+}
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // Spread small seeds over the whole state; the state must not be 0.
-        Rng(seed.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (near enough for a stress test).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// True `percent` times in a hundred.
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-
+impl Requests for Rng {
     /// A request size: mostly small, skewed to the smallest classes, and
     /// one in twenty large.
     fn size(&mut self) -> usize {

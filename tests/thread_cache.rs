@@ -52,18 +52,32 @@ fn a_live_threads_cached_blocks_count_as_free_and_go_back_when_it_exits() {
     assert!(stats.arenas_current <= 1, "{stats}");
 }
 
-/// An allocator on the heap, dropped by hand while a thread still caches
-/// its blocks.
-fn leaked() -> &'static PyMalloc {
-    Box::leak(Box::new(PyMalloc::system()))
-}
-
-/// # Safety
-/// `heap` came from `leaked`, no block of it is live, and nothing uses it
-/// after this call.
-unsafe fn drop_leaked(heap: &'static PyMalloc) {
-    // SAFETY: per the contract, the box is ours again.
-    unsafe { drop(Box::from_raw(std::ptr::from_ref(heap).cast_mut())) }
+/// A thread caches blocks of a fresh allocator, then waits while the
+/// allocator is dropped and `meanwhile` runs here; then it runs `then` and
+/// exits, its cache still naming the dropped allocator. Returns what
+/// `meanwhile` returned.
+fn drop_while_a_thread_caches<R>(
+    meanwhile: impl FnOnce() -> R,
+    then: impl FnOnce() + Send + 'static,
+) -> R {
+    let heap: &'static PyMalloc = Box::leak(Box::new(PyMalloc::system()));
+    let (go, wait) = mpsc::channel::<()>();
+    let (cached, is_cached) = mpsc::channel::<()>();
+    let worker = thread::spawn(move || {
+        churn(heap, 500);
+        cached.send(()).unwrap();
+        wait.recv().unwrap();
+        then();
+    });
+    is_cached.recv().unwrap();
+    // SAFETY: the box leaked above is ours again: the worker no longer uses
+    // `heap` (it waits, then uses other allocators), and no block of it is
+    // live (the cached ones are free).
+    unsafe { drop(Box::from_raw(std::ptr::from_ref(heap).cast_mut())) };
+    let result = meanwhile();
+    go.send(()).unwrap();
+    worker.join().unwrap();
+    result
 }
 
 #[test]
@@ -91,67 +105,51 @@ fn a_cache_serving_one_allocator_leaves_another_to_the_shared_heaps() {
 
 #[test]
 fn a_dropped_allocator_is_forgotten_by_the_caches_that_served_it() {
-    let first = leaked();
-    let (go, wait) = mpsc::channel::<()>();
-    let (cached, is_cached) = mpsc::channel::<()>();
-    let worker = thread::spawn(move || {
-        churn(first, 500);
-        cached.send(()).unwrap();
-        wait.recv().unwrap();
-        // This thread's cache still names the first allocator, now gone
-        // with its arenas: the second must not be handed the old blocks,
-        // and must be served all the same.
-        let second = PyMalloc::system();
-        churn(&second, 500);
-        // SAFETY: non-zero size; freed below.
-        let kept = unsafe { second.alloc(layout()) };
-        let stats = second.stats();
-        assert_eq!(stats.live_allocations(), 1);
-        let pools: usize = stats.classes.iter().map(|c| c.pools).sum();
-        assert_eq!(pools, 1, "one pool, of the second's own");
-        assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
-        // SAFETY: allocated above with this layout.
-        unsafe { second.dealloc(kept, layout()) };
-    });
-    is_cached.recv().unwrap();
-    // SAFETY: the worker no longer uses `first` and holds no live block.
-    unsafe { drop_leaked(first) };
-    go.send(()).unwrap();
-    worker.join().unwrap();
+    drop_while_a_thread_caches(
+        || (),
+        || {
+            // This thread's cache still names the first allocator, now gone
+            // with its arenas: the second must not be handed the old blocks,
+            // and must be served all the same.
+            let second = PyMalloc::system();
+            churn(&second, 500);
+            // SAFETY: non-zero size; freed below.
+            let kept = unsafe { second.alloc(layout()) };
+            let stats = second.stats();
+            assert_eq!(stats.live_allocations(), 1);
+            let pools: usize = stats.classes.iter().map(|c| c.pools).sum();
+            assert_eq!(pools, 1, "one pool, of the second's own");
+            assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+            // SAFETY: allocated above with this layout.
+            unsafe { second.dealloc(kept, layout()) };
+        },
+    );
 }
 
 #[test]
 fn an_allocator_dropped_while_a_thread_caches_its_blocks_is_never_touched() {
-    let heap = leaked();
-    let (go, wait) = mpsc::channel::<()>();
-    let (cached, is_cached) = mpsc::channel::<()>();
-    let worker = thread::spawn(move || {
-        churn(heap, 500);
-        cached.send(()).unwrap();
-        wait.recv().unwrap();
-        // Exits with its cache naming a dropped allocator: the destructor
-        // must leave those blocks alone.
-    });
-    is_cached.recv().unwrap();
-    // SAFETY: the worker no longer uses `heap` (it only waits), and no
-    // block of it is live: its cached blocks are free ones.
-    unsafe { drop_leaked(heap) };
-    // Memory the dropped allocator released is reused at once, so that a
-    // stray write by the exiting thread would corrupt live data.
     let other = PyMalloc::system();
-    // SAFETY: non-zero size; freed below.
-    let blocks: Vec<*mut u8> = (0..5000)
-        .map(|i| unsafe {
-            let b = other.alloc(layout());
-            b.write_bytes(i as u8, 40);
-            b
-        })
-        .collect();
-    go.send(()).unwrap();
-    worker.join().unwrap();
+    // Memory the dropped allocator released is reused at once, so that a
+    // stray write by the exiting thread (whose cache names the dropped
+    // allocator) would corrupt live data.
+    let blocks = drop_while_a_thread_caches(
+        || {
+            (0..5000)
+                .map(|i| {
+                    // SAFETY: non-zero size; freed below.
+                    let b = unsafe { other.alloc(layout()) };
+                    // SAFETY: a fresh block of 40 bytes.
+                    unsafe { b.write_bytes(i as u8, 40) };
+                    b as usize
+                })
+                .collect::<Vec<usize>>()
+        },
+        || (),
+    );
     for (i, &b) in blocks.iter().enumerate() {
         // SAFETY: live blocks of 40 bytes, freed once.
         unsafe {
+            let b = b as *mut u8;
             assert!(std::slice::from_raw_parts(b, 40)
                 .iter()
                 .all(|&x| x == i as u8));

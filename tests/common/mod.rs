@@ -1,9 +1,11 @@
-//! Shared test helpers: the allocator model, a graph node that counts its
+//! Shared test helpers: the allocator model, a random generator, a graph
+//! node that counts its
 //! drops and finalizations per thread, and a harness for tests whose
 //! subject aborts the process. Each test file uses some of them.
 #![allow(dead_code)]
 
 pub mod model;
+pub mod rng;
 
 use pymalloc::{Cc, Trace};
 use std::cell::{Cell, RefCell};
