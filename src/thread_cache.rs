@@ -157,9 +157,9 @@ std::thread_local! {
     /// No destructor, so no state to check on each access: the fast path is
     /// one thread-pointer-relative address.
     static CACHE: ThreadCache = const { ThreadCache::new() };
-    /// Registered (by first access) when the cache binds; its destructor
-    /// hands the cache back at thread exit. Once it has run, `try_with`
-    /// fails and the cache never binds again.
+    /// Registered by its first access, in `bind`; its destructor hands the
+    /// cache back at thread exit. Once it has run, `try_with` fails and the
+    /// cache never binds again.
     static EXIT: ExitGuard = const { ExitGuard };
 }
 
@@ -194,6 +194,11 @@ impl ThreadCache {
 
     #[cold]
     fn bind<B: Backing>(&self, alloc: &PyMalloc<B>) -> bool {
+        // An exiting thread whose cache was handed back stays on the shared
+        // path without touching the registry lock on every call.
+        if EXIT.try_with(|_| ()).is_err() {
+            return false;
+        }
         let set = alloc.heap_set();
         let id = alloc.cache_id();
         if set.is_null() || id == 0 {
@@ -213,9 +218,7 @@ impl ThreadCache {
             // without touching them.
             self.forget();
         }
-        // Registers the exit guard on first use; fails once the thread is
-        // exiting and the guard has run: then the shared path serves.
-        if !is_live(&registry, id) || EXIT.try_with(|_| ()).is_err() {
+        if !is_live(&registry, id) {
             return false;
         }
         self.owner.set(id);
@@ -355,6 +358,7 @@ impl Chains {
     fn push(self, set: &HeapSet) -> impl Iterator<Item = usize> + '_ {
         self.0
             .into_iter()
+            .take(set.count())
             .enumerate()
             .filter(|(_, (first, _))| !first.is_null())
             .map(move |(heap, (first, last))| {
