@@ -83,7 +83,7 @@ impl<T> Lock<T> {
         #[cfg(loom)]
         let inner = self.inner.lock().unwrap();
         #[cfg(all(not(loom), not(feature = "critical-section")))]
-        let inner = self.inner.lock();
+        let inner = self.spin_then_yield();
         #[cfg(all(not(loom), feature = "critical-section"))]
         let inner = CriticalGuard {
             // SAFETY: the matching `release` runs in `CriticalGuard::drop`,
@@ -94,6 +94,29 @@ impl<T> Lock<T> {
             cell: &self.inner,
         };
         LockGuard { inner }
+    }
+
+    /// Waits for the spin lock: a few spins for a holder that is about to
+    /// leave, then, with `std`, yields between looks, so that on a machine
+    /// with more threads than cores a waiter does not burn the time slice
+    /// its preempted holder needs to finish.
+    #[cfg(all(not(loom), not(feature = "critical-section")))]
+    fn spin_then_yield(&self) -> spin::MutexGuard<'_, T> {
+        let mut looks = 0u32;
+        loop {
+            if let Some(guard) = self.inner.try_lock() {
+                return guard;
+            }
+            while self.inner.is_locked() {
+                looks = looks.saturating_add(1);
+                #[cfg(feature = "std")]
+                if looks > 100 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                core::hint::spin_loop();
+            }
+        }
     }
 
     /// Holds the lock if it is free now; `None` if another holder has it.
