@@ -27,6 +27,13 @@ pub type DefaultBacking = Region;
 /// A pymalloc-style allocator: small blocks from pools in arenas, large ones
 /// from the backing `B`.
 ///
+/// Threads share [`Config::heaps`] independent heaps, each taken with a
+/// try-lock (a busy one is passed over) and chosen without thread-local
+/// storage; a block freed by a thread that cannot take its heap waits in
+/// that heap's lock-free inbox for the next holder. Where
+/// [`THREAD_CACHES`](crate::THREAD_CACHES) is true, each thread also keeps
+/// short per-class lists of free blocks, so most calls take no lock at all.
+///
 #[cfg_attr(feature = "std", doc = "```")]
 #[cfg_attr(not(feature = "std"), doc = "```ignore")]
 /// use pymalloc::PyMalloc;

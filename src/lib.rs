@@ -3,6 +3,9 @@
 //! * [`PyMalloc`] is a small-object allocator in the style of CPython's
 //!   `obmalloc`: 256 KiB arenas of 4 KiB pools, each pool serving one size
 //!   class of blocks up to 512 bytes, anything larger handed to a fallback.
+//!   Threads share several heaps taken with try-locks, frees from other
+//!   threads go through lock-free inboxes, and (with `std` on glibc)
+//!   per-thread caches make most calls lock-free.
 //! * `Cc<T>` / `Weak<T>` are reference-counted pointers backed by a
 //!   generational trial-deletion cycle collector like CPython's `gc`.
 //!
