@@ -30,11 +30,12 @@
 //!   `stats()`, reclaims those blocks.)
 
 use crate::backing::Backing;
-use crate::config::Config;
+use crate::config::{Config, MAX_HEAPS};
 use crate::heap::Heap;
 use crate::pool::{pool_of, FreeBlock};
 use crate::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
 use core::alloc::Layout;
+use core::mem::{align_of, size_of, ManuallyDrop};
 use core::ops::{Deref, DerefMut};
 use core::ptr;
 
@@ -65,7 +66,8 @@ pub(crate) struct HeapSet {
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
 /// again if blocks reached its inbox meanwhile.
 pub(crate) struct Held<'a, B: Backing> {
-    guard: Option<LockGuard<'a, Heap>>,
+    /// Released by hand in `drop`, before the last look at the inbox.
+    guard: ManuallyDrop<LockGuard<'a, Heap>>,
     slot: &'a Slot,
     #[cfg(any(thread_cache, all(test, loom)))]
     index: usize,
@@ -73,23 +75,34 @@ pub(crate) struct Held<'a, B: Backing> {
 }
 
 impl HeapSet {
-    /// Where the slots start, and the layout of the whole block.
-    fn layout(count: usize) -> (Layout, usize) {
-        let slots = Layout::array::<Slot>(count).expect("at most MAX_HEAPS slots");
-        let (layout, offset) = Layout::new::<HeapSet>().extend(slots).expect("a few KiB");
-        (layout.pad_to_align(), offset)
+    /// Where the slots start: after the header, padded to a slot's
+    /// alignment.
+    const SLOTS_OFFSET: usize = size_of::<HeapSet>().next_multiple_of(align_of::<Slot>());
+
+    /// Bytes of a set of `count` heaps: the header, then the slots.
+    const fn size(count: usize) -> usize {
+        Self::SLOTS_OFFSET + count * size_of::<Slot>()
+    }
+
+    /// The layout of a set of `count` heaps (at most `MAX_HEAPS`).
+    fn layout(count: usize) -> Layout {
+        debug_assert!(count <= MAX_HEAPS);
+        // SAFETY: a type's alignment is a power of two, and the size of the
+        // largest set is far below `isize::MAX` (asserted below the impl).
+        unsafe { Layout::from_size_align_unchecked(Self::size(count), align_of::<Slot>()) }
     }
 
     /// A new set of `config.heaps()` empty heaps in memory from `backing`;
     /// null when the backing has none.
     pub(crate) fn create(config: Config, backing: &impl Backing) -> *mut HeapSet {
-        let (layout, offset) = Self::layout(config.heaps());
-        let set = backing.alloc(layout).cast::<HeapSet>();
+        let set = backing
+            .alloc(Self::layout(config.heaps()))
+            .cast::<HeapSet>();
         if set.is_null() {
             return set;
         }
         // SAFETY: `set` is a fresh block of `layout`: room and alignment for
-        // the header and, at `offset`, `count` slots.
+        // the header and, at `SLOTS_OFFSET`, `count` slots.
         unsafe {
             set.write(HeapSet {
                 config,
@@ -99,7 +112,7 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 caches: crate::thread_cache::CacheList::new(),
             });
-            let slots = set.cast::<u8>().add(offset).cast::<Slot>();
+            let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
                 slots.add(index).write(Slot {
                     heap: Lock::new(Heap::new(config, index)),
@@ -126,16 +139,14 @@ impl HeapSet {
                 ptr::drop_in_place(ptr::from_ref(slot).cast_mut());
             }
             ptr::drop_in_place(set);
-            backing.dealloc(set.cast(), Self::layout(count).0);
+            backing.dealloc(set.cast(), Self::layout(count));
         }
     }
 
     /// Bytes a set of `heaps` heaps takes from a backing at most, padding
     /// to its alignment included (for `Region::min_len`).
     pub(crate) const fn max_bytes(heaps: usize) -> usize {
-        core::mem::size_of::<HeapSet>().next_multiple_of(core::mem::align_of::<Slot>())
-            + heaps * core::mem::size_of::<Slot>()
-            + core::mem::align_of::<Slot>()
+        Self::size(heaps) + align_of::<Slot>()
     }
 
     /// The geometry every heap of the set shares.
@@ -146,7 +157,7 @@ impl HeapSet {
 
     /// Bytes the set takes from the backing.
     pub(crate) fn bytes(&self) -> usize {
-        Self::layout(self.count()).0.size()
+        Self::size(self.count())
     }
 
     /// How many heaps the set holds.
@@ -156,13 +167,12 @@ impl HeapSet {
 
     fn slot(&self, index: usize) -> &Slot {
         debug_assert!(index < self.count());
-        let offset = Self::layout(self.count()).1;
-        // SAFETY: `create` wrote `count` slots at `offset` after the header,
-        // and they live as long as the set.
+        // SAFETY: `create` wrote `count` slots at `SLOTS_OFFSET` after the
+        // header, and they live as long as the set.
         unsafe {
             &*ptr::from_ref(self)
                 .cast::<u8>()
-                .add(offset)
+                .add(Self::SLOTS_OFFSET)
                 .cast::<Slot>()
                 .add(index)
         }
@@ -287,6 +297,11 @@ impl HeapSet {
     }
 }
 
+// `layout` relies on these: the slots' alignment serves the header too, and
+// the largest set is a small, valid size.
+static_assertions::const_assert!(align_of::<Slot>() >= align_of::<HeapSet>());
+static_assertions::const_assert!(HeapSet::size(MAX_HEAPS) < isize::MAX as usize / 2);
+
 /// A heap hint that differs between threads without thread-local storage:
 /// the caller's stack address, which one thread keeps within a few 64 KiB
 /// spans while threads' stacks lie megabytes apart, hashed (Fibonacci
@@ -308,18 +323,17 @@ pub(crate) fn stack_hint() -> usize {
 }
 
 impl<'a, B: Backing> Held<'a, B> {
-    fn new(guard: LockGuard<'a, Heap>, slot: &'a Slot, index: usize, backing: &'a B) -> Self {
+    fn new(mut guard: LockGuard<'a, Heap>, slot: &'a Slot, index: usize, backing: &'a B) -> Self {
         #[cfg(not(any(thread_cache, all(test, loom))))]
         let _ = index;
-        let mut held = Held {
-            guard: Some(guard),
+        slot.drain_into(&mut guard, backing);
+        Held {
+            guard: ManuallyDrop::new(guard),
             slot,
             #[cfg(any(thread_cache, all(test, loom)))]
             index,
             backing,
-        };
-        held.drain();
-        held
+        }
     }
 
     /// Which heap of the set this is.
@@ -327,13 +341,14 @@ impl<'a, B: Backing> Held<'a, B> {
     pub(crate) fn index(&self) -> usize {
         self.index
     }
+}
 
-    /// Frees every block waiting in the inbox.
-    fn drain(&mut self) {
+impl Slot {
+    /// Frees every block waiting in the inbox into `heap`, this slot's heap,
+    /// held.
+    fn drain_into(&self, heap: &mut Heap, backing: &impl Backing) {
         // Acquire: pairs with the pushers' release, so their links are seen.
-        let mut block = self.slot.inbox.swap(ptr::null_mut(), Ordering::Acquire);
-        let backing = self.backing;
-        let heap = self.guard.as_mut().expect("held");
+        let mut block = self.inbox.swap(ptr::null_mut(), Ordering::Acquire);
         while !block.is_null() {
             // SAFETY: inbox blocks are live blocks of this heap, given up by
             // their owners and linked only here, so their link is readable
@@ -350,13 +365,13 @@ impl<'a, B: Backing> Held<'a, B> {
 impl<B: Backing> Deref for Held<'_, B> {
     type Target = Heap;
     fn deref(&self) -> &Heap {
-        self.guard.as_ref().expect("held")
+        &self.guard
     }
 }
 
 impl<B: Backing> DerefMut for Held<'_, B> {
     fn deref_mut(&mut self) -> &mut Heap {
-        self.guard.as_mut().expect("held")
+        &mut self.guard
     }
 }
 
@@ -365,20 +380,19 @@ impl<B: Backing> Drop for Held<'_, B> {
     /// arrived that a pusher could not hand over (it found us holding the
     /// lock), take the heap again and free it.
     fn drop(&mut self) {
+        // SAFETY: taken once, here, and `self.guard` is not used again.
+        drop(unsafe { ManuallyDrop::take(&mut self.guard) });
         loop {
-            drop(self.guard.take());
             fence(Ordering::SeqCst);
             if self.slot.inbox.load(Ordering::Relaxed).is_null() {
                 return;
             }
-            match self.slot.heap.try_lock() {
-                Some(guard) => {
-                    self.guard = Some(guard);
-                    self.drain();
-                }
-                // Its new holder empties the inbox before it leaves.
-                None => return,
-            }
+            // If someone else holds it now, they empty the inbox before
+            // they leave.
+            let Some(mut guard) = self.slot.heap.try_lock() else {
+                return;
+            };
+            self.slot.drain_into(&mut guard, self.backing);
         }
     }
 }
