@@ -388,9 +388,8 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn free_shared(&self, ptr: *mut u8, requested: usize) {
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
-        set.requested.fetch_sub(requested, Ordering::Relaxed);
         // SAFETY: forwarded contract.
-        unsafe { set.free(ptr, &self.backing) };
+        unsafe { set.free(ptr, requested, &self.backing) };
     }
 
     /// Frees what `allocate(layout, requested)` returned.

@@ -42,6 +42,11 @@ pub(crate) struct Heap {
     arenas_reclaimed: usize,
     arenas_highwater: usize,
     arenas_current: usize,
+    /// Bytes requested by small blocks allocated through this heap, minus
+    /// those freed into it, without a thread cache (wrapping: blocks move
+    /// between heaps and caches, so only the sum over all counts means
+    /// anything).
+    pub(crate) requested: usize,
 }
 
 // SAFETY: the raw pointers all lead into memory the heap owns (arenas and
@@ -76,6 +81,7 @@ impl Heap {
             arenas_reclaimed: 0,
             arenas_highwater: 0,
             arenas_current: 0,
+            requested: 0,
         }
     }
 
@@ -353,6 +359,7 @@ impl Heap {
         stats.arenas_highwater += self.arenas_highwater;
         stats.arenas_current += self.arenas_current;
         stats.bookkeeping_bytes += self.table.bytes();
+        stats.requested_bytes = stats.requested_bytes.wrapping_add(self.requested);
         for arena in self.table.open_arenas() {
             stats.arena_alignment_bytes +=
                 self.config.arena_size() - arena.pool_count as usize * pool_size;

@@ -54,9 +54,10 @@ pub(crate) struct HeapSet {
     /// Where the next thread cache makes its home.
     #[cfg(thread_cache)]
     next_home: AtomicUsize,
-    /// Bytes requested by live small blocks, as far as the paths without a
-    /// thread cache (and caches gone with their threads) know. Wrapping:
-    /// only its sum with the caches' counts is meaningful.
+    /// Requested bytes no heap's lock was held for: freed through an inbox,
+    /// resized in place, or left by caches gone with their threads.
+    /// Wrapping: only its sum with the heaps' and caches' counts means
+    /// anything.
     pub(crate) requested: AtomicUsize,
     /// The thread caches bound to this allocator, for statistics.
     #[cfg(thread_cache)]
@@ -245,28 +246,31 @@ impl HeapSet {
         }
     }
 
-    /// Frees `block` into its heap: directly if the heap is free, else
-    /// through its inbox, then one more try so that the block is never left
-    /// behind by a holder that was just leaving.
+    /// Frees `block` (`requested` bytes asked for) into its heap: directly
+    /// if the heap is free, else through its inbox, then one more try so
+    /// that the block is never left behind by a holder that was just
+    /// leaving.
     ///
     /// # Safety
     /// `block` is a live block of this set, not freed since.
-    pub(crate) unsafe fn free(&self, block: *mut u8, backing: &impl Backing) {
+    pub(crate) unsafe fn free(&self, block: *mut u8, requested: usize, backing: &impl Backing) {
         // SAFETY: a live block's pool header is initialised and its `heap`
         // does not change while the block is out.
         let index = unsafe { (*pool_of(block, self.config.pool_size())).heap } as usize;
         // The debug feature's double-free check reads the pools' free lists,
         // so there every free must reach its pool before the call returns.
-        if cfg!(feature = "debug") {
-            // SAFETY: forwarded contract; the block is of this heap.
-            unsafe { self.hold_exactly(index, backing).free(block, backing) };
-            return;
-        }
-        if let Some(mut held) = self.try_hold(index, backing) {
+        let held = if cfg!(feature = "debug") {
+            Some(self.hold_exactly(index, backing))
+        } else {
+            self.try_hold(index, backing)
+        };
+        if let Some(mut held) = held {
             // SAFETY: forwarded contract; the block is of this heap.
             unsafe { held.free(block, backing) };
+            held.requested = held.requested.wrapping_sub(requested);
             return;
         }
+        self.requested.fetch_sub(requested, Ordering::Relaxed);
         // SAFETY: forwarded contract: the block is ours to link.
         unsafe { self.push_remote(index, block.cast(), block.cast()) };
         self.after_push(index, backing);
@@ -518,7 +522,7 @@ mod loom_models {
                 }
             });
             // SAFETY: a live block of the set, freed once.
-            unsafe { shared.set().free(a as *mut u8, &System) };
+            unsafe { shared.set().free(a as *mut u8, 0, &System) };
             let c = holder.join().unwrap();
             assert!(c != b && c != 0);
             // No thread holds the heap now: the free must have reached its
@@ -541,7 +545,7 @@ mod loom_models {
                 move || {
                     for &block in &blocks[..2] {
                         // SAFETY: live blocks of the set, each freed once.
-                        unsafe { shared.set().free(block as *mut u8, &System) };
+                        unsafe { shared.set().free(block as *mut u8, 0, &System) };
                     }
                 }
             });
@@ -550,7 +554,7 @@ mod loom_models {
                 held.alloc(BIG, &System) as usize
             };
             // SAFETY: as above.
-            unsafe { shared.set().free(blocks[2] as *mut u8, &System) };
+            unsafe { shared.set().free(blocks[2] as *mut u8, 0, &System) };
             pusher.join().unwrap();
             assert!(!blocks[2..].contains(&new) && new != 0);
             assert!(shared.inbox_is_empty(0));
@@ -576,7 +580,7 @@ mod loom_models {
             let remote = thread::spawn({
                 let shared = shared.clone();
                 // SAFETY: a live block of the set, freed once.
-                move || unsafe { shared.set().free(x as *mut u8, &System) }
+                move || unsafe { shared.set().free(x as *mut u8, 0, &System) }
             });
             // Meanwhile heap 0's holder frees y, emptying its arena, and
             // allocates again.
