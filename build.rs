@@ -1,4 +1,9 @@
-//! Decides whether the allocator gets per-thread caches (`cfg(thread_cache)`).
+//! Decides two platform questions once, as cfgs the code can name:
+//!
+//! * `mmap_arenas`: the `System` backing maps arenas itself with `mmap`
+//!   (64-bit Linux on the architectures whose mmap flags it declares), so a
+//!   released arena's pages leave the process at once.
+//! * `thread_cache`: the allocator gets per-thread caches.
 //!
 //! They need `std`'s thread locals with a destructor, and a guarantee that
 //! registering that destructor never calls the global allocator (which may
@@ -10,9 +15,18 @@
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(thread_cache)");
+    println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
     println!("cargo::rerun-if-changed=build.rs");
     let has = |name: &str| std::env::var_os(name).is_some();
     let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
+    if has("CARGO_FEATURE_STD")
+        && is("CARGO_CFG_TARGET_OS", "linux")
+        && ["x86_64", "aarch64", "riscv64"]
+            .iter()
+            .any(|arch| is("CARGO_CFG_TARGET_ARCH", arch))
+    {
+        println!("cargo::rustc-cfg=mmap_arenas");
+    }
     if has("CARGO_FEATURE_STD")
         && !has("CARGO_FEATURE_DEBUG")
         && !has("CARGO_CFG_LOOM")

@@ -129,16 +129,9 @@ unsafe impl Backing for System {
 }
 
 /// Arenas as anonymous mappings, declared by hand: std links libc already,
-/// and two declarations are lighter than a dependency.
-#[cfg(all(
-    feature = "std",
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "riscv64"
-    )
-))]
+/// and two declarations are lighter than a dependency. (`build.rs` sets
+/// `mmap_arenas` where the flag values below hold.)
+#[cfg(mmap_arenas)]
 mod arena_memory {
     use core::ffi::{c_int, c_long, c_void};
 
@@ -189,17 +182,7 @@ mod arena_memory {
 }
 
 /// Arenas from `std::alloc::System`, where no mapping call is declared.
-#[cfg(all(
-    feature = "std",
-    not(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )
-    ))
-))]
+#[cfg(all(feature = "std", not(mmap_arenas)))]
 mod arena_memory {
     use core::alloc::{GlobalAlloc, Layout};
 
