@@ -447,37 +447,28 @@ fn main() {
 }
 
 fn print_table(best: &driver::Best) {
-    let driver::Best {
-        per_contender: best,
-        figures: order,
-        reps,
-    } = best;
-    println!(
-        "\nns/op (RSS rows: KiB), minimum of {reps} interleaved runs; threaded rows: \
-         wall time / all threads' blocks or steps; ratios: /system, /mimalloc, /jemalloc\n"
+    best.print_table(
+        &CONTENDERS,
+        &format!(
+            "ns/op (RSS rows: KiB), minimum of {} interleaved runs; threaded rows: \
+             wall time / all threads' blocks or steps; ratios: /system, /mimalloc, /jemalloc",
+            best.reps
+        ),
+        &[
+            "pymalloc/system",
+            "pymalloc/mimalloc",
+            "pymalloc/jemalloc",
+            "region: linked_list/pymalloc-region",
+        ],
+        |at| {
+            let at = |c: u8| at(c as usize);
+            let py = at(id::PYMALLOC);
+            vec![
+                format!("{:.2}", py / at(id::SYSTEM)),
+                format!("{:.2}", py / at(id::MIMALLOC)),
+                format!("{:.2}", py / at(id::JEMALLOC)),
+                format!("{:.1}", at(id::LINKED_LIST) / at(id::PYMALLOC_REGION)),
+            ]
+        },
     );
-    print!("| workload |");
-    for name in CONTENDERS {
-        print!(" {name} |");
-    }
-    println!(
-        " pymalloc/system | pymalloc/mimalloc | pymalloc/jemalloc | \
-         region: linked_list/pymalloc-region |"
-    );
-    println!("|---|{}---|---|---|---|", "---|".repeat(CONTENDERS.len()));
-    for figure in order {
-        print!("| {figure} |");
-        for c in best {
-            print!(" {:.1} |", c[figure]);
-        }
-        let at = |c: u8| best[c as usize][figure];
-        let py = at(id::PYMALLOC);
-        println!(
-            " {:.2} | {:.2} | {:.2} | {:.1} |",
-            py / at(id::SYSTEM),
-            py / at(id::MIMALLOC),
-            py / at(id::JEMALLOC),
-            at(id::LINKED_LIST) / at(id::PYMALLOC_REGION)
-        );
-    }
 }

@@ -18,6 +18,40 @@ pub struct Best {
     pub reps: usize,
 }
 
+impl Best {
+    /// Prints the Markdown table: `caption`, then a row per figure with
+    /// each contender's best and the `ratio_names` columns, which `ratios`
+    /// computes from a figure's value for each contender.
+    pub fn print_table(
+        &self,
+        contenders: &[&str],
+        caption: &str,
+        ratio_names: &[&str],
+        ratios: impl Fn(&dyn Fn(usize) -> f64) -> Vec<String>,
+    ) {
+        println!("\n{caption}\n");
+        print!("| workload |");
+        for name in contenders.iter().chain(ratio_names) {
+            print!(" {name} |");
+        }
+        println!(
+            "\n|---|{}",
+            "---|".repeat(contenders.len() + ratio_names.len())
+        );
+        for figure in &self.figures {
+            print!("| {figure} |");
+            for c in &self.per_contender {
+                print!(" {:.1} |", c[figure]);
+            }
+            let value = |c: usize| self.per_contender[c][figure];
+            for ratio in ratios(&value) {
+                print!(" {ratio} |");
+            }
+            println!();
+        }
+    }
+}
+
 /// A benchmark's `main`: in a child, runs `child` for its contender; in the
 /// parent, runs every contender and hands the results to `report`.
 pub fn main(contenders: &[&str], child: fn(usize), report: fn(&Best)) {

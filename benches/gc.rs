@@ -450,30 +450,19 @@ fn main() {
 }
 
 fn print_table(best: &driver::Best) {
-    let driver::Best {
-        per_contender: best,
-        figures: order,
-        reps,
-    } = best;
-    println!("\nns per object (bytes and allocation rows as labelled), minimum of {reps} interleaved runs\n");
-    print!("| workload |");
-    for name in CONTENDERS {
-        print!(" {name} |");
-    }
-    println!(" pymalloc / Rc | pymalloc / best peer |");
-    println!("|---|{}---|---|", "---|".repeat(CONTENDERS.len()));
-    for figure in order {
-        print!("| {figure} |");
-        for c in best {
-            print!(" {:.1} |", c[figure]);
-        }
-        let py = best[1][figure];
-        let peer = best[2..]
-            .iter()
-            .map(|c| c[figure])
-            .fold(f64::INFINITY, f64::min);
-        println!(" {} | {} |", ratio(py, best[0][figure]), ratio(py, peer));
-    }
+    best.print_table(
+        &CONTENDERS,
+        &format!(
+            "ns per object (bytes and allocation rows as labelled), minimum of {} interleaved runs",
+            best.reps
+        ),
+        &["pymalloc / Rc", "pymalloc / best peer"],
+        |at| {
+            let py = at(1);
+            let peer = (2..CONTENDERS.len()).map(at).fold(f64::INFINITY, f64::min);
+            vec![ratio(py, at(0)), ratio(py, peer)]
+        },
+    );
     println!(
         "\nRc cannot collect: its rings are broken by hand (the floor). gc 0.5 traces: its \
          acyclic row includes a collection. gcmodule's Trace is written by hand (its derive \
