@@ -15,57 +15,46 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+// The crate's map. Two halves, each in its folder, each opening with its
+// design essay:
+//
+// * `allocator/`: `PyMalloc`, from the `GlobalAlloc` front down to the
+//   backings (`allocator/mod.rs` gives the layers and their order).
+// * `gc/`: `Cc`, `Weak`, `Trace` and the cycle collector, with the `gc`
+//   toolbox as the half's face (`gc/mod.rs`).
+//
+// The collector reaches memory only through the global allocator, so the
+// allocator half imports nothing from the collector half (`.ci/layers`
+// checks it). Everything public is re-exported here under the paths users
+// know: `pymalloc::PyMalloc`, `pymalloc::stats::Stats`, `pymalloc::Cc`,
+// `pymalloc::gc::collect`, ...
+
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
 extern crate alloc;
+// So that the derive's `::pymalloc::` paths resolve inside the crate too.
+extern crate self as pymalloc;
 
-mod sync;
+mod allocator;
+pub mod gc;
+
 #[cfg(loom)]
 #[doc(hidden)]
-pub use sync::loom_model;
+pub use allocator::sync::loom_model;
 
-// The allocator.
-mod allocator;
-mod arena;
-pub mod backing;
-pub mod config;
 #[cfg(feature = "debug")]
-pub mod debug;
-mod heap;
-mod heaps;
-mod list;
-mod pool;
-pub mod size_class;
-pub mod stats;
-#[cfg(thread_cache)]
-mod thread_cache;
-
-pub use allocator::{DefaultBacking, PyMalloc};
-
-/// Whether this build gives each thread a cache of free blocks in front of
-/// the shared heaps: with `std`, on Linux with glibc, without the `debug`
-/// feature (see `build.rs` for why only there). Without them every
-/// allocation takes a heap's lock, chosen without thread-local storage.
-pub const THREAD_CACHES: bool = cfg!(thread_cache);
+pub use allocator::debug;
+pub use allocator::front::{DefaultBacking, PyMalloc};
+pub use allocator::{backing, config, size_class, stats, THREAD_CACHES};
 #[cfg(feature = "std")]
 pub use backing::System;
 pub use backing::{Backing, Region};
 pub use config::Config;
 pub use stats::{ClassDelta, ClassStats, Stats, StatsDiff};
 
-// Reference counting and the cycle collector.
-extern crate self as pymalloc;
-mod ambient;
-mod census;
-mod collector;
-pub mod gc;
-mod header;
-mod pointer;
-mod trace;
-mod weak_collections;
-pub use collector::Collector;
-pub use pointer::{Cc, Weak};
+pub use gc::collector::Collector;
+pub use gc::pointer::{Cc, Weak};
+pub use gc::trace::{Finalize, Trace, Visitor};
+pub use gc::weak_collections::{WeakSet, WeakValueMap};
 pub use pymalloc_derive::Trace;
-pub use trace::{Finalize, Trace, Visitor};
-pub use weak_collections::{WeakSet, WeakValueMap};

@@ -5,7 +5,7 @@
 //! value: it never allocates, so it is safe to call from inside a global
 //! allocator's user, a signal-free diagnostic path, or firmware.
 
-use crate::size_class::{class_size, CLASS_COUNT, SMALL_REQUEST_THRESHOLD};
+use super::size_class::{class_size, CLASS_COUNT, SMALL_REQUEST_THRESHOLD};
 use core::fmt;
 
 /// Pools and blocks of one size class.

@@ -16,13 +16,13 @@
 //! it if it is last in the list), which can keep an empty arena beside
 //! others with room, so one live block could pin two arenas.
 
-use crate::arena::{Arena, ArenaTable};
-use crate::backing::Backing;
-use crate::config::{Config, MAX_ARENA_POOLS};
-use crate::list;
-use crate::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
-use crate::size_class::{class_size, CLASS_COUNT};
-use crate::stats::Stats;
+use super::arena::{Arena, ArenaTable};
+use super::backing::Backing;
+use super::config::{Config, MAX_ARENA_POOLS};
+use super::list;
+use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
+use super::size_class::{class_size, CLASS_COUNT};
+use super::stats::Stats;
 use core::ptr;
 
 /// One heap: everything behind one lock.
@@ -404,7 +404,7 @@ impl Heap {
         // SAFETY: carved pools are initialised.
         let (pool_class, used) = unsafe { ((*pool).class as usize, (*pool).used) };
         let offset = addr - pool as usize;
-        let first = crate::pool::first_block_offset(pool_class);
+        let first = super::pool::first_block_offset(pool_class);
         if pool_class != class || offset < first || (offset - first) % class_size(class) != 0 {
             return if used == 0 {
                 BlockStatus::Free
@@ -460,8 +460,8 @@ impl Heap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::blocks_per_pool;
-    use crate::size_class::CLASS_COUNT;
+    use crate::allocator::pool::blocks_per_pool;
+    use crate::allocator::size_class::CLASS_COUNT;
     use core::alloc::Layout;
     use core::cell::Cell;
     use std::vec::Vec;

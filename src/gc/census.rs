@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::panic::Location;
 
-use crate::collector::Collector;
+use super::collector::Collector;
 
 /// Live tracked objects by type name (`core::any::type_name`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

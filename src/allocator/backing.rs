@@ -7,8 +7,8 @@
 //! * [`Region`]: a fixed span of memory given by the user (firmware, no OS).
 //!   Arenas and large objects are carved from it by `linked_list_allocator`.
 
-use crate::config::Config;
-use crate::sync::Lock;
+use super::config::Config;
+use super::sync::Lock;
 use core::alloc::Layout;
 use core::ptr::{self, NonNull};
 
@@ -231,7 +231,7 @@ unsafe impl Send for RegionStore {}
 const REGION_ALIGN: usize = 16;
 
 impl Region {
-    crate::sync::loom_const_fn! {
+    super::sync::loom_const_fn! {
         /// A region over `len` bytes at `start`, claimed on first use.
         ///
         /// # Safety
@@ -252,8 +252,8 @@ impl Region {
     /// one chunk of arena records, one arena, the padding to align each,
     /// and the worst-case trim of a misaligned start.
     pub const fn min_len(config: Config) -> usize {
-        (crate::heaps::HeapSet::max_bytes(config.heaps())
-            + crate::arena::CHUNK_BYTES
+        (super::heap_set::HeapSet::max_bytes(config.heaps())
+            + super::arena::CHUNK_BYTES
             + config.arena_size()
             + config.pool_size()
             + 4 * REGION_ALIGN)

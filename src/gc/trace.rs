@@ -7,8 +7,8 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::marker::PhantomData;
 
-use crate::collector::Op;
-use crate::pointer::{Cc, Weak};
+use super::collector::Op;
+use super::pointer::{Cc, Weak};
 
 /// A type whose `Cc` references the cycle collector can find.
 ///

@@ -14,8 +14,8 @@
 //! * *empty*: no block out; on its arena's list of free pools. Taken again for
 //!   the same class it is reused as it is, without re-initialisation.
 
-use crate::arena::Arena;
-use crate::size_class::{class_alignment, class_size};
+use super::arena::Arena;
+use super::size_class::{class_alignment, class_size};
 use core::ptr;
 use static_assertions::const_assert;
 
@@ -44,7 +44,7 @@ pub(crate) struct Pool {
     pub(crate) bump_limit: u32,
 }
 
-crate::list::impl_links!(Pool);
+super::list::impl_links!(Pool);
 
 /// What a free block holds: the link to the next one.
 pub(crate) struct FreeBlock {
@@ -242,7 +242,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::size_class::CLASS_COUNT;
+    use crate::allocator::size_class::CLASS_COUNT;
     use std::alloc::{alloc, dealloc, Layout};
     use std::vec::Vec;
 

@@ -1,3 +1,44 @@
+// The collector half: `Cc`, `Weak`, `Trace` and CPython's generational
+// cycle collector, with this module, the `gc` toolbox, as its face.
+//
+// Design
+// ------
+// A `Cc<T>` points at `[Link | Counts | T]`: two list words and a vtable
+// (the object's place in a generation, like `PyGC_Head`), then strong and
+// weak counts. Reference counting frees what it can at once; the collector
+// finds the rest the way `Python/gc.c` does, by trial deletion: copy each
+// strong count into `gc_refs`, subtract the references the objects of the
+// collected generations report through `Trace`, and whatever no survivor
+// reaches is garbage. The layers, bottom to top, each using only those
+// below it:
+//
+//   header     the allocation's layout, the link words and their flags, the
+//              counts, the marked-handle encoding, the vtable, and the
+//              `Visitor` with the per-handle operations of a collection
+//              (subtract, reach, clear...): these types refer to each
+//              other (a link names its vtable, whose trace entry takes a
+//              visitor, whose operations work on links), so they are one
+//              file, and the user-facing `Visitor::visit` is added above,
+//              beside `Cc`, which it takes
+//   trace      the `Trace` and `Finalize` traits, their impls for std
+//              types, and `Shape<T>`: where a `T` sits and its vtable
+//   collector  `Collector`: generations, thresholds, the passes, PEP 442
+//              finalizers, weak clearing, the trashcan, statistics
+//   ambient    where `Cc::new` and drop find their collector (a thread
+//              local with std, `install` without) and hand objects to it
+//   pointer    `Cc`, `Weak`, their `Trace` impls, `Visitor::visit`
+//   census     counts of live objects by type and by allocation site
+//   weak_collections  `WeakSet`, `WeakValueMap`
+//   mod.rs     the `gc` functions, each forwarding to the ambient collector
+//
+// The collector never allocates during a collection and never recurses
+// with the data: passes iterate lists, reachable objects found late go on
+// a stack threaded through their own `prev` words, and deep drops go
+// through a trashcan. It reaches memory only through the global allocator,
+// so it runs over `PyMalloc` or any other; the allocator half knows nothing
+// of it. README-collector.md has the longer story and the soundness
+// argument.
+
 //! CPython's `gc` toolbox, on the ambient collector of this thread (the
 //! thread-local default with `std`, the one given to `gc::install` without).
 //!
@@ -29,18 +70,24 @@
 //! gc::set_site_tracing(false);
 //! ```
 
+pub(crate) mod ambient;
+pub(crate) mod census;
+pub(crate) mod collector;
+pub(crate) mod header;
+pub(crate) mod pointer;
+pub(crate) mod trace;
+pub(crate) mod weak_collections;
+
 use alloc::vec::Vec;
 
-use crate::ambient;
 #[cfg(not(feature = "std"))]
-pub use crate::ambient::install;
-pub use crate::census::{
+pub use ambient::install;
+pub use census::{
     Census, CensusDiff, Site, SiteCensus, SiteDiff, SiteGrowth, SiteStat, TypeGrowth,
 };
-pub use crate::collector::{
-    CallbackHandle, CallbackInfo, Collector, GenerationStats, Phase, GENERATIONS,
-};
-use crate::{Cc, Trace};
+pub use collector::{CallbackHandle, CallbackInfo, Collector, GenerationStats, Phase, GENERATIONS};
+use pointer::Cc;
+use trace::Trace;
 
 /// Runs `f` on the ambient collector, if there is one.
 pub fn with_collector<R>(f: impl FnOnce(&Collector) -> R) -> Option<R> {

@@ -10,10 +10,10 @@ use core::ops::Deref;
 use core::panic::Location;
 use core::ptr::{self, NonNull};
 
-use crate::ambient;
-use crate::collector::destroy_tracked;
-use crate::header::{link_of, Counts, Link, Shape, COLLECTING, MAX_STRONG, WEAK_CLEARED};
-use crate::trace::Trace;
+use super::ambient;
+use super::collector::destroy_tracked;
+use super::header::{link_of, Counts, Link, Shape, COLLECTING, MAX_STRONG, WEAK_CLEARED};
+use super::trace::Trace;
 
 /// Low bit of a handle: "already counted" during the collector's subtract
 /// pass, so a `Trace` that reports the same `Cc` twice is counted once.

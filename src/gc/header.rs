@@ -15,7 +15,7 @@ use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
-use crate::trace::{Trace, Visitor};
+use super::trace::{Trace, Visitor};
 
 /// Number of flag bits in each link word.
 pub(crate) const FLAG_BITS: u32 = 2;

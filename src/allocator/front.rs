@@ -1,17 +1,17 @@
 //! [`PyMalloc`]: the `GlobalAlloc` front, routing each request to the pools
 //! or to the backing's fallback.
 
-use crate::backing::Backing;
-use crate::backing::Region;
+use super::backing::Backing;
+use super::backing::Region;
 #[cfg(feature = "std")]
-use crate::backing::System;
-use crate::config::Config;
-use crate::heaps::{stack_hint, HeapSet};
-use crate::size_class::class_for;
-use crate::stats::Stats;
-use crate::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
+use super::backing::System;
+use super::config::Config;
+use super::heap_set::{stack_hint, HeapSet};
+use super::size_class::class_for;
+use super::stats::Stats;
+use super::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(thread_cache)]
-use crate::thread_cache;
+use super::thread_cache;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
 
@@ -58,7 +58,7 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     large: LargeCounters,
     /// Live large blocks, for the debug feature's ownership checks.
     #[cfg(feature = "debug")]
-    pub(crate) large_blocks: crate::sync::Lock<crate::debug::LargeList>,
+    pub(crate) large_blocks: super::sync::Lock<super::debug::LargeList>,
 }
 
 /// Live large objects, counted outside the heap lock: the backing serves
@@ -196,7 +196,7 @@ impl<B: Backing> PyMalloc<B> {
                     requested: AtomicUsize::new(0),
                 },
                 #[cfg(feature = "debug")]
-                large_blocks: crate::sync::Lock::new(crate::debug::LargeList::new()),
+                large_blocks: super::sync::Lock::new(super::debug::LargeList::new()),
             }
         }
     }
@@ -288,10 +288,10 @@ impl<B: Backing> PyMalloc<B> {
 
     /// Where `block`, claimed to be of `class`, stands in this allocator.
     #[cfg(feature = "debug")]
-    pub(crate) fn block_status(&self, block: *mut u8, class: usize) -> crate::heap::BlockStatus {
+    pub(crate) fn block_status(&self, block: *mut u8, class: usize) -> super::heap::BlockStatus {
         let set = self.set.load(Ordering::Acquire);
         if set.is_null() {
-            return crate::heap::BlockStatus::Foreign;
+            return super::heap::BlockStatus::Foreign;
         }
         // SAFETY: a published set lives as long as `self`.
         unsafe { &*set }.status(block, class, &self.backing)

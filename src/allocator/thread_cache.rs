@@ -34,13 +34,13 @@
 //! * Thread start-up needs nothing: a thread's TLS block exists before any
 //!   of its code runs, and the cache starts unbound.
 
-use crate::backing::Backing;
-use crate::config::MAX_HEAPS;
-use crate::heaps::HeapSet;
-use crate::pool::{pool_of, Batch, FreeBlock};
-use crate::size_class::{class_size, CLASS_COUNT};
-use crate::stats::Stats;
-use crate::sync::{AtomicUsize, Lock, Ordering};
+use super::backing::Backing;
+use super::config::MAX_HEAPS;
+use super::heap_set::HeapSet;
+use super::pool::{pool_of, Batch, FreeBlock};
+use super::size_class::{class_size, CLASS_COUNT};
+use super::stats::Stats;
+use super::sync::{AtomicUsize, Lock, Ordering};
 use crate::PyMalloc;
 use core::cell::Cell;
 use core::ptr;

@@ -33,13 +33,13 @@ use core::panic::Location;
 use core::ptr::{self, NonNull};
 use core::time::Duration;
 
-use crate::ambient::{self, Busy};
-use crate::header::{
+use super::ambient::{self, Busy};
+use super::header::{
     counts_of, link_of, Counts, Link, Shape, COLLECTING, FINALIZED, ROOT_BIAS, UNREACHABLE,
     WEAK_CLEARED,
 };
-use crate::pointer::{handle, inc_strong, release_weak};
-use crate::trace::{Trace, Visitor};
+use super::pointer::{handle, inc_strong, release_weak};
+use super::trace::{Trace, Visitor};
 
 /// Number of generations (not counting the permanent one).
 pub const GENERATIONS: usize = 3;

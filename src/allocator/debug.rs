@@ -21,10 +21,10 @@
 //! trailing guard. A failed check prints a report naming the address, the
 //! size requested, the check and the bytes around it, then aborts.
 
-use crate::backing::Backing;
-use crate::heap::BlockStatus;
-use crate::list;
-use crate::size_class::class_for;
+use super::backing::Backing;
+use super::heap::BlockStatus;
+use super::list;
+use super::size_class::class_for;
 use crate::PyMalloc;
 use core::alloc::Layout;
 use core::fmt;

@@ -29,11 +29,11 @@
 //!   no backing to free into, so it only pushes; the next holder, or
 //!   `stats()`, reclaims those blocks.)
 
-use crate::backing::Backing;
-use crate::config::{Config, MAX_HEAPS};
-use crate::heap::Heap;
-use crate::pool::{pool_of, FreeBlock};
-use crate::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
+use super::backing::Backing;
+use super::config::{Config, MAX_HEAPS};
+use super::heap::Heap;
+use super::pool::{pool_of, FreeBlock};
+use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
 use core::alloc::Layout;
 use core::mem::{align_of, size_of, ManuallyDrop};
 use core::ops::{Deref, DerefMut};
@@ -61,7 +61,7 @@ pub(crate) struct HeapSet {
     pub(crate) requested: AtomicUsize,
     /// The thread caches bound to this allocator, for statistics.
     #[cfg(thread_cache)]
-    pub(crate) caches: crate::thread_cache::CacheList,
+    pub(crate) caches: super::thread_cache::CacheList,
 }
 
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
@@ -111,7 +111,7 @@ impl HeapSet {
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
                 #[cfg(thread_cache)]
-                caches: crate::thread_cache::CacheList::new(),
+                caches: super::thread_cache::CacheList::new(),
             });
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
@@ -285,11 +285,11 @@ impl HeapSet {
         block: *mut u8,
         class: usize,
         backing: &impl Backing,
-    ) -> crate::heap::BlockStatus {
+    ) -> super::heap::BlockStatus {
         (0..self.count())
             .map(|index| self.hold_exactly(index, backing).status(block, class))
-            .find(|status| *status != crate::heap::BlockStatus::Foreign)
-            .unwrap_or(crate::heap::BlockStatus::Foreign)
+            .find(|status| *status != super::heap::BlockStatus::Foreign)
+            .unwrap_or(super::heap::BlockStatus::Foreign)
     }
 
     /// The pusher's half of "nothing left behind": if the heap's holder left
@@ -406,9 +406,9 @@ impl<B: Backing> Drop for Held<'_, B> {
 #[cfg(all(test, loom))]
 mod loom_models {
     use super::*;
-    use crate::backing::System;
-    use crate::size_class::CLASS_COUNT;
-    use crate::stats::Stats;
+    use crate::allocator::backing::System;
+    use crate::allocator::size_class::CLASS_COUNT;
+    use crate::allocator::stats::Stats;
     use loom::sync::atomic::AtomicBool;
     use loom::sync::Arc;
     use loom::thread;
@@ -469,7 +469,7 @@ mod loom_models {
     /// module documentation rather than checked here; what is checked is the
     /// protocol around them.)
     fn model(f: impl Fn() + Sync + Send + 'static) {
-        crate::sync::loom_model(None, 20, f);
+        crate::allocator::sync::loom_model(None, 20, f);
     }
 
     /// Two blocks of heap `index`, taken while holding it.

@@ -6,8 +6,8 @@
 //! released arena leaves nothing behind in memory it no longer owns. The
 //! chunks never move, so pools can point at their `Arena` directly.
 
-use crate::backing::Backing;
-use crate::pool::Pool;
+use super::backing::Backing;
+use super::pool::Pool;
 use core::alloc::Layout;
 use core::ptr;
 
@@ -94,7 +94,7 @@ impl Arena {
     }
 }
 
-crate::list::impl_links!(Arena);
+super::list::impl_links!(Arena);
 
 /// Slots of one table chunk. Small enough that a 64 KiB firmware heap does
 /// not notice one chunk, large enough that chunks are rare.

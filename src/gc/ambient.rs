@@ -13,8 +13,8 @@
 use core::panic::Location;
 use core::ptr::NonNull;
 
-use crate::collector::Collector;
-use crate::header::Link;
+use super::collector::Collector;
+use super::header::Link;
 
 #[cfg(feature = "std")]
 std::thread_local! {

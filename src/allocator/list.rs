@@ -72,7 +72,7 @@ pub(crate) unsafe fn unlink<T: Links>(head: &mut *mut T, node: *mut T) {
 /// Implements [`Links`] for a type with `prev` and `next` fields.
 macro_rules! impl_links {
     ($node:ty) => {
-        impl $crate::list::Links for $node {
+        impl $crate::allocator::list::Links for $node {
             unsafe fn links(node: *mut Self) -> (*mut *mut Self, *mut *mut Self) {
                 // SAFETY: the caller guarantees `node` is live; only field
                 // addresses are taken.

@@ -1,0 +1,85 @@
+//! The allocator half: [`PyMalloc`](front::PyMalloc), from the `GlobalAlloc`
+//! front down to the memory it is carved from.
+//!
+//! # Design
+//!
+//! CPython's `obmalloc` serves small objects from *pools* (4 KiB, one size
+//! class each) inside *arenas* (256 KiB, taken from the system), and hands
+//! anything over 512 bytes to `malloc`. That is still the core here; what
+//! Rust adds is a `Layout` on every call, so a free needs no lookup to tell
+//! small from large, and threads, so the core is wrapped in layers that
+//! keep threads out of each other's way. One allocation goes straight down,
+//! and each file uses only the files below it:
+//!
+//! ```text
+//! front          PyMalloc: GlobalAlloc, routing by Layout, large objects, stats()
+//!  ├ debug       PYTHONMALLOC=debug: guards, fill patterns, ownership checks (feature)
+//!  ├ thread_cache per-thread LIFO lists per class, no lock or atomic RMW (std, glibc)
+//!  heap_set      N heaps behind try-locks, remote-free inboxes, one block that never moves
+//!  heap          per-class lists of used pools; arenas sorted fullest first
+//!  arena         one span from the backing, cut into pools; records kept outside it
+//!  pool          a page-sized run of one class's blocks: free list, bump tail, header
+//!  size_class    8-byte classes, alignment folded into the size
+//!  stats         the _debugmallocstats snapshot, filled in by the layers above
+//!  backing       System (mmap'd arenas) or Region (a span you own), and large objects
+//!  config, list, sync   geometry; intrusive lists; locks and atomics (loom under cfg(loom))
+//! ```
+//!
+//! Why this order:
+//!
+//! * **The front decides once.** `class_for(size, align)` either names a
+//!   small class or sends the request to the backing. Small requests try the
+//!   calling thread's cache first; only a cache that is empty (or full, on a
+//!   free) or absent goes down to the heap set.
+//! * **A thread cache knows heaps, not allocators.** It binds to one
+//!   allocator by a process-unique id and moves blocks to and from that
+//!   allocator's heap set in batches; what it needs of the allocator (its
+//!   id, its heap set, its backing) it asks through the small
+//!   [`CacheOwner`](thread_cache::CacheOwner) trait that the front
+//!   implements, so the dependency points down.
+//! * **The heap set owns the heaps' addresses.** A `PyMalloc` value may
+//!   move; pools, inboxes and caches refer to heaps by address, so the heaps
+//!   live in one block taken from the backing on first use. Choosing a heap
+//!   needs no thread-local storage (a hash of the stack address, then
+//!   try-locks), which is what firmware and non-glibc targets run on.
+//! * **A heap is obmalloc.** Everything below the heap set runs under one
+//!   heap's lock and is single-threaded code: CPython's usable-arena order
+//!   (`nfp2lasta`), its pool states (used, full, empty), its lazy carving.
+//!   Pools point at their arena record only as an opaque address, which the
+//!   heap (above both) turns back into an [`Arena`](arena::Arena).
+//! * **Backings know nothing of pools.** A backing hands out arenas and
+//!   large blocks; how many bytes a region must have for a given `Config`
+//!   is a question about the heap set, so `Region::min_len` is answered in
+//!   `heap_set.rs`, where those sizes are known.
+//!
+//! The debug checks wrap the front's unchecked paths the same way: they ask
+//! for them through the [`Unchecked`](debug::Unchecked) trait, so they sit
+//! below the front that implements it, and compile out without the feature.
+//!
+//! Where the next pieces go: memory-tool hooks (sanitizer poisoning,
+//! valgrind client requests) sit at the bottom beside `sync`, as mimalloc's
+//! `track.h` does, called by the pool, heap, cache and front layers and
+//! compiled out without their cfg; allocation tracing (tracemalloc) is a
+//! layer over the front, which calls one hook on each path.
+
+pub(crate) mod arena;
+pub mod backing;
+pub mod config;
+#[cfg(feature = "debug")]
+pub mod debug;
+pub(crate) mod front;
+pub(crate) mod heap;
+pub(crate) mod heap_set;
+pub(crate) mod list;
+pub(crate) mod pool;
+pub mod size_class;
+pub mod stats;
+pub(crate) mod sync;
+#[cfg(thread_cache)]
+pub(crate) mod thread_cache;
+
+/// Whether this build gives each thread a cache of free blocks in front of
+/// the shared heaps: with `std`, on Linux with glibc, without the `debug`
+/// feature (see `build.rs` for why only there). Without them every
+/// allocation takes a heap's lock, chosen without thread-local storage.
+pub const THREAD_CACHES: bool = cfg!(thread_cache);
