@@ -47,14 +47,20 @@ pub use allocator::sync::loom_model;
 pub use allocator::debug;
 pub use allocator::front::{DefaultBacking, PyMalloc};
 pub use allocator::{backing, config, size_class, stats, THREAD_CACHES};
+// Shown as re-exports, as before the move: their home is the public module.
 #[cfg(feature = "std")]
+#[doc(no_inline)]
 pub use backing::System;
+#[doc(no_inline)]
 pub use backing::{Backing, Region};
+#[doc(no_inline)]
 pub use config::Config;
+#[doc(no_inline)]
 pub use stats::{ClassDelta, ClassStats, Stats, StatsDiff};
 
 pub use gc::collector::Collector;
+pub use gc::header::Visitor;
 pub use gc::pointer::{Cc, Weak};
-pub use gc::trace::{Finalize, Trace, Visitor};
+pub use gc::trace::{Finalize, Trace};
 pub use gc::weak_collections::{WeakSet, WeakValueMap};
 pub use pymalloc_derive::Trace;

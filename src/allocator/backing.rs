@@ -228,7 +228,7 @@ struct RegionStore {
 unsafe impl Send for RegionStore {}
 
 /// Alignment the region's start is rounded up to and its length down to.
-const REGION_ALIGN: usize = 16;
+pub(crate) const REGION_ALIGN: usize = 16;
 
 impl Region {
     super::sync::loom_const_fn! {
@@ -248,19 +248,6 @@ impl Region {
         }
     }
 
-    /// The fewest bytes a region needs for `config`: the heaps themselves,
-    /// one chunk of arena records, one arena, the padding to align each,
-    /// and the worst-case trim of a misaligned start.
-    pub const fn min_len(config: Config) -> usize {
-        (super::heap_set::HeapSet::max_bytes(config.heaps())
-            + super::arena::CHUNK_BYTES
-            + config.arena_size()
-            + config.pool_size()
-            + 4 * REGION_ALIGN)
-            // A trimmed span is a whole number of `REGION_ALIGN` units.
-            .next_multiple_of(REGION_ALIGN)
-    }
-
     /// Gives the region its span.
     ///
     /// # Safety
@@ -268,8 +255,15 @@ impl Region {
     ///
     /// # Panics
     /// If the region already has a span, or the span (trimmed to
-    /// `REGION_ALIGN`) is shorter than [`Region::min_len`] for `config`.
-    pub(crate) unsafe fn set_span(&self, start: *mut u8, len: usize, config: Config) {
+    /// `REGION_ALIGN`) is shorter than `min_len`, what the heaps of `config`
+    /// need ([`Region::min_len`]).
+    pub(crate) unsafe fn set_span(
+        &self,
+        start: *mut u8,
+        len: usize,
+        config: Config,
+        min_len: usize,
+    ) {
         let mut store = self.store.lock();
         assert!(
             store.pending.is_null() && store.heap.size() == 0,
@@ -277,11 +271,10 @@ impl Region {
         );
         let (start, len) = trim(start, len);
         assert!(
-            len >= Region::min_len(config),
+            len >= min_len,
             "pymalloc: a region of {len} usable bytes cannot hold one {}-byte arena; \
-             give at least {} bytes or choose a smaller Config",
+             give at least {min_len} bytes or choose a smaller Config",
             config.arena_size(),
-            Region::min_len(config),
         );
         store.pending = start;
         store.pending_len = len;

@@ -21,11 +21,10 @@
 //! trailing guard. A failed check prints a report naming the address, the
 //! size requested, the check and the bytes around it, then aborts.
 
-use super::backing::Backing;
 use super::heap::BlockStatus;
 use super::list;
 use super::size_class::class_for;
-use crate::PyMalloc;
+use super::sync::Lock;
 use core::alloc::Layout;
 use core::fmt;
 use core::ptr;
@@ -250,147 +249,180 @@ fn fail(report: Report) -> ! {
     }
 }
 
-impl<B: Backing> PyMalloc<B> {
-    /// Allocates `layout` with a header and guards, its bytes `CLEAN_BYTE`
-    /// or, if `zeroed`, zero.
-    pub(crate) fn debug_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        let Some((inner, prefix)) = wrap(layout) else {
-            return ptr::null_mut();
-        };
-        let base = self.allocate(inner, layout.size(), false);
-        if base.is_null() {
-            return base;
-        }
-        // SAFETY: the block has `inner.size()` bytes: prefix, data, guard.
-        let data = unsafe { base.add(prefix) };
-        // SAFETY: as above; the header sits just before `data`.
-        unsafe {
-            header_of(data).write(Header {
-                prev: ptr::null_mut(),
-                next: ptr::null_mut(),
-                size: layout.size(),
-                guard: [FORBIDDEN_BYTE; GUARD],
-            });
-            data.write_bytes(if zeroed { 0 } else { CLEAN_BYTE }, layout.size());
-            data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
-        }
-        if !is_small(inner) {
-            // SAFETY: a live large block, not yet listed.
-            unsafe { self.large_blocks.lock().push(header_of(data)) };
-        }
-        data
-    }
+/// The allocator's paths without the checks, which the checks wrap. The
+/// front implements it, so that this layer does not name the front.
+pub(crate) trait Unchecked {
+    /// Allocates `layout`, counting `requested` bytes as asked for, zeroed
+    /// if `zeroed`; null when out of memory.
+    fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8;
 
-    /// Checks `data` is a live block of `layout` with intact guards, and
-    /// aborts with a report if not. Returns the real layout and its base.
-    /// For large blocks, takes the block off the live list.
-    fn checked_release(&self, data: *mut u8, layout: Layout) -> (Layout, *mut u8) {
-        let report = |fault| Report {
-            fault,
-            data,
-            layout,
-        };
-        let Some((inner, prefix)) = wrap(layout) else {
-            fail(report(Fault::Foreign));
-        };
-        let base = data.wrapping_sub(prefix);
-        let mut large_blocks = self.large_blocks.lock();
-        let ownership = match class_for(inner.size(), inner.align()) {
-            Some(class) => match self.block_status(base, class) {
-                BlockStatus::Live => None,
-                BlockStatus::Free => Some(Fault::DoubleFree),
-                BlockStatus::Foreign => Some(Fault::Foreign),
-                BlockStatus::NotABlock => Some(Fault::NotABlock),
-            },
-            None if large_blocks.contains(header_of(data)) => None,
-            None => Some(Fault::LargeUnknown),
-        };
-        if let Some(fault) = ownership {
-            drop(large_blocks);
-            fail(report(fault));
-        }
-        // SAFETY: the block is live and ours, so header, data and trailer
-        // are readable.
-        let fault = unsafe {
-            let header = &*header_of(data);
-            if header.guard != [FORBIDDEN_BYTE; GUARD] {
-                Some(Fault::LeadingPad)
-            } else if header.size != layout.size() {
-                Some(Fault::SizeMismatch)
-            } else if ptr::read(data.add(layout.size()).cast::<[u8; GUARD]>())
-                != [FORBIDDEN_BYTE; GUARD]
-            {
-                Some(Fault::TrailingPad)
-            } else {
-                None
-            }
-        };
-        if let Some(fault) = fault {
-            drop(large_blocks);
-            fail(report(fault));
-        }
-        if !is_small(inner) {
-            // SAFETY: found on the list above, under the same lock.
-            unsafe { large_blocks.remove(header_of(data)) };
-        }
-        (inner, base)
-    }
-
+    /// Frees what `allocate(layout, requested)` returned.
+    ///
     /// # Safety
-    /// As for `GlobalAlloc::dealloc`; violations are reported, not UB, as
-    /// far as the checks reach.
-    pub(crate) unsafe fn debug_dealloc(&self, data: *mut u8, layout: Layout) {
-        let (inner, base) = self.checked_release(data, layout);
-        // SAFETY: checked live and ours above; once filled it is freed.
-        unsafe {
-            base.write_bytes(DEAD_BYTE, inner.size());
-            self.deallocate(base, inner, layout.size());
-        }
-    }
+    /// `ptr` came from `allocate` with this `layout` and `requested` and has
+    /// not been freed since.
+    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize);
 
+    /// Resizes what `allocate(layout, requested)` returned to `new_size`
+    /// bytes, `new_requested` of them asked for; null (the block untouched)
+    /// when out of memory.
+    ///
     /// # Safety
-    /// As for `GlobalAlloc::realloc`.
-    pub(crate) unsafe fn debug_realloc(
+    /// As for `deallocate`.
+    unsafe fn reallocate(
         &self,
-        data: *mut u8,
+        ptr: *mut u8,
         layout: Layout,
         new_size: usize,
-    ) -> *mut u8 {
-        let (inner, base) = self.checked_release(data, layout);
-        let relist = |data: *mut u8, inner: Layout| {
-            if !is_small(inner) {
-                // SAFETY: a live large block, taken off (or never on) the list.
-                unsafe { self.large_blocks.lock().push(header_of(data)) };
-            }
-        };
-        let new_wrapped = Layout::from_size_align(new_size, layout.align())
-            .ok()
-            .and_then(wrap);
-        let Some((new_inner, prefix)) = new_wrapped else {
-            relist(data, inner);
-            return ptr::null_mut();
-        };
-        // SAFETY: `base` is live with layout `inner` (checked above).
-        let new_base =
-            unsafe { self.reallocate(base, inner, new_inner.size(), layout.size(), new_size) };
-        if new_base.is_null() {
-            relist(data, inner);
-            return new_base;
-        }
-        // SAFETY: the new block has `new_inner.size()` bytes, and the header
-        // was copied (or stayed) with the data, since the prefix is the same.
-        let new_data = unsafe {
-            let new_data = new_base.add(prefix);
-            (*header_of(new_data)).size = new_size;
-            if new_size > layout.size() {
-                new_data
-                    .add(layout.size())
-                    .write_bytes(CLEAN_BYTE, new_size - layout.size());
-            }
-            new_data.add(new_size).write_bytes(FORBIDDEN_BYTE, GUARD);
-            new_data
-        };
-        relist(new_data, new_inner);
-        new_data
+        requested: usize,
+        new_requested: usize,
+    ) -> *mut u8;
+
+    /// Where `block`, claimed to be of small class `class`, stands.
+    fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus;
+
+    /// The live large blocks.
+    fn large_blocks(&self) -> &Lock<LargeList>;
+}
+
+/// Allocates `layout` with a header and guards, its bytes `CLEAN_BYTE`
+/// or, if `zeroed`, zero.
+pub(crate) fn alloc(a: &impl Unchecked, layout: Layout, zeroed: bool) -> *mut u8 {
+    let Some((inner, prefix)) = wrap(layout) else {
+        return ptr::null_mut();
+    };
+    let base = a.allocate(inner, layout.size(), false);
+    if base.is_null() {
+        return base;
     }
+    // SAFETY: the block has `inner.size()` bytes: prefix, data, guard.
+    let data = unsafe { base.add(prefix) };
+    // SAFETY: as above; the header sits just before `data`.
+    unsafe {
+        header_of(data).write(Header {
+            prev: ptr::null_mut(),
+            next: ptr::null_mut(),
+            size: layout.size(),
+            guard: [FORBIDDEN_BYTE; GUARD],
+        });
+        data.write_bytes(if zeroed { 0 } else { CLEAN_BYTE }, layout.size());
+        data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
+    }
+    if !is_small(inner) {
+        // SAFETY: a live large block, not yet listed.
+        unsafe { a.large_blocks().lock().push(header_of(data)) };
+    }
+    data
+}
+
+/// Checks `data` is a live block of `layout` with intact guards, and
+/// aborts with a report if not. Returns the real layout and its base.
+/// For large blocks, takes the block off the live list.
+fn checked_release(a: &impl Unchecked, data: *mut u8, layout: Layout) -> (Layout, *mut u8) {
+    let report = |fault| Report {
+        fault,
+        data,
+        layout,
+    };
+    let Some((inner, prefix)) = wrap(layout) else {
+        fail(report(Fault::Foreign));
+    };
+    let base = data.wrapping_sub(prefix);
+    let mut large_blocks = a.large_blocks().lock();
+    let ownership = match class_for(inner.size(), inner.align()) {
+        Some(class) => match a.block_status(base, class) {
+            BlockStatus::Live => None,
+            BlockStatus::Free => Some(Fault::DoubleFree),
+            BlockStatus::Foreign => Some(Fault::Foreign),
+            BlockStatus::NotABlock => Some(Fault::NotABlock),
+        },
+        None if large_blocks.contains(header_of(data)) => None,
+        None => Some(Fault::LargeUnknown),
+    };
+    if let Some(fault) = ownership {
+        drop(large_blocks);
+        fail(report(fault));
+    }
+    // SAFETY: the block is live and ours, so header, data and trailer
+    // are readable.
+    let fault = unsafe {
+        let header = &*header_of(data);
+        if header.guard != [FORBIDDEN_BYTE; GUARD] {
+            Some(Fault::LeadingPad)
+        } else if header.size != layout.size() {
+            Some(Fault::SizeMismatch)
+        } else if ptr::read(data.add(layout.size()).cast::<[u8; GUARD]>())
+            != [FORBIDDEN_BYTE; GUARD]
+        {
+            Some(Fault::TrailingPad)
+        } else {
+            None
+        }
+    };
+    if let Some(fault) = fault {
+        drop(large_blocks);
+        fail(report(fault));
+    }
+    if !is_small(inner) {
+        // SAFETY: found on the list above, under the same lock.
+        unsafe { large_blocks.remove(header_of(data)) };
+    }
+    (inner, base)
+}
+
+/// # Safety
+/// As for `GlobalAlloc::dealloc`; violations are reported, not UB, as
+/// far as the checks reach.
+pub(crate) unsafe fn dealloc(a: &impl Unchecked, data: *mut u8, layout: Layout) {
+    let (inner, base) = checked_release(a, data, layout);
+    // SAFETY: checked live and ours above; once filled it is freed.
+    unsafe {
+        base.write_bytes(DEAD_BYTE, inner.size());
+        a.deallocate(base, inner, layout.size());
+    }
+}
+
+/// # Safety
+/// As for `GlobalAlloc::realloc`.
+pub(crate) unsafe fn realloc(
+    a: &impl Unchecked,
+    data: *mut u8,
+    layout: Layout,
+    new_size: usize,
+) -> *mut u8 {
+    let (inner, base) = checked_release(a, data, layout);
+    let relist = |data: *mut u8, inner: Layout| {
+        if !is_small(inner) {
+            // SAFETY: a live large block, taken off (or never on) the list.
+            unsafe { a.large_blocks().lock().push(header_of(data)) };
+        }
+    };
+    let new_wrapped = Layout::from_size_align(new_size, layout.align())
+        .ok()
+        .and_then(wrap);
+    let Some((new_inner, prefix)) = new_wrapped else {
+        relist(data, inner);
+        return ptr::null_mut();
+    };
+    // SAFETY: `base` is live with layout `inner` (checked above).
+    let new_base = unsafe { a.reallocate(base, inner, new_inner.size(), layout.size(), new_size) };
+    if new_base.is_null() {
+        relist(data, inner);
+        return new_base;
+    }
+    // SAFETY: the new block has `new_inner.size()` bytes, and the header
+    // was copied (or stayed) with the data, since the prefix is the same.
+    let new_data = unsafe {
+        let new_data = new_base.add(prefix);
+        (*header_of(new_data)).size = new_size;
+        if new_size > layout.size() {
+            new_data
+                .add(layout.size())
+                .write_bytes(CLEAN_BYTE, new_size - layout.size());
+        }
+        new_data.add(new_size).write_bytes(FORBIDDEN_BYTE, GUARD);
+        new_data
+    };
+    relist(new_data, new_inner);
+    new_data
 }

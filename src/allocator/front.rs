@@ -6,9 +6,15 @@ use super::backing::Region;
 #[cfg(feature = "std")]
 use super::backing::System;
 use super::config::Config;
+#[cfg(feature = "debug")]
+use super::debug;
+#[cfg(feature = "debug")]
+use super::heap::BlockStatus;
 use super::heap_set::{stack_hint, HeapSet};
 use super::size_class::class_for;
 use super::stats::Stats;
+#[cfg(feature = "debug")]
+use super::sync::Lock;
 use super::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(thread_cache)]
 use super::thread_cache;
@@ -58,7 +64,7 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     large: LargeCounters,
     /// Live large blocks, for the debug feature's ownership checks.
     #[cfg(feature = "debug")]
-    pub(crate) large_blocks: super::sync::Lock<super::debug::LargeList>,
+    large_blocks: Lock<debug::LargeList>,
 }
 
 /// Live large objects, counted outside the heap lock: the backing serves
@@ -176,7 +182,10 @@ impl PyMalloc<Region> {
     /// [`Region::min_len`].
     pub unsafe fn init(&self, start: *mut u8, len: usize) {
         // SAFETY: forwarded contract.
-        unsafe { self.backing.set_span(start, len, self.config()) }
+        unsafe {
+            self.backing
+                .set_span(start, len, self.config, Region::min_len(self.config))
+        }
     }
 }
 
@@ -196,7 +205,7 @@ impl<B: Backing> PyMalloc<B> {
                     requested: AtomicUsize::new(0),
                 },
                 #[cfg(feature = "debug")]
-                large_blocks: super::sync::Lock::new(super::debug::LargeList::new()),
+                large_blocks: Lock::new(debug::LargeList::new()),
             }
         }
     }
@@ -234,7 +243,7 @@ impl<B: Backing> PyMalloc<B> {
                 .requested_bytes
                 .wrapping_add(set.requested.load(Ordering::Relaxed));
             #[cfg(thread_cache)]
-            set.caches.gather(&mut stats);
+            thread_cache::gather(self.cache_id(), &mut stats);
         }
         stats.large_objects = self.large.objects.load(Ordering::Relaxed);
         stats.large_bytes = self.large.bytes.load(Ordering::Relaxed);
@@ -282,19 +291,8 @@ impl<B: Backing> PyMalloc<B> {
     /// What thread caches call this allocator; 0 if nothing yet.
     #[cfg(thread_cache)]
     #[inline]
-    pub(crate) fn cache_id(&self) -> usize {
+    fn cache_id(&self) -> usize {
         self.id.load(Ordering::Relaxed)
-    }
-
-    /// Where `block`, claimed to be of `class`, stands in this allocator.
-    #[cfg(feature = "debug")]
-    pub(crate) fn block_status(&self, block: *mut u8, class: usize) -> super::heap::BlockStatus {
-        let set = self.set.load(Ordering::Acquire);
-        if set.is_null() {
-            return super::heap::BlockStatus::Foreign;
-        }
-        // SAFETY: a published set lives as long as `self`.
-        unsafe { &*set }.status(block, class, &self.backing)
     }
 
     /// The published heap set.
@@ -468,6 +466,66 @@ impl<B: Backing> PyMalloc<B> {
     }
 }
 
+#[cfg(feature = "debug")]
+impl<B: Backing> debug::Unchecked for PyMalloc<B> {
+    #[inline]
+    fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
+        PyMalloc::allocate(self, layout, requested, zeroed)
+    }
+
+    #[inline]
+    unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { PyMalloc::deallocate(self, ptr, layout, requested) }
+    }
+
+    #[inline]
+    unsafe fn reallocate(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+        requested: usize,
+        new_requested: usize,
+    ) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { PyMalloc::reallocate(self, ptr, layout, new_size, requested, new_requested) }
+    }
+
+    fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus {
+        let set = self.set.load(Ordering::Acquire);
+        if set.is_null() {
+            return BlockStatus::Foreign;
+        }
+        // SAFETY: a published set lives as long as `self`.
+        unsafe { &*set }.status(block, class, &self.backing)
+    }
+
+    fn large_blocks(&self) -> &Lock<debug::LargeList> {
+        &self.large_blocks
+    }
+}
+
+#[cfg(thread_cache)]
+impl<B: Backing> thread_cache::CacheOwner for PyMalloc<B> {
+    type Backing = B;
+
+    #[inline]
+    fn cache_id(&self) -> usize {
+        PyMalloc::cache_id(self)
+    }
+
+    #[inline]
+    fn heap_set(&self) -> *const HeapSet {
+        PyMalloc::heap_set(self)
+    }
+
+    #[inline]
+    fn backing(&self) -> &B {
+        &self.backing
+    }
+}
+
 impl<B: Backing> Drop for PyMalloc<B> {
     /// Gives the arenas back to the backing. Large objects still live stay
     /// with the backing: only their owners know where they are.
@@ -506,7 +564,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, false);
+        return debug::alloc(self, layout, false);
         #[cfg(not(feature = "debug"))]
         self.allocate(layout, layout.size(), false)
     }
@@ -514,7 +572,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, true);
+        return debug::alloc(self, layout, true);
         #[cfg(not(feature = "debug"))]
         self.allocate(layout, layout.size(), true)
     }
@@ -524,7 +582,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         unsafe {
-            self.debug_dealloc(ptr, layout)
+            debug::dealloc(self, ptr, layout)
         }
         #[cfg(not(feature = "debug"))]
         // SAFETY: forwarded contract.
@@ -537,7 +595,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
-        return unsafe { self.debug_realloc(ptr, layout, new_size) };
+        return unsafe { debug::realloc(self, ptr, layout, new_size) };
         #[cfg(not(feature = "debug"))]
         // SAFETY: forwarded contract.
         unsafe {

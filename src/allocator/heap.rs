@@ -146,7 +146,7 @@ impl Heap {
         // empty: blocks were given back to it).
         unsafe {
             if !reused || (*pool).class as usize != class {
-                Pool::init(pool, class, self.index, arena, pool_size);
+                Pool::init(pool, class, self.index, arena.cast(), pool_size);
             }
         }
         self.link_pool(class, pool);
@@ -192,7 +192,7 @@ impl Heap {
         // SAFETY: `pool` is an initialised pool with no block out, linked
         // nowhere; its arena record is live while it has pools.
         let arena = unsafe {
-            let arena = (*pool).arena;
+            let arena = (*pool).arena.cast::<Arena>();
             (*pool).next = (*arena).free_pools;
             (*arena).free_pools = pool;
             arena

@@ -29,7 +29,8 @@
 //!   no backing to free into, so it only pushes; the next holder, or
 //!   `stats()`, reclaims those blocks.)
 
-use super::backing::Backing;
+use super::arena::CHUNK_BYTES;
+use super::backing::{Backing, Region, REGION_ALIGN};
 use super::config::{Config, MAX_HEAPS};
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
@@ -59,9 +60,6 @@ pub(crate) struct HeapSet {
     /// Wrapping: only its sum with the heaps' and caches' counts means
     /// anything.
     pub(crate) requested: AtomicUsize,
-    /// The thread caches bound to this allocator, for statistics.
-    #[cfg(thread_cache)]
-    pub(crate) caches: super::thread_cache::CacheList,
 }
 
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
@@ -110,8 +108,6 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
-                #[cfg(thread_cache)]
-                caches: super::thread_cache::CacheList::new(),
             });
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
@@ -145,8 +141,8 @@ impl HeapSet {
     }
 
     /// Bytes a set of `heaps` heaps takes from a backing at most, padding
-    /// to its alignment included (for `Region::min_len`).
-    pub(crate) const fn max_bytes(heaps: usize) -> usize {
+    /// to its alignment included.
+    const fn max_bytes(heaps: usize) -> usize {
         Self::size(heaps) + align_of::<Slot>()
     }
 
@@ -398,6 +394,23 @@ impl<B: Backing> Drop for Held<'_, B> {
             };
             self.slot.drain_into(&mut guard, self.backing);
         }
+    }
+}
+
+// Answered here rather than in `backing.rs`: what a region must hold is
+// what the heap set takes from it before serving anything.
+impl Region {
+    /// The fewest bytes a region needs for `config`: the heaps themselves,
+    /// one chunk of arena records, one arena, the padding to align each,
+    /// and the worst-case trim of a misaligned start.
+    pub const fn min_len(config: Config) -> usize {
+        (HeapSet::max_bytes(config.heaps())
+            + CHUNK_BYTES
+            + config.arena_size()
+            + config.pool_size()
+            + 4 * REGION_ALIGN)
+            // A trimmed span is a whole number of `REGION_ALIGN` units.
+            .next_multiple_of(REGION_ALIGN)
     }
 }
 

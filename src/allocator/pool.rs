@@ -14,7 +14,6 @@
 //! * *empty*: no block out; on its arena's list of free pools. Taken again for
 //!   the same class it is reused as it is, without re-initialisation.
 
-use super::arena::Arena;
 use super::size_class::{class_alignment, class_size};
 use core::ptr;
 use static_assertions::const_assert;
@@ -36,8 +35,10 @@ pub(crate) struct Pool {
     pub(crate) next: *mut Pool,
     /// Previous pool in the class list; unused on the free-pool list.
     pub(crate) prev: *mut Pool,
-    /// The arena this pool belongs to.
-    pub(crate) arena: *mut Arena,
+    /// The record of the arena this pool belongs to. Only an address here:
+    /// arenas are the layer above pools, and the heap, above both, turns it
+    /// back into an `Arena`.
+    pub(crate) arena: *mut (),
     /// Offset of the first block never handed out.
     pub(crate) bump: u32,
     /// Largest offset at which a whole block still fits.
@@ -122,7 +123,7 @@ impl Pool {
         pool: *mut Pool,
         class: usize,
         heap: usize,
-        arena: *mut Arena,
+        arena: *mut (),
         pool_size: usize,
     ) {
         let first = first_block_offset(class);

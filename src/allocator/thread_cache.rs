@@ -20,7 +20,8 @@
 //!   dropping an allocator removes its id under the registry lock and bumps
 //!   a generation counter, and a cache re-checks its owner under that lock
 //!   whenever the generation moved, discarding (never touching) its blocks
-//!   if the owner is gone.
+//!   if the owner is gone. The registry also lists, per allocator, the
+//!   caches bound to it, for statistics.
 //! * The cache itself is a thread local without a destructor, so using it
 //!   costs no state check. Binding it registers a second, empty thread
 //!   local whose destructor, at thread exit, hands the cache back: under the
@@ -41,7 +42,6 @@ use super::pool::{pool_of, Batch, FreeBlock};
 use super::size_class::{class_size, CLASS_COUNT};
 use super::stats::Stats;
 use super::sync::{AtomicUsize, Lock, Ordering};
-use crate::PyMalloc;
 use core::cell::Cell;
 use core::ptr;
 
@@ -78,16 +78,35 @@ fn capacity(class: usize) -> usize {
 /// Owner of a cache bound to no allocator: no allocator has this id.
 const NO_OWNER: usize = usize::MAX;
 
-/// Ids of allocators alive now that caches may bind to.
+/// Allocators alive now that caches may bind to, each with the caches
+/// bound to it.
 struct Registry {
-    live: [usize; REGISTRY_SLOTS],
+    slots: [Slot; REGISTRY_SLOTS],
 }
+
+/// One registered allocator.
+struct Slot {
+    /// Its id; 0 for a free slot.
+    id: usize,
+    /// The caches bound to it, linked through their `prev`/`next`.
+    caches: *const ThreadCache,
+}
+
+// SAFETY: the cache pointers are only followed under the registry's lock, to
+// caches that stay alive (in their threads' TLS) until they unlink
+// themselves under it.
+unsafe impl Send for Registry {}
 
 /// Allocators that can be cached for at once; more take the shared path.
 const REGISTRY_SLOTS: usize = 64;
 
 static REGISTRY: Lock<Registry> = Lock::new(Registry {
-    live: [0; REGISTRY_SLOTS],
+    slots: [const {
+        Slot {
+            id: 0,
+            caches: ptr::null(),
+        }
+    }; REGISTRY_SLOTS],
 });
 
 /// Bumped whenever an id leaves the registry: a cache whose last look was
@@ -102,9 +121,12 @@ static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 pub(crate) fn register() -> usize {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let mut registry = REGISTRY.lock();
-    match registry.live.iter_mut().find(|slot| **slot == 0) {
+    match registry.slots.iter_mut().find(|slot| slot.id == 0) {
         Some(slot) => {
-            *slot = id;
+            *slot = Slot {
+                id,
+                caches: ptr::null(),
+            };
             id
         }
         None => 0,
@@ -118,14 +140,70 @@ pub(crate) fn unregister(id: usize) {
         return;
     }
     let mut registry = REGISTRY.lock();
-    if let Some(slot) = registry.live.iter_mut().find(|slot| **slot == id) {
-        *slot = 0;
+    if let Some(slot) = registry.slot(id) {
+        // Its caches forget it when they next see `GENERATION` move.
+        slot.id = 0;
+        slot.caches = ptr::null();
     }
     GENERATION.fetch_add(1, Ordering::Release);
 }
 
-fn is_live(registry: &Registry, id: usize) -> bool {
-    registry.live.contains(&id)
+impl Registry {
+    /// The slot of the live allocator `id`, if it is registered.
+    fn slot(&mut self, id: usize) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|slot| slot.id == id && id != 0)
+    }
+
+    fn is_live(&mut self, id: usize) -> bool {
+        self.slot(id).is_some()
+    }
+}
+
+impl Slot {
+    /// # Safety
+    /// `cache` is on no list and stays alive until `unlink`ed.
+    unsafe fn link(&mut self, cache: &ThreadCache) {
+        cache.prev.set(ptr::null());
+        cache.next.set(self.caches);
+        if !self.caches.is_null() {
+            // SAFETY: listed caches are alive (contract of `link`); their
+            // links change only under the registry lock, which the `&mut`
+            // to this slot proves we hold.
+            unsafe { (*self.caches).prev.set(cache) };
+        }
+        self.caches = cache;
+    }
+
+    /// # Safety
+    /// `cache` is on this slot's list.
+    unsafe fn unlink(&mut self, cache: &ThreadCache) {
+        let (prev, next) = (cache.prev.get(), cache.next.get());
+        // SAFETY: neighbours are alive list members; we hold the lock.
+        unsafe {
+            if prev.is_null() {
+                self.caches = next;
+            } else {
+                (*prev).next.set(next);
+            }
+            if !next.is_null() {
+                (*next).prev.set(prev);
+            }
+        }
+    }
+}
+
+/// What a cache needs of the allocator it serves: the front implements it,
+/// so that this layer does not name the front.
+pub(crate) trait CacheOwner {
+    /// Where large objects and arenas come from.
+    type Backing: Backing;
+    /// The id caches bind to (from [`register`]); 0 if it has none yet.
+    fn cache_id(&self) -> usize;
+    /// The allocator's heaps, made now if this is their first use; null when
+    /// the backing has no memory for them.
+    fn heap_set(&self) -> *const HeapSet;
+    /// The allocator's backing.
+    fn backing(&self) -> &Self::Backing;
 }
 
 /// One class's list.
@@ -148,7 +226,8 @@ pub(crate) struct ThreadCache {
     /// (wrapping: only the sum over all counters is meaningful).
     requested: AtomicUsize,
     lists: [List; CLASS_COUNT],
-    /// Neighbours in the owner's [`CacheList`]; changed only under its lock.
+    /// Neighbours in the owner's registry slot; changed only under the
+    /// registry lock.
     prev: Cell<*const ThreadCache>,
     next: Cell<*const ThreadCache>,
 }
@@ -188,12 +267,12 @@ impl ThreadCache {
     /// Whether the cache serves `alloc`, binding it if it serves no live
     /// allocator.
     #[inline]
-    fn serves<B: Backing>(&self, alloc: &PyMalloc<B>) -> bool {
+    fn serves(&self, alloc: &impl CacheOwner) -> bool {
         self.owner.get() == alloc.cache_id() || self.bind(alloc)
     }
 
     #[cold]
-    fn bind<B: Backing>(&self, alloc: &PyMalloc<B>) -> bool {
+    fn bind(&self, alloc: &impl CacheOwner) -> bool {
         // An exiting thread whose cache was handed back stays on the shared
         // path without touching the registry lock on every call.
         if EXIT.try_with(|_| ()).is_err() {
@@ -208,19 +287,19 @@ impl ThreadCache {
             // Still serving a live allocator.
             return false;
         }
-        let registry = REGISTRY.lock();
+        let mut registry = REGISTRY.lock();
         self.seen.set(GENERATION.load(Ordering::Relaxed));
         if self.owner.get() != NO_OWNER {
-            if is_live(&registry, self.owner.get()) {
+            if registry.is_live(self.owner.get()) {
                 return false;
             }
             // The owner is gone and its arenas with it: forget the blocks
             // without touching them.
             self.forget();
         }
-        if !is_live(&registry, id) {
+        let Some(slot) = registry.slot(id) else {
             return false;
-        }
+        };
         self.owner.set(id);
         self.set.set(set);
         // SAFETY: `set` is the live set of `alloc`, borrowed for this call.
@@ -228,7 +307,7 @@ impl ThreadCache {
         self.home.set(set.next_home());
         // SAFETY: the cache lives in this thread's TLS until its destructor
         // unlinks it (or its owner, and with it the list, is gone).
-        unsafe { set.caches.link(self) };
+        unsafe { slot.link(self) };
         true
     }
 
@@ -252,7 +331,7 @@ impl ThreadCache {
     /// Fills `class`'s empty list with half its capacity from a heap;
     /// false when the heap has no memory.
     #[cold]
-    fn refill<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize) -> bool {
+    fn refill(&self, alloc: &impl CacheOwner, class: usize) -> bool {
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
         let mut held = set.hold(self.home.get(), alloc.backing());
@@ -274,7 +353,7 @@ impl ThreadCache {
     /// heaps. (The newest, not the oldest: finding the oldest would mean
     /// walking past the blocks that stay.)
     #[cold]
-    fn flush<B: Backing>(&self, alloc: &PyMalloc<B>, class: usize, count: usize) {
+    fn flush(&self, alloc: &impl CacheOwner, class: usize, count: usize) {
         // SAFETY: the owner is alive, so its set is too.
         let set = unsafe { &*self.set.get() };
         let list = &self.lists[class];
@@ -383,11 +462,11 @@ impl ThreadCache {
         if self.owner.get() == NO_OWNER {
             return;
         }
-        let registry = REGISTRY.lock();
-        if !is_live(&registry, self.owner.get()) {
+        let mut registry = REGISTRY.lock();
+        let Some(slot) = registry.slot(self.owner.get()) else {
             self.forget();
             return;
-        }
+        };
         // SAFETY: the owner is registered, and cannot leave the registry
         // (and so cannot free its set) while we hold the registry lock.
         let set = unsafe { &*self.set.get() };
@@ -401,8 +480,8 @@ impl ThreadCache {
         }
         set.requested
             .fetch_add(self.requested.load(Ordering::Relaxed), Ordering::Relaxed);
-        // SAFETY: linked into the owner's list when bound.
-        unsafe { set.caches.unlink(self) };
+        // SAFETY: linked into the owner's slot when bound.
+        unsafe { slot.unlink(self) };
         self.forget();
         drop(registry);
     }
@@ -412,11 +491,7 @@ impl ThreadCache {
 /// `alloc`: `None` when the cache cannot serve `alloc` (it serves another
 /// allocator, or the thread is exiting), `Some(null)` when memory ran out.
 #[inline]
-pub(crate) fn alloc<B: Backing>(
-    alloc: &PyMalloc<B>,
-    class: usize,
-    requested: usize,
-) -> Option<*mut u8> {
+pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> Option<*mut u8> {
     // `try_with`, not `with`: it inlines. (It cannot fail: the cache has
     // no destructor.)
     CACHE
@@ -447,8 +522,8 @@ pub(crate) fn alloc<B: Backing>(
 /// # Safety
 /// `block` is a live block of `alloc` of class `class`, freed once.
 #[inline]
-pub(crate) unsafe fn free<B: Backing>(
-    alloc: &PyMalloc<B>,
+pub(crate) unsafe fn free(
+    alloc: &impl CacheOwner,
     block: *mut u8,
     class: usize,
     requested: usize,
@@ -475,7 +550,7 @@ pub(crate) unsafe fn free<B: Backing>(
 }
 
 /// Gives every block the calling thread caches for `alloc` back to its heap.
-pub(crate) fn flush_all<B: Backing>(alloc: &PyMalloc<B>) {
+pub(crate) fn flush_all(alloc: &impl CacheOwner) {
     CACHE.with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
             for class in 0..CLASS_COUNT {
@@ -488,76 +563,29 @@ pub(crate) fn flush_all<B: Backing>(alloc: &PyMalloc<B>) {
     });
 }
 
-/// The caches bound to one allocator, linked through their `prev`/`next`.
-pub(crate) struct CacheList {
-    head: Lock<*const ThreadCache>,
-}
-
-// SAFETY: the pointers are only followed under the lock, to caches that stay
-// alive (in their threads' TLS) until they unlink themselves under it.
-unsafe impl Send for CacheList {}
-unsafe impl Sync for CacheList {}
-
-impl CacheList {
-    pub(crate) const fn new() -> Self {
-        CacheList {
-            head: Lock::new(ptr::null()),
+/// Moves the blocks the caches bound to allocator `id` hold from "in use"
+/// to "free" in `stats`, and adds the bytes requested through them.
+pub(crate) fn gather(id: usize, stats: &mut Stats) {
+    let mut registry = REGISTRY.lock();
+    let Some(slot) = registry.slot(id) else {
+        return;
+    };
+    let mut cache = slot.caches;
+    while !cache.is_null() {
+        // SAFETY: listed caches are alive while linked, and we hold the
+        // lock; only their atomics are read, which their threads write.
+        let c = unsafe { &*cache };
+        for (class, list) in c.lists.iter().enumerate() {
+            let cached = list.len.load(Ordering::Relaxed);
+            let entry = &mut stats.classes[class];
+            // Saturating: a cache may have changed since its heap was read.
+            entry.blocks_in_use = entry.blocks_in_use.saturating_sub(cached);
+            entry.blocks_free += cached;
+            stats.cached_blocks += cached;
         }
-    }
-
-    /// # Safety
-    /// `cache` is on no list and stays alive until `unlink`ed.
-    unsafe fn link(&self, cache: &ThreadCache) {
-        let mut head = self.head.lock();
-        cache.prev.set(ptr::null());
-        cache.next.set(*head);
-        if !head.is_null() {
-            // SAFETY: list members are alive (contract of `link`); their
-            // links change only under this lock, which we hold.
-            unsafe { (**head).prev.set(cache) };
-        }
-        *head = cache;
-    }
-
-    /// # Safety
-    /// `cache` is on this list.
-    unsafe fn unlink(&self, cache: &ThreadCache) {
-        let mut head = self.head.lock();
-        let (prev, next) = (cache.prev.get(), cache.next.get());
-        // SAFETY: neighbours are alive list members; we hold the lock.
-        unsafe {
-            if prev.is_null() {
-                *head = next;
-            } else {
-                (*prev).next.set(next);
-            }
-            if !next.is_null() {
-                (*next).prev.set(prev);
-            }
-        }
-    }
-
-    /// Moves the blocks the caches hold from "in use" to "free" in `stats`,
-    /// and adds the bytes requested through them.
-    pub(crate) fn gather(&self, stats: &mut Stats) {
-        let head = self.head.lock();
-        let mut cache = *head;
-        while !cache.is_null() {
-            // SAFETY: list members are alive while linked, and we hold the
-            // lock; only their atomics are read, which their threads write.
-            let c = unsafe { &*cache };
-            for (class, list) in c.lists.iter().enumerate() {
-                let cached = list.len.load(Ordering::Relaxed);
-                let entry = &mut stats.classes[class];
-                // Saturating: a cache may have changed since its heap was read.
-                entry.blocks_in_use = entry.blocks_in_use.saturating_sub(cached);
-                entry.blocks_free += cached;
-                stats.cached_blocks += cached;
-            }
-            stats.requested_bytes = stats
-                .requested_bytes
-                .wrapping_add(c.requested.load(Ordering::Relaxed));
-            cache = c.next.get();
-        }
+        stats.requested_bytes = stats
+            .requested_bytes
+            .wrapping_add(c.requested.load(Ordering::Relaxed));
+        cache = c.next.get();
     }
 }

@@ -6,20 +6,17 @@
 //! * without `std`, the `&'static Collector` given to [`install`], shared by
 //!   everything that runs (Rust cannot tell threads apart without `std`, so
 //!   `install` is `unsafe` and the caller promises a single thread of control).
-//!
-//! A "collection running" flag lives here too rather than in a collector,
-//! so that no collection can start inside another on the same thread.
 
 use core::panic::Location;
 use core::ptr::NonNull;
 
-use super::collector::Collector;
+use super::collector::{destroy_without_collector, Collector};
 use super::header::Link;
+use super::trace::Trace;
 
 #[cfg(feature = "std")]
 std::thread_local! {
     static DEFAULT: Collector = Collector::new();
-    static BUSY: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
 }
 
 /// Runs `f` on the ambient collector; `None` if there is none (no `install`
@@ -33,8 +30,6 @@ pub(crate) fn with<R>(f: impl FnOnce(&Collector) -> R) -> Option<R> {
 #[cfg(not(feature = "std"))]
 static CURRENT: core::sync::atomic::AtomicPtr<Collector> =
     core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
-#[cfg(not(feature = "std"))]
-static BUSY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Runs `f` on the ambient collector; `None` if there is none (no `install`
 /// without std, or the thread is exiting and its collector is gone).
@@ -65,42 +60,6 @@ pub unsafe fn install(collector: &'static Collector) {
     );
 }
 
-/// Whether a collection is running on this thread of control (also `true`
-/// while the thread is exiting, so none starts then).
-pub(crate) fn busy() -> bool {
-    #[cfg(feature = "std")]
-    return BUSY.try_with(|b| b.get()).unwrap_or(true);
-    #[cfg(not(feature = "std"))]
-    return BUSY.load(core::sync::atomic::Ordering::Relaxed);
-}
-
-fn set_busy(on: bool) {
-    #[cfg(feature = "std")]
-    let _ = BUSY.try_with(|b| b.set(on));
-    #[cfg(not(feature = "std"))]
-    BUSY.store(on, core::sync::atomic::Ordering::Relaxed);
-}
-
-/// Marks a collection as running until dropped (also by a panic).
-pub(crate) struct Busy(());
-
-impl Busy {
-    /// `None` if a collection is already running.
-    pub(crate) fn enter() -> Option<Busy> {
-        if busy() {
-            return None;
-        }
-        set_busy(true);
-        Some(Busy(()))
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        set_busy(false);
-    }
-}
-
 /// Hands a new tracked object (in no list, its link words unset) to the
 /// ambient collector, which may then run an automatic collection.
 #[inline]
@@ -127,4 +86,21 @@ fn no_collector(link: NonNull<Link>) {
 /// Tells the ambient collector a tracked object left its lists.
 pub(crate) fn untrack(link: &Link) {
     with(|c| c.untrack(link));
+}
+
+/// Destroys a tracked `T` whose strong count reached zero: unlinks it, runs
+/// its finalizer once, drops the value (through the trashcan) and releases
+/// the memory when no `Weak` remains. `Cc`'s drop knows `T`, so the
+/// finalizer, drop and layout are `T`'s own rather than the vtable's.
+///
+/// # Safety
+/// `link` is a live tracked `T` with strong count zero and an initialised
+/// value, not part of a running collection (`COLLECTING` clear).
+#[inline]
+pub(crate) unsafe fn destroy_tracked<T: Trace>(link: NonNull<Link>) {
+    // SAFETY: the caller's promise.
+    if with(|c| unsafe { c.destroy_typed::<T>(link) }).is_none() {
+        // SAFETY: the caller's promise.
+        unsafe { destroy_without_collector(link) };
+    }
 }

@@ -33,13 +33,11 @@ use core::panic::Location;
 use core::ptr::{self, NonNull};
 use core::time::Duration;
 
-use super::ambient::{self, Busy};
 use super::header::{
-    counts_of, link_of, Counts, Link, Shape, COLLECTING, FINALIZED, ROOT_BIAS, UNREACHABLE,
-    WEAK_CLEARED,
+    counts_of, inc_strong, release_weak, Counts, Link, Op, Visitor, COLLECTING, FINALIZED,
+    ROOT_BIAS, UNREACHABLE, WEAK_CLEARED,
 };
-use super::pointer::{handle, inc_strong, release_weak};
-use super::trace::{Trace, Visitor};
+use super::trace::{Shape, Trace};
 
 /// Number of generations (not counting the permanent one).
 pub const GENERATIONS: usize = 3;
@@ -133,113 +131,6 @@ pub struct Collector {
     pub(crate) sites: RefCell<BTreeMap<usize, &'static Location<'static>>>,
 }
 
-/// The collector's operation on each `Cc` a `Trace` reports.
-pub(crate) enum Op<'a> {
-    /// Count internal references: `gc_refs -= 1` once per handle.
-    Subtract { consistent: bool },
-    /// Remove the marks `Subtract` left on handles.
-    Unmark,
-    /// Mark what a reachable object reaches as reachable; objects the scan
-    /// already passed over go on `stack` to be traced in turn.
-    Reach { stack: &'a Cell<*const Link> },
-    /// Empty handles that point into the garbage.
-    Clear,
-    /// Count handles that point at `target`.
-    Find {
-        target: NonNull<Counts>,
-        hits: usize,
-    },
-}
-
-impl Op<'_> {
-    /// The collector's work on one reported handle. The two passes that
-    /// trace every object of a collection, garbage or not (subtract,
-    /// reach), are handled inline; the rest in `visit_other`, which keeps
-    /// this small enough to inline into the `Trace` impls that call it.
-    #[inline]
-    pub(crate) fn visit(&mut self, cell: &Cell<NonNull<Counts>>) {
-        let Some((counts, marked)) = handle::read(cell) else {
-            return;
-        };
-        // SAFETY: `visit` is called only for handles of tracked types (see
-        // `Visitor::visit`), and a handle holds a strong reference, so this
-        // is the link of a live tracked allocation.
-        let link = unsafe { link_of(counts).as_ref() };
-        match self {
-            Op::Subtract { consistent } => {
-                if marked || !link.prev_flag(COLLECTING) {
-                    return;
-                }
-                handle::set_mark(cell, counts, true);
-                if !link.dec_gc_refs() {
-                    // More references reported than exist: a `Trace` broke
-                    // its safety contract (visited a handle it does not
-                    // own). Guarded against defensively: the collection
-                    // then frees nothing.
-                    *consistent = false;
-                }
-            }
-            Op::Reach { stack } => {
-                if !link.prev_flag(COLLECTING) {
-                    return;
-                }
-                if marked {
-                    // Reachable objects are traced exactly once here, so
-                    // this is where the marks `Subtract` left go away.
-                    handle::set_mark(cell, counts, false);
-                }
-                if link.next_flag(UNREACHABLE) {
-                    // Passed over as tentatively unreachable, reachable
-                    // after all: onto the stack of objects still to trace,
-                    // threaded through `prev` (a pointer there reads as
-                    // `gc_refs > 0`: reachable, not to be pushed again).
-                    link.set_next_flag(UNREACHABLE, false);
-                    link.set_prev(stack.get());
-                    stack.set(link);
-                } else if link.gc_refs() == 0 {
-                    // Not reached by the scan yet: it will be traced there.
-                    link.set_gc_refs(1);
-                }
-            }
-            _ => self.visit_other(cell, counts, marked, link),
-        }
-    }
-
-    /// `visit` for the operations that trace only part of a collection
-    /// (clear: the garbage), or run after a panic or for diagnostics.
-    #[inline(never)]
-    fn visit_other(
-        &mut self,
-        cell: &Cell<NonNull<Counts>>,
-        counts: NonNull<Counts>,
-        marked: bool,
-        link: &Link,
-    ) {
-        match self {
-            Op::Unmark => {
-                if marked {
-                    handle::set_mark(cell, counts, false);
-                }
-            }
-            Op::Clear => {
-                if link.next_flag(UNREACHABLE) {
-                    handle::clear(cell);
-                    // SAFETY: as in `visit`, the counts are alive.
-                    let c = unsafe { counts.as_ref() };
-                    // Never reaches zero: the collector holds one reference.
-                    c.strong.set(c.strong.get() - 1);
-                }
-            }
-            Op::Find { target, hits } => {
-                if counts == *target {
-                    *hits += 1;
-                }
-            }
-            Op::Subtract { .. } | Op::Reach { .. } => unreachable!(),
-        }
-    }
-}
-
 /// The counts of a tracked object.
 ///
 /// # Safety
@@ -277,23 +168,6 @@ unsafe fn trace_with(link: NonNull<Link>, visitor: &mut Visitor<'_>) -> bool {
     visitor.untraceable
 }
 
-/// Destroys a tracked `T` whose strong count reached zero: unlinks it, runs
-/// its finalizer once, drops the value (through the trashcan) and releases
-/// the memory when no `Weak` remains. `Cc`'s drop knows `T`, so the
-/// finalizer, drop and layout are `T`'s own rather than the vtable's.
-///
-/// # Safety
-/// `link` is a live tracked `T` with strong count zero and an initialised
-/// value, not part of a running collection (`COLLECTING` clear).
-#[inline]
-pub(crate) unsafe fn destroy_tracked<T: Trace>(link: NonNull<Link>) {
-    // SAFETY: the caller's promise.
-    if ambient::with(|c| unsafe { c.destroy_typed::<T>(link) }).is_none() {
-        // SAFETY: the caller's promise.
-        unsafe { destroy_without_collector(link) };
-    }
-}
-
 /// `destroy_tracked` when there is no collector (the thread is exiting): no
 /// bookkeeping, no trashcan.
 ///
@@ -301,7 +175,7 @@ pub(crate) unsafe fn destroy_tracked<T: Trace>(link: NonNull<Link>) {
 /// As for `destroy_tracked`.
 #[cold]
 #[inline(never)]
-unsafe fn destroy_without_collector(link: NonNull<Link>) {
+pub(crate) unsafe fn destroy_without_collector(link: NonNull<Link>) {
     // SAFETY: the caller's promise.
     unsafe {
         retire(link);
@@ -367,6 +241,52 @@ unsafe fn drop_now(link: NonNull<Link>) {
     unsafe { (link.as_ref().vtable.drop_value)(link) };
     // SAFETY: the value is dropped and the shared weak reference is ours.
     unsafe { release_weak(counts_of(link), link.cast(), layout) };
+}
+
+// Whether a collection is running, per thread of control rather than per
+// collector, so that no collection can start inside another on the same
+// thread.
+#[cfg(feature = "std")]
+std::thread_local! {
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+#[cfg(not(feature = "std"))]
+static BUSY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether a collection is running on this thread of control (also `true`
+/// while the thread is exiting, so none starts then).
+pub(crate) fn busy() -> bool {
+    #[cfg(feature = "std")]
+    return BUSY.try_with(|b| b.get()).unwrap_or(true);
+    #[cfg(not(feature = "std"))]
+    return BUSY.load(core::sync::atomic::Ordering::Relaxed);
+}
+
+fn set_busy(on: bool) {
+    #[cfg(feature = "std")]
+    let _ = BUSY.try_with(|b| b.set(on));
+    #[cfg(not(feature = "std"))]
+    BUSY.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Marks a collection as running until dropped (also by a panic).
+pub(crate) struct Busy(());
+
+impl Busy {
+    /// `None` if a collection is already running.
+    pub(crate) fn enter() -> Option<Busy> {
+        if busy() {
+            return None;
+        }
+        set_busy(true);
+        Some(Busy(()))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        set_busy(false);
+    }
 }
 
 /// Undoes a collection's partial work if a panic unwinds through it.
@@ -499,7 +419,7 @@ impl Collector {
     #[cold]
     #[inline(never)]
     fn collect_if_idle(&self) {
-        if !ambient::busy() {
+        if !busy() {
             self.collect_generations();
         }
     }
@@ -561,7 +481,7 @@ impl Collector {
     /// # Safety
     /// As for `destroy_tracked`.
     #[inline(always)]
-    unsafe fn destroy_typed<T: Trace>(&self, link: NonNull<Link>) {
+    pub(crate) unsafe fn destroy_typed<T: Trace>(&self, link: NonNull<Link>) {
         // SAFETY: the caller's promise: live and in a well-formed list.
         let l = unsafe { link.as_ref() };
         // SAFETY: as above.
@@ -1132,12 +1052,9 @@ impl Collector {
         unsafe { self.release(self.head(SAVED)) };
     }
 
-    /// Type names of the tracked objects that hold a `Cc` to `target`
-    /// (`gc.get_referrers`), one entry per referring object.
-    pub fn referrers<T: crate::Trace>(&self, target: &crate::Cc<T>) -> Vec<&'static str> {
-        let Some((target, _)) = handle::read(target.handle()) else {
-            return Vec::new();
-        };
+    /// Type names of the tracked objects that hold a handle to the object
+    /// whose counts are at `target`, one entry per referring object.
+    pub(crate) fn referrers_of(&self, target: NonNull<Counts>) -> Vec<&'static str> {
         let mut found = Vec::new();
         self.for_each_live_held(|link| {
             // SAFETY: held, so alive with an initialised value.

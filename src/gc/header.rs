@@ -15,8 +15,6 @@ use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
-use super::trace::{Trace, Visitor};
-
 /// Number of flag bits in each link word.
 pub(crate) const FLAG_BITS: u32 = 2;
 const FLAG_MASK: usize = (1 << FLAG_BITS) - 1;
@@ -81,16 +79,16 @@ pub(crate) struct Counts {
 /// A tracked allocation.
 #[repr(C)]
 pub(crate) struct TrackedBox<T> {
-    link: Link,
-    counts: Counts,
-    value: T,
+    pub(crate) link: Link,
+    pub(crate) counts: Counts,
+    pub(crate) value: T,
 }
 
 /// An untracked allocation.
 #[repr(C)]
 pub(crate) struct PlainBox<T> {
-    counts: Counts,
-    value: T,
+    pub(crate) counts: Counts,
+    pub(crate) value: T,
 }
 
 // The size budget: a 32-byte tracked header, so a 24-byte payload takes 56
@@ -101,90 +99,6 @@ const _: () = {
     assert!(core::mem::size_of::<TrackedBox<[u64; 3]>>() == 56);
 };
 const _: () = assert!(core::mem::size_of::<PlainBox<u32>>() == 12);
-
-/// Where `T`'s value lives relative to its `Counts`, and the allocation layout.
-pub(crate) struct Shape<T>(core::marker::PhantomData<T>);
-
-impl<T: Trace> Shape<T> {
-    /// Whether objects of this type are linked into the collector's lists.
-    pub(crate) const TRACKED: bool = T::MAY_CONTAIN_CC;
-    /// Bytes from the start of the allocation to the `Counts`.
-    pub(crate) const COUNTS_OFFSET: usize = if Self::TRACKED {
-        core::mem::offset_of!(TrackedBox<T>, counts)
-    } else {
-        0
-    };
-    /// Bytes from the `Counts` to the value.
-    pub(crate) const VALUE_OFFSET: usize = if Self::TRACKED {
-        core::mem::offset_of!(TrackedBox<T>, value) - Self::COUNTS_OFFSET
-    } else {
-        core::mem::offset_of!(PlainBox<T>, value)
-    };
-    /// Layout of the allocation.
-    pub(crate) const LAYOUT: Layout = if Self::TRACKED {
-        Layout::new::<TrackedBox<T>>()
-    } else {
-        Layout::new::<PlainBox<T>>()
-    };
-    /// The vtable stored in tracked objects of this type.
-    pub(crate) const VTABLE: VTable = VTable {
-        trace: Self::trace,
-        finalize: if T::FINALIZER.is_some() {
-            Some(Self::finalize)
-        } else {
-            None
-        },
-        drop_value: Self::drop_value,
-        type_name: core::any::type_name::<T>,
-        layout: Self::LAYOUT,
-    };
-
-    /// The value of the object whose counts are at `counts`.
-    ///
-    /// # Safety
-    /// `counts` must point at the `Counts` of a live allocation of this
-    /// shape. The result may be dereferenced only while the value is
-    /// initialised and not dropped.
-    pub(crate) unsafe fn value(counts: NonNull<Counts>) -> NonNull<T> {
-        // SAFETY: the value lies `VALUE_OFFSET` bytes after the counts inside
-        // the same allocation, by the definition of the boxes above.
-        unsafe { counts.byte_add(Self::VALUE_OFFSET).cast() }
-    }
-
-    /// The value of the tracked object at `link`.
-    ///
-    /// # Safety
-    /// `link` must be the link of a live tracked allocation of this shape.
-    unsafe fn value_of_link(link: NonNull<Link>) -> NonNull<T> {
-        // SAFETY: the caller's promise, and counts follow the link directly.
-        unsafe { Self::value(counts_of(link)) }
-    }
-
-    /// # Safety
-    /// `link` belongs to a live tracked `T` whose value is initialised.
-    unsafe fn trace(link: NonNull<Link>, visitor: &mut Visitor<'_>) {
-        // SAFETY: the caller's promise; the collector traces only values
-        // whose strong count is positive or that it holds, never dropped ones.
-        unsafe { Self::value_of_link(link).as_ref() }.trace(visitor)
-    }
-
-    /// # Safety
-    /// As for `trace`.
-    unsafe fn finalize(link: NonNull<Link>) {
-        if let Some(finalize) = T::FINALIZER {
-            // SAFETY: as in `trace`.
-            finalize(unsafe { Self::value_of_link(link).as_ref() });
-        }
-    }
-
-    /// # Safety
-    /// `link` belongs to a live tracked `T` whose value is initialised, has
-    /// not been dropped, and will never be used again.
-    pub(crate) unsafe fn drop_value(link: NonNull<Link>) {
-        // SAFETY: the caller's promise.
-        unsafe { ptr::drop_in_place(Self::value_of_link(link).as_ptr()) }
-    }
-}
 
 /// The counts of the tracked object at `link`.
 pub(crate) fn counts_of(link: NonNull<Link>) -> NonNull<Counts> {
@@ -491,5 +405,241 @@ impl Link {
             });
         }
         assert!(ptr::eq(self.prev(), prev), "gc list: broken tail");
+    }
+}
+
+/// Low bit of a handle: "already counted" during the collector's subtract
+/// pass, so a `Trace` that reports the same `Cc` twice is counted once.
+pub(crate) const MARK: usize = 1;
+/// `Weak::new`'s address: `NonNull::dangling()`, where no allocation can be.
+pub(crate) const NO_ALLOCATION: usize = core::mem::align_of::<Counts>();
+/// Address held by a handle the collector emptied (CPython's `tp_clear`).
+/// It has the mark bit set, so one test of that bit sends both marked and
+/// emptied handles off the fast path.
+pub(crate) const CLEARED: usize = NO_ALLOCATION | MARK;
+
+/// `raw` with the collector's mark bit cleared.
+#[inline]
+pub(crate) fn unmarked(raw: NonNull<Counts>) -> NonNull<Counts> {
+    // SAFETY: clearing bit 0 of a 4-aligned, non-null address keeps it non-null.
+    unsafe { NonNull::new_unchecked(raw.as_ptr().map_addr(|a| a & !MARK)) }
+}
+
+/// Collector-side handle operations (the visitor's view of a `Cc`).
+pub(crate) mod handle {
+    use super::{unmarked, Counts, CLEARED, MARK};
+    use core::cell::Cell;
+    use core::ptr::NonNull;
+
+    /// The live counts a handle refers to and whether it is marked, or
+    /// `None` if the collector emptied it.
+    #[inline]
+    pub(crate) fn read(handle: &Cell<NonNull<Counts>>) -> Option<(NonNull<Counts>, bool)> {
+        let raw = handle.get();
+        let addr = raw.addr().get();
+        if addr & MARK == 0 {
+            // A live, unmarked handle.
+            Some((raw, false))
+        } else if addr != CLEARED {
+            // Marked by the subtract pass (the reach and unmark passes see
+            // these often: inline too).
+            Some((unmarked(raw), true))
+        } else {
+            None
+        }
+    }
+
+    /// Sets or clears the mark of a live handle.
+    #[inline]
+    pub(crate) fn set_mark(handle: &Cell<NonNull<Counts>>, counts: NonNull<Counts>, on: bool) {
+        let raw = counts.as_ptr().map_addr(|a| if on { a | MARK } else { a });
+        // SAFETY: derived from a non-null pointer without clearing bits.
+        handle.set(unsafe { NonNull::new_unchecked(raw) });
+    }
+
+    /// Empties a handle; its reference must be released by the caller.
+    pub(crate) fn clear(handle: &Cell<NonNull<Counts>>) {
+        handle.set(NonNull::<Counts>::dangling().map_addr(|a| a | MARK));
+    }
+}
+
+/// Aborts the process, as `Rc` does: only leaking references on a huge
+/// scale gets here, and wrapping would free a value still referenced.
+#[cold]
+pub(crate) fn abort() -> ! {
+    #[cfg(feature = "std")]
+    {
+        std::eprintln!(
+            "pymalloc: reference count overflow (more than {MAX_STRONG} references to one Cc \
+             allocation); aborting"
+        );
+        std::process::abort();
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        // A panic while panicking aborts, also without std.
+        struct Abort;
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                panic!("pymalloc: aborting");
+            }
+        }
+        let _abort = Abort;
+        panic!("pymalloc: reference count overflow");
+    }
+}
+
+/// Adds one strong reference.
+#[inline]
+pub(crate) fn inc_strong(counts: &Counts) {
+    let strong = counts.strong.get();
+    if strong >= MAX_STRONG {
+        abort();
+    }
+    counts.strong.set(strong + 1);
+}
+
+/// Drops one weak reference and frees the memory when it was the last.
+///
+/// # Safety
+/// `counts` belongs to a live allocation of `layout` starting at `start`,
+/// whose value is dropped or was never initialised, and the caller owns one
+/// weak reference to it.
+#[inline]
+pub(crate) unsafe fn release_weak(
+    counts: NonNull<Counts>,
+    start: NonNull<u8>,
+    layout: core::alloc::Layout,
+) {
+    // SAFETY: the caller's weak reference keeps the allocation alive.
+    let weak = unsafe { counts.as_ref() }.weak.get() - 1;
+    if weak == 0 {
+        // SAFETY: no strong or weak reference is left, so no one can reach
+        // the memory again; it came from `alloc` with this layout.
+        unsafe { alloc::alloc::dealloc(start.as_ptr(), layout) };
+    } else {
+        // SAFETY: as above, the allocation is still alive.
+        unsafe { counts.as_ref() }.weak.set(weak);
+    }
+}
+
+/// The collector's operation on each `Cc` a `Trace` reports.
+pub(crate) enum Op<'a> {
+    /// Count internal references: `gc_refs -= 1` once per handle.
+    Subtract { consistent: bool },
+    /// Remove the marks `Subtract` left on handles.
+    Unmark,
+    /// Mark what a reachable object reaches as reachable; objects the scan
+    /// already passed over go on `stack` to be traced in turn.
+    Reach { stack: &'a Cell<*const Link> },
+    /// Empty handles that point into the garbage.
+    Clear,
+    /// Count handles that point at `target`.
+    Find {
+        target: NonNull<Counts>,
+        hits: usize,
+    },
+}
+
+impl Op<'_> {
+    /// The collector's work on one reported handle. The two passes that
+    /// trace every object of a collection, garbage or not (subtract,
+    /// reach), are handled inline; the rest in `visit_other`, which keeps
+    /// this small enough to inline into the `Trace` impls that call it.
+    #[inline]
+    pub(crate) fn visit(&mut self, cell: &Cell<NonNull<Counts>>) {
+        let Some((counts, marked)) = handle::read(cell) else {
+            return;
+        };
+        // SAFETY: `visit` is called only for handles of tracked types (see
+        // `Visitor::visit`), and a handle holds a strong reference, so this
+        // is the link of a live tracked allocation.
+        let link = unsafe { link_of(counts).as_ref() };
+        match self {
+            Op::Subtract { consistent } => {
+                if marked || !link.prev_flag(COLLECTING) {
+                    return;
+                }
+                handle::set_mark(cell, counts, true);
+                if !link.dec_gc_refs() {
+                    // More references reported than exist: a `Trace` broke
+                    // its safety contract (visited a handle it does not
+                    // own). Guarded against defensively: the collection
+                    // then frees nothing.
+                    *consistent = false;
+                }
+            }
+            Op::Reach { stack } => {
+                if !link.prev_flag(COLLECTING) {
+                    return;
+                }
+                if marked {
+                    // Reachable objects are traced exactly once here, so
+                    // this is where the marks `Subtract` left go away.
+                    handle::set_mark(cell, counts, false);
+                }
+                if link.next_flag(UNREACHABLE) {
+                    // Passed over as tentatively unreachable, reachable
+                    // after all: onto the stack of objects still to trace,
+                    // threaded through `prev` (a pointer there reads as
+                    // `gc_refs > 0`: reachable, not to be pushed again).
+                    link.set_next_flag(UNREACHABLE, false);
+                    link.set_prev(stack.get());
+                    stack.set(link);
+                } else if link.gc_refs() == 0 {
+                    // Not reached by the scan yet: it will be traced there.
+                    link.set_gc_refs(1);
+                }
+            }
+            _ => self.visit_other(cell, counts, marked, link),
+        }
+    }
+
+    /// `visit` for the operations that trace only part of a collection
+    /// (clear: the garbage), or run after a panic or for diagnostics.
+    #[inline(never)]
+    fn visit_other(
+        &mut self,
+        cell: &Cell<NonNull<Counts>>,
+        counts: NonNull<Counts>,
+        marked: bool,
+        link: &Link,
+    ) {
+        match self {
+            Op::Unmark => {
+                if marked {
+                    handle::set_mark(cell, counts, false);
+                }
+            }
+            Op::Clear => {
+                if link.next_flag(UNREACHABLE) {
+                    handle::clear(cell);
+                    // SAFETY: as in `visit`, the counts are alive.
+                    let c = unsafe { counts.as_ref() };
+                    // Never reaches zero: the collector holds one reference.
+                    c.strong.set(c.strong.get() - 1);
+                }
+            }
+            Op::Find { target, hits } => {
+                if counts == *target {
+                    *hits += 1;
+                }
+            }
+            Op::Subtract { .. } | Op::Reach { .. } => unreachable!(),
+        }
+    }
+}
+
+/// Receives the `Cc`s a value owns; handed to [`Trace::trace`](crate::Trace::trace).
+pub struct Visitor<'a> {
+    pub(crate) op: Op<'a>,
+    pub(crate) untraceable: bool,
+}
+
+impl Visitor<'_> {
+    /// Reports that the value cannot be traced right now; the collector
+    /// keeps it (and what it holds) alive for this collection.
+    pub fn untraceable(&mut self) {
+        self.untraceable = true;
     }
 }

@@ -10,20 +10,15 @@ use core::ops::Deref;
 use core::panic::Location;
 use core::ptr::{self, NonNull};
 
-use super::ambient;
-use super::collector::destroy_tracked;
-use super::header::{link_of, Counts, Link, Shape, COLLECTING, MAX_STRONG, WEAK_CLEARED};
-use super::trace::Trace;
+use alloc::vec::Vec;
 
-/// Low bit of a handle: "already counted" during the collector's subtract
-/// pass, so a `Trace` that reports the same `Cc` twice is counted once.
-const MARK: usize = 1;
-/// `Weak::new`'s address: `NonNull::dangling()`, where no allocation can be.
-const NO_ALLOCATION: usize = core::mem::align_of::<Counts>();
-/// Address held by a handle the collector emptied (CPython's `tp_clear`).
-/// It has the mark bit set, so one test of that bit sends both marked and
-/// emptied handles off the fast path.
-const CLEARED: usize = NO_ALLOCATION | MARK;
+use super::ambient::{self, destroy_tracked};
+use super::collector::Collector;
+use super::header::{
+    abort, handle, inc_strong, link_of, release_weak, unmarked, Counts, Link, Visitor, CLEARED,
+    COLLECTING, MARK, MAX_STRONG, NO_ALLOCATION, WEAK_CLEARED,
+};
+use super::trace::{Shape, Trace};
 
 /// A single-threaded reference-counted pointer whose cycles the collector
 /// finds and frees. Like `Rc` in every other way.
@@ -62,66 +57,6 @@ pub struct Cc<T: Trace> {
 pub struct Weak<T: Trace> {
     ptr: NonNull<Counts>,
     _marker: PhantomData<T>,
-}
-
-/// Aborts the process, as `Rc` does: only leaking references on a huge
-/// scale gets here, and wrapping would free a value still referenced.
-#[cold]
-fn abort() -> ! {
-    #[cfg(feature = "std")]
-    {
-        std::eprintln!(
-            "pymalloc: reference count overflow (more than {MAX_STRONG} references to one Cc \
-             allocation); aborting"
-        );
-        std::process::abort();
-    }
-    #[cfg(not(feature = "std"))]
-    {
-        // A panic while panicking aborts, also without std.
-        struct Abort;
-        impl Drop for Abort {
-            fn drop(&mut self) {
-                panic!("pymalloc: aborting");
-            }
-        }
-        let _abort = Abort;
-        panic!("pymalloc: reference count overflow");
-    }
-}
-
-/// Adds one strong reference.
-#[inline]
-pub(crate) fn inc_strong(counts: &Counts) {
-    let strong = counts.strong.get();
-    if strong >= MAX_STRONG {
-        abort();
-    }
-    counts.strong.set(strong + 1);
-}
-
-/// Drops one weak reference and frees the memory when it was the last.
-///
-/// # Safety
-/// `counts` belongs to a live allocation of `layout` starting at `start`,
-/// whose value is dropped or was never initialised, and the caller owns one
-/// weak reference to it.
-#[inline]
-pub(crate) unsafe fn release_weak(
-    counts: NonNull<Counts>,
-    start: NonNull<u8>,
-    layout: core::alloc::Layout,
-) {
-    // SAFETY: the caller's weak reference keeps the allocation alive.
-    let weak = unsafe { counts.as_ref() }.weak.get() - 1;
-    if weak == 0 {
-        // SAFETY: no strong or weak reference is left, so no one can reach
-        // the memory again; it came from `alloc` with this layout.
-        unsafe { alloc::alloc::dealloc(start.as_ptr(), layout) };
-    } else {
-        // SAFETY: as above, the allocation is still alive.
-        unsafe { counts.as_ref() }.weak.set(weak);
-    }
 }
 
 #[cold]
@@ -410,46 +345,44 @@ fn marked_counts(raw: NonNull<Counts>) -> Option<NonNull<Counts>> {
     (raw.addr().get() != CLEARED).then(|| unmarked(raw))
 }
 
-/// `raw` with the collector's mark bit cleared.
-#[inline]
-fn unmarked(raw: NonNull<Counts>) -> NonNull<Counts> {
-    // SAFETY: clearing bit 0 of a 4-aligned, non-null address keeps it non-null.
-    unsafe { NonNull::new_unchecked(raw.as_ptr().map_addr(|a| a & !MARK)) }
+/// A `Weak` never keeps its target alive, so it reports nothing.
+// SAFETY: visits nothing.
+unsafe impl<T: Trace> Trace for Weak<T> {
+    const MAY_CONTAIN_CC: bool = false;
+    fn trace(&self, _: &mut Visitor<'_>) {}
 }
 
-/// Collector-side handle operations (the visitor's view of a `Cc`).
-pub(crate) mod handle {
-    use super::*;
+/// `true` whatever `T` is: this is what lets a type that holds a `Cc` of
+/// itself compute its own constant without a compile-time cycle.
+// SAFETY: visits exactly the handle `self` is.
+unsafe impl<T: Trace> Trace for Cc<T> {
+    const MAY_CONTAIN_CC: bool = true;
+    fn trace(&self, visitor: &mut Visitor<'_>) {
+        visitor.visit(self);
+    }
+}
 
-    /// The live counts a handle refers to and whether it is marked, or
-    /// `None` if the collector emptied it.
-    #[inline]
-    pub(crate) fn read(handle: &Cell<NonNull<Counts>>) -> Option<(NonNull<Counts>, bool)> {
-        let raw = handle.get();
-        let addr = raw.addr().get();
-        if addr & MARK == 0 {
-            // A live, unmarked handle.
-            Some((raw, false))
-        } else if addr != CLEARED {
-            // Marked by the subtract pass (the reach and unmark passes see
-            // these often: inline too).
-            Some((unmarked(raw), true))
-        } else {
-            None
+// `Visitor` itself is defined with the collector's operations in `header.rs`;
+// its one method that names `Cc` lives beside `Cc`.
+impl Visitor<'_> {
+    /// Reports one `Cc` owned by the value being traced (see the safety
+    /// contract of [`Trace`]).
+    pub fn visit<T: Trace>(&mut self, cc: &Cc<T>) {
+        if T::MAY_CONTAIN_CC {
+            self.op.visit(cc.handle());
         }
     }
+}
 
-    /// Sets or clears the mark of a live handle.
-    #[inline]
-    pub(crate) fn set_mark(handle: &Cell<NonNull<Counts>>, counts: NonNull<Counts>, on: bool) {
-        let raw = counts.as_ptr().map_addr(|a| if on { a | MARK } else { a });
-        // SAFETY: derived from a non-null pointer without clearing bits.
-        handle.set(unsafe { NonNull::new_unchecked(raw) });
-    }
-
-    /// Empties a handle; its reference must be released by the caller.
-    pub(crate) fn clear(handle: &Cell<NonNull<Counts>>) {
-        handle.set(NonNull::<Counts>::dangling().map_addr(|a| a | MARK));
+// Beside `Cc`, which it takes; the collector's side is `referrers_of`.
+impl Collector {
+    /// Type names of the tracked objects that hold a `Cc` to `target`
+    /// (`gc.get_referrers`), one entry per referring object.
+    pub fn referrers<T: Trace>(&self, target: &Cc<T>) -> Vec<&'static str> {
+        match handle::read(target.handle()) {
+            Some((counts, _)) => self.referrers_of(counts),
+            None => Vec::new(),
+        }
     }
 }
 

@@ -7,8 +7,10 @@ use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 use core::marker::PhantomData;
 
-use super::collector::Op;
-use super::pointer::{Cc, Weak};
+use core::alloc::Layout;
+use core::ptr::{self, NonNull};
+
+use super::header::{counts_of, Counts, Link, PlainBox, TrackedBox, VTable, Visitor};
 
 /// A type whose `Cc` references the cycle collector can find.
 ///
@@ -142,28 +144,6 @@ pub trait Finalize {
     fn finalize(&self);
 }
 
-/// Receives the `Cc`s a value owns; handed to [`Trace::trace`].
-pub struct Visitor<'a> {
-    pub(crate) op: Op<'a>,
-    pub(crate) untraceable: bool,
-}
-
-impl Visitor<'_> {
-    /// Reports one `Cc` owned by the value being traced (see the safety
-    /// contract of [`Trace`]).
-    pub fn visit<T: Trace>(&mut self, cc: &Cc<T>) {
-        if T::MAY_CONTAIN_CC {
-            self.op.visit(cc.handle());
-        }
-    }
-
-    /// Reports that the value cannot be traced right now; the collector
-    /// keeps it (and what it holds) alive for this collection.
-    pub fn untraceable(&mut self) {
-        self.untraceable = true;
-    }
-}
-
 macro_rules! leaf {
     ($($t:ty),* $(,)?) => {$(
         // SAFETY: visits nothing.
@@ -212,23 +192,6 @@ unsafe impl<T: ?Sized + 'static> Trace for PhantomData<T> {
 unsafe impl<T: Copy + 'static> Trace for Cell<T> {
     const MAY_CONTAIN_CC: bool = false;
     fn trace(&self, _: &mut Visitor<'_>) {}
-}
-
-/// A `Weak` never keeps its target alive, so it reports nothing.
-// SAFETY: visits nothing.
-unsafe impl<T: Trace> Trace for Weak<T> {
-    const MAY_CONTAIN_CC: bool = false;
-    fn trace(&self, _: &mut Visitor<'_>) {}
-}
-
-/// `true` whatever `T` is: this is what lets a type that holds a `Cc` of
-/// itself compute its own constant without a compile-time cycle.
-// SAFETY: visits exactly the handle `self` is.
-unsafe impl<T: Trace> Trace for Cc<T> {
-    const MAY_CONTAIN_CC: bool = true;
-    fn trace(&self, visitor: &mut Visitor<'_>) {
-        visitor.visit(self);
-    }
 }
 
 // SAFETY: the contents are owned by the cell; `T::trace` visits only what
@@ -352,3 +315,87 @@ tuple!(A B C D E);
 tuple!(A B C D E F);
 tuple!(A B C D E F G);
 tuple!(A B C D E F G H);
+
+/// Where `T`'s value lives relative to its `Counts`, and the allocation layout.
+pub(crate) struct Shape<T>(core::marker::PhantomData<T>);
+
+impl<T: Trace> Shape<T> {
+    /// Whether objects of this type are linked into the collector's lists.
+    pub(crate) const TRACKED: bool = T::MAY_CONTAIN_CC;
+    /// Bytes from the start of the allocation to the `Counts`.
+    pub(crate) const COUNTS_OFFSET: usize = if Self::TRACKED {
+        core::mem::offset_of!(TrackedBox<T>, counts)
+    } else {
+        0
+    };
+    /// Bytes from the `Counts` to the value.
+    pub(crate) const VALUE_OFFSET: usize = if Self::TRACKED {
+        core::mem::offset_of!(TrackedBox<T>, value) - Self::COUNTS_OFFSET
+    } else {
+        core::mem::offset_of!(PlainBox<T>, value)
+    };
+    /// Layout of the allocation.
+    pub(crate) const LAYOUT: Layout = if Self::TRACKED {
+        Layout::new::<TrackedBox<T>>()
+    } else {
+        Layout::new::<PlainBox<T>>()
+    };
+    /// The vtable stored in tracked objects of this type.
+    pub(crate) const VTABLE: VTable = VTable {
+        trace: Self::trace,
+        finalize: if T::FINALIZER.is_some() {
+            Some(Self::finalize)
+        } else {
+            None
+        },
+        drop_value: Self::drop_value,
+        type_name: core::any::type_name::<T>,
+        layout: Self::LAYOUT,
+    };
+
+    /// The value of the object whose counts are at `counts`.
+    ///
+    /// # Safety
+    /// `counts` must point at the `Counts` of a live allocation of this
+    /// shape. The result may be dereferenced only while the value is
+    /// initialised and not dropped.
+    pub(crate) unsafe fn value(counts: NonNull<Counts>) -> NonNull<T> {
+        // SAFETY: the value lies `VALUE_OFFSET` bytes after the counts inside
+        // the same allocation, by the definition of the boxes above.
+        unsafe { counts.byte_add(Self::VALUE_OFFSET).cast() }
+    }
+
+    /// The value of the tracked object at `link`.
+    ///
+    /// # Safety
+    /// `link` must be the link of a live tracked allocation of this shape.
+    unsafe fn value_of_link(link: NonNull<Link>) -> NonNull<T> {
+        // SAFETY: the caller's promise, and counts follow the link directly.
+        unsafe { Self::value(counts_of(link)) }
+    }
+
+    /// # Safety
+    /// `link` belongs to a live tracked `T` whose value is initialised.
+    unsafe fn trace(link: NonNull<Link>, visitor: &mut Visitor<'_>) {
+        // SAFETY: the caller's promise; the collector traces only values
+        // whose strong count is positive or that it holds, never dropped ones.
+        unsafe { Self::value_of_link(link).as_ref() }.trace(visitor)
+    }
+
+    /// # Safety
+    /// As for `trace`.
+    unsafe fn finalize(link: NonNull<Link>) {
+        if let Some(finalize) = T::FINALIZER {
+            // SAFETY: as in `trace`.
+            finalize(unsafe { Self::value_of_link(link).as_ref() });
+        }
+    }
+
+    /// # Safety
+    /// `link` belongs to a live tracked `T` whose value is initialised, has
+    /// not been dropped, and will never be used again.
+    pub(crate) unsafe fn drop_value(link: NonNull<Link>) {
+        // SAFETY: the caller's promise.
+        unsafe { ptr::drop_in_place(Self::value_of_link(link).as_ptr()) }
+    }
+}

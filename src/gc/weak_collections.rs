@@ -10,7 +10,8 @@ use alloc::collections::BTreeMap;
 use core::borrow::Borrow;
 use core::fmt;
 
-use crate::{Cc, Trace, Weak};
+use super::pointer::{Cc, Weak};
+use super::trace::Trace;
 
 /// Entries held before the first purge.
 const MIN_PURGE: usize = 32;
