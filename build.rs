@@ -12,11 +12,28 @@
 //! targets may fall back to a `Vec` of destructors, so they go without.
 //! The `debug` feature goes without too: its double-free check needs every
 //! free to reach the block's pool, and loom models the paths without them.
+//!
+//! And one tool question: is the crate being built with AddressSanitizer
+//! (`-Zsanitizer=address`, what `cargo fuzz` passes)? `cfg(sanitize)` is
+//! unstable, so the flags are read from `CARGO_ENCODED_RUSTFLAGS`. Then:
+//!
+//! * `passthrough` (the default): every request goes to the backing's own
+//!   allocator, so ASan, LeakSanitizer and libFuzzer see each object;
+//! * `asan_pools` (with the `asan-pools` feature): the pools stay, and
+//!   poison every byte that is not part of a live block.
+//!
+//! `track_blocks` says that the pools report blocks to a memory tool
+//! (`asan_pools`, or the `valgrind` feature); see `src/track.rs`.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(thread_cache)");
     println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
+    println!("cargo::rustc-check-cfg=cfg(asan)");
+    println!("cargo::rustc-check-cfg=cfg(passthrough)");
+    println!("cargo::rustc-check-cfg=cfg(asan_pools)");
+    println!("cargo::rustc-check-cfg=cfg(track_blocks)");
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let has = |name: &str| std::env::var_os(name).is_some();
     let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
     if has("CARGO_FEATURE_STD")
@@ -35,4 +52,27 @@ fn main() {
     {
         println!("cargo::rustc-cfg=thread_cache");
     }
+    let asan = address_sanitizer(&std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default());
+    if asan {
+        println!("cargo::rustc-cfg=asan");
+        if has("CARGO_FEATURE_ASAN_POOLS") {
+            println!("cargo::rustc-cfg=asan_pools");
+        } else {
+            println!("cargo::rustc-cfg=passthrough");
+        }
+    }
+    if (asan && has("CARGO_FEATURE_ASAN_POOLS")) || has("CARGO_FEATURE_VALGRIND") {
+        println!("cargo::rustc-cfg=track_blocks");
+    }
+}
+
+/// Whether the flags (separated by 0x1f) ask for AddressSanitizer:
+/// `-Zsanitizer=address`, `-Z sanitizer=address`, or a list naming it.
+fn address_sanitizer(flags: &str) -> bool {
+    flags.split('\x1f').any(|flag| {
+        flag.strip_prefix("-Z")
+            .unwrap_or(flag)
+            .strip_prefix("sanitizer=")
+            .is_some_and(|list| list.split(',').any(|s| s == "address"))
+    })
 }

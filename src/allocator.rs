@@ -12,6 +12,7 @@ use crate::stats::Stats;
 use crate::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(thread_cache)]
 use crate::thread_cache;
+use crate::track;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr;
 
@@ -258,6 +259,7 @@ impl<B: Backing> PyMalloc<B> {
 
     #[cold]
     fn create_heap_set(&self) -> *const HeapSet {
+        track::detect();
         let set = HeapSet::create(self.config, &self.backing);
         if set.is_null() {
             return set;
@@ -311,7 +313,7 @@ impl<B: Backing> PyMalloc<B> {
     /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        let Some(class) = class_for(layout.size(), layout.align()) else {
+        let Some(class) = pool_class(layout) else {
             return self.allocate_large(layout, requested, zeroed);
         };
         #[cfg(thread_cache)]
@@ -321,9 +323,13 @@ impl<B: Backing> PyMalloc<B> {
         };
         #[cfg(not(thread_cache))]
         let block = self.alloc_shared(class, requested);
-        if zeroed && !block.is_null() {
-            // SAFETY: the block has at least `layout.size()` bytes.
-            unsafe { block.write_bytes(0, layout.size()) };
+        if !block.is_null() {
+            // SAFETY: a fresh block of this class, `layout.size()` bytes fit.
+            unsafe { track::allocated(block, layout.size()) };
+            if zeroed {
+                // SAFETY: the block has at least `layout.size()` bytes.
+                unsafe { block.write_bytes(0, layout.size()) };
+            }
         }
         block
     }
@@ -399,9 +405,13 @@ impl<B: Backing> PyMalloc<B> {
     /// not been freed since.
     #[inline]
     pub(crate) unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
-        if let Some(class) = class_for(layout.size(), layout.align()) {
-            // SAFETY: forwarded contract.
-            unsafe { self.free_small(ptr, class, requested) }
+        if let Some(class) = pool_class(layout) {
+            // SAFETY: forwarded contract: the block is live with this size
+            // and its user is done with it.
+            unsafe {
+                track::freed(ptr, layout.size());
+                self.free_small(ptr, class, requested)
+            }
         } else {
             // SAFETY: forwarded contract.
             unsafe { self.deallocate_large(ptr, layout, requested) }
@@ -436,9 +446,12 @@ impl<B: Backing> PyMalloc<B> {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return ptr::null_mut();
         };
-        let old_class = class_for(layout.size(), layout.align());
-        let new_class = class_for(new_size, layout.align());
+        let old_class = pool_class(layout);
+        let new_class = pool_class(new_layout);
         if old_class.is_some() && old_class == new_class {
+            // SAFETY: forwarded contract: the block is live, and `new_size`
+            // fits its class.
+            unsafe { track::resized(ptr, layout.size(), new_size) };
             // SAFETY: forwarded contract: the block is live.
             let set = unsafe { self.live_set() };
             set.requested
@@ -483,6 +496,17 @@ impl<B: Backing> Drop for PyMalloc<B> {
             unsafe { HeapSet::destroy(set, &self.backing) }
         }
     }
+}
+
+/// The size class that serves `layout` from the pools; `None` sends it to
+/// the backing. Under AddressSanitizer's passthrough mode (see `build.rs`)
+/// every request goes to the backing, so the sanitizer sees each block.
+#[inline(always)]
+pub(crate) fn pool_class(layout: Layout) -> Option<usize> {
+    if cfg!(passthrough) {
+        return None;
+    }
+    class_for(layout.size(), layout.align())
 }
 
 /// The layout a large request takes from the backing: a zero-size request

@@ -21,10 +21,10 @@
 //! trailing guard. A failed check prints a report naming the address, the
 //! size requested, the check and the bytes around it, then aborts.
 
+use crate::allocator::pool_class;
 use crate::backing::Backing;
 use crate::heap::BlockStatus;
 use crate::list;
-use crate::size_class::class_for;
 use crate::PyMalloc;
 use core::alloc::Layout;
 use core::fmt;
@@ -106,7 +106,7 @@ fn wrap(layout: Layout) -> Option<(Layout, usize)> {
 }
 
 fn is_small(inner: Layout) -> bool {
-    class_for(inner.size(), inner.align()).is_some()
+    pool_class(inner).is_some()
 }
 
 /// What went wrong with a block, for the report.
@@ -295,7 +295,7 @@ impl<B: Backing> PyMalloc<B> {
         };
         let base = data.wrapping_sub(prefix);
         let mut large_blocks = self.large_blocks.lock();
-        let ownership = match class_for(inner.size(), inner.align()) {
+        let ownership = match pool_class(inner) {
             Some(class) => match self.block_status(base, class) {
                 BlockStatus::Live => None,
                 BlockStatus::Free => Some(Fault::DoubleFree),

@@ -323,6 +323,7 @@ impl Heap {
         // refers into it any more, and it came from `alloc_arena` with the
         // configured geometry.
         unsafe {
+            crate::track::released((*arena).base, self.config.arena_size());
             backing.dealloc_arena(
                 (*arena).base,
                 self.config.arena_size(),
@@ -343,7 +344,10 @@ impl Heap {
         for arena in self.table.open_arenas() {
             // SAFETY: the arena came from `alloc_arena` with this geometry,
             // and per the contract nothing in it is used again.
-            unsafe { backing.dealloc_arena(arena.base, arena_size, pool_size) };
+            unsafe {
+                crate::track::released(arena.base, arena_size);
+                backing.dealloc_arena(arena.base, arena_size, pool_size);
+            }
         }
         // SAFETY: the records are no longer needed: the heap is reset below.
         unsafe { self.table.free_chunks(backing) };

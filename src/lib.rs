@@ -40,6 +40,19 @@ pub mod size_class;
 pub mod stats;
 #[cfg(thread_cache)]
 mod thread_cache;
+mod track;
+
+#[cfg(all(feature = "valgrind", asan))]
+compile_error!(
+    "pymalloc: the `valgrind` feature cannot be combined with AddressSanitizer: \
+     valgrind does not run ASan-instrumented programs (each wants the whole address \
+     space's shadow); build one binary for each tool"
+);
+#[cfg(all(feature = "valgrind", not(target_arch = "x86_64")))]
+compile_error!(
+    "pymalloc: the `valgrind` feature issues its client requests with x86_64 inline \
+     assembly; other architectures are not supported yet"
+);
 
 pub use allocator::{DefaultBacking, PyMalloc};
 
