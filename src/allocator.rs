@@ -57,6 +57,8 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     config: Config,
     backing: B,
     large: LargeCounters,
+    /// See [`PyMalloc::set_limit`].
+    pub(crate) limit: crate::inject::Limit,
     /// Live large blocks, for the debug feature's ownership checks.
     #[cfg(feature = "debug")]
     pub(crate) large_blocks: crate::sync::Lock<crate::debug::LargeList>,
@@ -196,6 +198,7 @@ impl<B: Backing> PyMalloc<B> {
                     bytes: AtomicUsize::new(0),
                     requested: AtomicUsize::new(0),
                 },
+                limit: crate::inject::Limit::new(),
                 #[cfg(feature = "debug")]
                 large_blocks: crate::sync::Lock::new(crate::debug::LargeList::new()),
             }
@@ -523,28 +526,21 @@ fn large_layout(layout: Layout) -> Layout {
     }
 }
 
-// SAFETY: blocks come from pools (disjoint blocks of arenas the heap owns,
-// aligned per `size_class`) or from the backing, which keeps the same
-// promises; every path returns null rather than panic when memory runs out.
-unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
-    #[inline]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+/// The `GlobalAlloc` calls past the limit and injection gate (see
+/// `inject.rs`): with the debug checks or without.
+impl<B: Backing> PyMalloc<B> {
+    #[inline(always)]
+    pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, false);
+        return self.debug_alloc(layout, zeroed);
         #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), false)
+        self.allocate(layout, layout.size(), zeroed)
     }
 
-    #[inline]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, true);
-        #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), true)
-    }
-
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[inline(always)]
+    pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         unsafe {
@@ -557,8 +553,15 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         }
     }
 
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
+    #[inline(always)]
+    pub(crate) unsafe fn front_realloc(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         return unsafe { self.debug_realloc(ptr, layout, new_size) };
@@ -567,5 +570,46 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         unsafe {
             self.reallocate(ptr, layout, new_size, layout.size(), new_size)
         }
+    }
+}
+
+// SAFETY: blocks come from pools (disjoint blocks of arenas the heap owns,
+// aligned per `size_class`) or from the backing, which keeps the same
+// promises; every path returns null rather than panic when memory runs out.
+unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if crate::inject::armed() {
+            return self.gated_alloc(layout, false);
+        }
+        self.front_alloc(layout, false)
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if crate::inject::armed() {
+            return self.gated_alloc(layout, true);
+        }
+        self.front_alloc(layout, true)
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if crate::inject::armed() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.gated_dealloc(ptr, layout) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.front_dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if crate::inject::armed() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.gated_realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.front_realloc(ptr, layout, new_size) }
     }
 }

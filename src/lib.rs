@@ -34,6 +34,7 @@ pub mod config;
 pub mod debug;
 mod heap;
 mod heaps;
+pub mod inject;
 mod list;
 mod pool;
 pub mod size_class;
