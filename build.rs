@@ -17,20 +17,21 @@
 //! (`-Zsanitizer=address`, what `cargo fuzz` passes)? `cfg(sanitize)` is
 //! unstable, so the flags are read from `CARGO_ENCODED_RUSTFLAGS`. Then:
 //!
-//! * `passthrough` (the default): every request goes to the backing's own
-//!   allocator, so ASan, LeakSanitizer and libFuzzer see each object;
-//! * `asan_pools` (with the `asan-pools` feature): the pools stay, and
-//!   poison every byte that is not part of a live block.
+//! * `passthrough` (unless the `asan-pools` feature is on): a heap over the
+//!   system allocator hands every request to it, so ASan, LeakSanitizer and
+//!   libFuzzer see each object;
+//! * otherwise (`asan-pools`, or a backing that is not the system
+//!   allocator, such as `Region`) the pools stay, and poison every byte
+//!   that is not part of a live block.
 //!
-//! `track_blocks` says that the pools report blocks to a memory tool
-//! (`asan_pools`, or the `valgrind` feature); see `src/track.rs`.
+//! `track_blocks` says that the pools report blocks to a memory tool (ASan,
+//! or valgrind with the `valgrind` feature); see `src/track.rs`.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(thread_cache)");
     println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
     println!("cargo::rustc-check-cfg=cfg(asan)");
     println!("cargo::rustc-check-cfg=cfg(passthrough)");
-    println!("cargo::rustc-check-cfg=cfg(asan_pools)");
     println!("cargo::rustc-check-cfg=cfg(track_blocks)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
@@ -55,13 +56,11 @@ fn main() {
     let asan = address_sanitizer(&std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default());
     if asan {
         println!("cargo::rustc-cfg=asan");
-        if has("CARGO_FEATURE_ASAN_POOLS") {
-            println!("cargo::rustc-cfg=asan_pools");
-        } else {
+        if !has("CARGO_FEATURE_ASAN_POOLS") {
             println!("cargo::rustc-cfg=passthrough");
         }
     }
-    if (asan && has("CARGO_FEATURE_ASAN_POOLS")) || has("CARGO_FEATURE_VALGRIND") {
+    if asan || has("CARGO_FEATURE_VALGRIND") {
         println!("cargo::rustc-cfg=track_blocks");
     }
 }

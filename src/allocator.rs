@@ -316,7 +316,7 @@ impl<B: Backing> PyMalloc<B> {
     /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        let Some(class) = pool_class(layout) else {
+        let Some(class) = pool_class::<B>(layout) else {
             return self.allocate_large(layout, requested, zeroed);
         };
         #[cfg(thread_cache)]
@@ -408,7 +408,7 @@ impl<B: Backing> PyMalloc<B> {
     /// not been freed since.
     #[inline]
     pub(crate) unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
-        if let Some(class) = pool_class(layout) {
+        if let Some(class) = pool_class::<B>(layout) {
             // SAFETY: forwarded contract: the block is live with this size
             // and its user is done with it.
             unsafe {
@@ -449,8 +449,8 @@ impl<B: Backing> PyMalloc<B> {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return ptr::null_mut();
         };
-        let old_class = pool_class(layout);
-        let new_class = pool_class(new_layout);
+        let old_class = pool_class::<B>(layout);
+        let new_class = pool_class::<B>(new_layout);
         if old_class.is_some() && old_class == new_class {
             // SAFETY: forwarded contract: the block is live, and `new_size`
             // fits its class.
@@ -501,12 +501,13 @@ impl<B: Backing> Drop for PyMalloc<B> {
     }
 }
 
-/// The size class that serves `layout` from the pools; `None` sends it to
-/// the backing. Under AddressSanitizer's passthrough mode (see `build.rs`)
-/// every request goes to the backing, so the sanitizer sees each block.
+/// The size class that serves `layout` from the pools of a heap over `B`;
+/// `None` sends it to the backing. Under AddressSanitizer's passthrough
+/// mode (see `build.rs`) a heap over the system allocator sends it every
+/// request, so the sanitizer sees each block.
 #[inline(always)]
-pub(crate) fn pool_class(layout: Layout) -> Option<usize> {
-    if cfg!(passthrough) {
+pub(crate) fn pool_class<B: Backing>(layout: Layout) -> Option<usize> {
+    if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
         return None;
     }
     class_for(layout.size(), layout.align())

@@ -105,8 +105,8 @@ fn wrap(layout: Layout) -> Option<(Layout, usize)> {
     Some((Layout::from_size_align(size, layout.align()).ok()?, prefix))
 }
 
-fn is_small(inner: Layout) -> bool {
-    pool_class(inner).is_some()
+fn is_small<B: Backing>(inner: Layout) -> bool {
+    pool_class::<B>(inner).is_some()
 }
 
 /// What went wrong with a block, for the report.
@@ -274,7 +274,7 @@ impl<B: Backing> PyMalloc<B> {
             data.write_bytes(if zeroed { 0 } else { CLEAN_BYTE }, layout.size());
             data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
         }
-        if !is_small(inner) {
+        if !is_small::<B>(inner) {
             // SAFETY: a live large block, not yet listed.
             unsafe { self.large_blocks.lock().push(header_of(data)) };
         }
@@ -295,7 +295,7 @@ impl<B: Backing> PyMalloc<B> {
         };
         let base = data.wrapping_sub(prefix);
         let mut large_blocks = self.large_blocks.lock();
-        let ownership = match pool_class(inner) {
+        let ownership = match pool_class::<B>(inner) {
             Some(class) => match self.block_status(base, class) {
                 BlockStatus::Live => None,
                 BlockStatus::Free => Some(Fault::DoubleFree),
@@ -329,7 +329,7 @@ impl<B: Backing> PyMalloc<B> {
             drop(large_blocks);
             fail(report(fault));
         }
-        if !is_small(inner) {
+        if !is_small::<B>(inner) {
             // SAFETY: found on the list above, under the same lock.
             unsafe { large_blocks.remove(header_of(data)) };
         }
@@ -358,7 +358,7 @@ impl<B: Backing> PyMalloc<B> {
     ) -> *mut u8 {
         let (inner, base) = self.checked_release(data, layout);
         let relist = |data: *mut u8, inner: Layout| {
-            if !is_small(inner) {
+            if !is_small::<B>(inner) {
                 // SAFETY: a live large block, taken off (or never on) the list.
                 unsafe { self.large_blocks.lock().push(header_of(data)) };
             }

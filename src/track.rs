@@ -15,11 +15,11 @@
 //!
 //! Pool headers stay open: the allocator reads them on every call.
 //!
-//! The tool is AddressSanitizer's manual poisoning (`cfg(asan_pools)`, see
+//! The tool is AddressSanitizer's manual poisoning (`cfg(asan)`, see
 //! `build.rs`) or valgrind's client requests (the `valgrind` feature); with
 //! neither every function here is a plain access or nothing at all.
 
-#[cfg(all(asan_pools, not(feature = "valgrind")))]
+#[cfg(all(asan, not(feature = "valgrind")))]
 use asan as tool;
 #[cfg(feature = "valgrind")]
 use valgrind as tool;
@@ -145,7 +145,7 @@ pub(crate) fn detect() {
 /// so unpoisoning exactly the requested bytes catches a one-byte overflow
 /// into the class's rounding; blocks are 8-aligned, so no granule is
 /// shared by two blocks.
-#[cfg(asan_pools)]
+#[cfg(asan)]
 mod asan {
     use core::ffi::c_void;
 
