@@ -23,16 +23,12 @@
 //! * otherwise (`asan-pools`, or a backing that is not the system
 //!   allocator, such as `Region`) the pools stay, and poison every byte
 //!   that is not part of a live block.
-//!
-//! `track_blocks` says that the pools report blocks to a memory tool (ASan,
-//! or valgrind with the `valgrind` feature); see `src/track.rs`.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(thread_cache)");
     println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
     println!("cargo::rustc-check-cfg=cfg(asan)");
     println!("cargo::rustc-check-cfg=cfg(passthrough)");
-    println!("cargo::rustc-check-cfg=cfg(track_blocks)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let has = |name: &str| std::env::var_os(name).is_some();
@@ -59,9 +55,6 @@ fn main() {
         if !has("CARGO_FEATURE_ASAN_POOLS") {
             println!("cargo::rustc-cfg=passthrough");
         }
-    }
-    if asan || has("CARGO_FEATURE_VALGRIND") {
-        println!("cargo::rustc-cfg=track_blocks");
     }
 }
 

@@ -57,8 +57,8 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     config: Config,
     backing: B,
     large: LargeCounters,
-    /// See [`PyMalloc::set_limit`].
-    pub(crate) limit: crate::inject::Limit,
+    /// The fast path's bound and the limit: see `inject.rs`.
+    pub(crate) gate: crate::inject::Gate,
     /// Live large blocks, for the debug feature's ownership checks.
     #[cfg(feature = "debug")]
     pub(crate) large_blocks: crate::sync::Lock<crate::debug::LargeList>,
@@ -198,7 +198,7 @@ impl<B: Backing> PyMalloc<B> {
                     bytes: AtomicUsize::new(0),
                     requested: AtomicUsize::new(0),
                 },
-                limit: crate::inject::Limit::new(),
+                gate: crate::inject::Gate::new(),
                 #[cfg(feature = "debug")]
                 large_blocks: crate::sync::Lock::new(crate::debug::LargeList::new()),
             }
@@ -273,7 +273,9 @@ impl<B: Backing> PyMalloc<B> {
         {
             Ok(_) => {
                 #[cfg(thread_cache)]
-                self.id.store(thread_cache::register(), Ordering::Relaxed);
+                if track::thread_caches_allowed() {
+                    self.id.store(thread_cache::register(), Ordering::Relaxed);
+                }
                 set
             }
             Err(winner) => {
@@ -322,17 +324,15 @@ impl<B: Backing> PyMalloc<B> {
         #[cfg(thread_cache)]
         let block = match thread_cache::alloc(self, class, requested) {
             Some(block) => block,
-            None => self.alloc_shared(class, requested),
+            None => self.alloc_shared(class, requested, layout.size()),
         };
         #[cfg(not(thread_cache))]
-        let block = self.alloc_shared(class, requested);
-        if !block.is_null() {
-            // SAFETY: a fresh block of this class, `layout.size()` bytes fit.
-            unsafe { track::allocated(block, layout.size()) };
-            if zeroed {
-                // SAFETY: the block has at least `layout.size()` bytes.
-                unsafe { block.write_bytes(0, layout.size()) };
-            }
+        let block = self.alloc_shared(class, requested, layout.size());
+        // SAFETY: null, or a fresh block of this class: `layout.size()` fits.
+        unsafe { track::allocated(block, layout.size()) };
+        if zeroed && !block.is_null() {
+            // SAFETY: the block has at least `layout.size()` bytes.
+            unsafe { block.write_bytes(0, layout.size()) };
         }
         block
     }
@@ -354,9 +354,10 @@ impl<B: Backing> PyMalloc<B> {
         block
     }
 
-    /// A block of `class` from a heap chosen without thread-local storage.
+    /// A block of `class` (for `size` bytes) from a heap chosen without
+    /// thread-local storage.
     #[cfg_attr(thread_cache, inline(never))]
-    fn alloc_shared(&self, class: usize, requested: usize) -> *mut u8 {
+    fn alloc_shared(&self, class: usize, requested: usize, size: usize) -> *mut u8 {
         let set = self.heap_set();
         if set.is_null() {
             return ptr::null_mut();
@@ -368,6 +369,8 @@ impl<B: Backing> PyMalloc<B> {
             .alloc(class, &self.backing);
         if !block.is_null() {
             set.requested.fetch_add(requested, Ordering::Relaxed);
+            // SAFETY: a fresh block of this class: `size` fits.
+            unsafe { track::heap_allocated(block, size) };
         }
         block
     }
@@ -395,6 +398,8 @@ impl<B: Backing> PyMalloc<B> {
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
     unsafe fn free_shared(&self, ptr: *mut u8, requested: usize) {
+        // SAFETY: forwarded contract: the block is live, its user done.
+        unsafe { track::heap_freed(ptr) };
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
         // SAFETY: forwarded contract.
@@ -580,7 +585,7 @@ impl<B: Backing> PyMalloc<B> {
 unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if crate::inject::armed() {
+        if !self.gate.passes(layout) {
             return self.gated_alloc(layout, false);
         }
         self.front_alloc(layout, false)
@@ -588,7 +593,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if crate::inject::armed() {
+        if !self.gate.passes(layout) {
             return self.gated_alloc(layout, true);
         }
         self.front_alloc(layout, true)
@@ -596,7 +601,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if crate::inject::armed() {
+        if !self.gate.passes(layout) {
             // SAFETY: forwarded contract.
             return unsafe { self.gated_dealloc(ptr, layout) };
         }
@@ -606,7 +611,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if crate::inject::armed() {
+        if !self.gate.passes(layout) {
             // SAFETY: forwarded contract.
             return unsafe { self.gated_realloc(ptr, layout, new_size) };
         }

@@ -5,48 +5,79 @@
 //! * [`PyMalloc::set_limit`] caps the bytes an allocator hands out, like the
 //!   `cap` crate: an allocation that would pass it returns null, so a fuzz
 //!   target meets its own error handling instead of libFuzzer's RSS limit.
-//! * [`fail_nth`], [`fail_randomly`], [`count_allocations`] and
-//!   [`each_failure`] (with `std`) act on the calling thread only, after
-//!   wasmtime's `OomTest` and SpiderMonkey's `oomTest`: count the
-//!   allocations a closure makes, then make each one fail in turn.
+//! * [`PyMalloc::fail_nth`], [`PyMalloc::fail_randomly`],
+//!   [`PyMalloc::count_allocations`] and [`PyMalloc::each_failure`] (with
+//!   `std`) act on the calling thread only, after wasmtime's `OomTest` and
+//!   SpiderMonkey's `oomTest`: count the allocations a closure makes, then
+//!   make each one fail in turn.
 //!
-//! Both are off by default, and then cost one load and one predictable
-//! branch per call: every allocator call tests [`armed`], a count of the
-//! limits set and the threads injecting, and only when it is non-zero takes
-//! the out-of-line path here.
+//! Both are off by default, and then cost one compare and one predictable
+//! branch per call: `(size | align) < bound`, where the bound is a field
+//! of the allocator that drops to zero while a limit or an injection is on,
+//! sending every call to the out-of-line path here (see [`Gate::passes`]).
 //!
 //! Only allocations count (`alloc`, `alloc_zeroed`, `realloc`); frees always
 //! succeed. Sizes are what the caller asked for (`Layout::size`).
 
 use crate::backing::Backing;
+use crate::sync::{loom_const_fn, Lock};
 use crate::PyMalloc;
 use core::alloc::Layout;
 use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Limits set plus threads injecting: while zero, nothing here runs.
-static GATE: AtomicUsize = AtomicUsize::new(0);
+/// The fast-path bound while nothing is armed: a power of two above the
+/// largest small size and alignment (512), so that one compare of
+/// `size | align` tests both. Requests of 513 to 1023 bytes pass too, and
+/// find their way to the backing as before.
+const OPEN: usize = 1024;
 
-/// Whether any limit or injection is on: the one test on the fast path.
-#[inline(always)]
-pub(crate) fn armed() -> bool {
-    GATE.load(Ordering::Relaxed) != 0
-}
-
-/// An allocator's byte limit.
-pub(crate) struct Limit {
+/// An allocator's limit, and the gate in front of its fast path.
+pub(crate) struct Gate {
+    /// Requests whose size and alignment are both below this take the fast
+    /// path: `OPEN` while nothing is armed, 0 while something is.
+    below: AtomicUsize,
+    /// What is armed: the limit (1 or 0) plus the threads injecting
+    /// failures into this allocator. Changed only under this lock, which
+    /// also sets `below`.
+    armed: Lock<usize>,
     /// The limit; `usize::MAX` for none.
     max: AtomicUsize,
     /// Bytes handed out since the limit was set, less those freed since.
     used: AtomicUsize,
 }
 
-impl Limit {
-    pub(crate) const fn new() -> Self {
-        Limit {
-            max: AtomicUsize::new(usize::MAX),
-            used: AtomicUsize::new(0),
+impl Gate {
+    loom_const_fn! {
+        pub(crate) fn new() -> Self {
+            Gate {
+                below: AtomicUsize::new(OPEN),
+                armed: Lock::new(0),
+                max: AtomicUsize::new(usize::MAX),
+                used: AtomicUsize::new(0),
+            }
         }
+    }
+
+    /// Whether `layout` may take the fast path: with nothing armed, any
+    /// request under 1 KiB (the rest, and everything while something is
+    /// armed, goes through the `gated_*` calls).
+    #[inline(always)]
+    pub(crate) fn passes(&self, layout: Layout) -> bool {
+        (layout.size() | layout.align()) < self.below.load(Ordering::Relaxed)
+    }
+
+    /// Whether a limit or an injection is on.
+    #[inline]
+    pub(crate) fn is_armed(&self) -> bool {
+        self.below.load(Ordering::Relaxed) == 0
+    }
+
+    fn arm(&self, by: isize) {
+        let mut armed = self.armed.lock();
+        *armed = armed.wrapping_add_signed(by);
+        let below = if *armed == 0 { OPEN } else { 0 };
+        self.below.store(below, Ordering::Relaxed);
     }
 
     /// Takes `bytes` from what is left; false (and nothing taken) if that
@@ -98,60 +129,69 @@ impl<B: Backing> PyMalloc<B> {
     /// ALLOC.remove_limit();
     /// ```
     pub fn set_limit(&self, bytes: usize) {
+        let gate = &self.gate;
         let bytes = bytes.min(usize::MAX - 1);
-        if self.limit.max.load(Ordering::Relaxed) == usize::MAX {
-            self.limit.used.store(0, Ordering::Relaxed);
+        if gate.max.load(Ordering::Relaxed) == usize::MAX {
+            gate.used.store(0, Ordering::Relaxed);
         }
-        if self.limit.max.swap(bytes, Ordering::Relaxed) == usize::MAX {
-            GATE.fetch_add(1, Ordering::Relaxed);
+        if gate.max.swap(bytes, Ordering::Relaxed) == usize::MAX {
+            gate.arm(1);
         }
     }
 
     /// Lifts the limit of [`PyMalloc::set_limit`].
     pub fn remove_limit(&self) {
-        if self.limit.max.swap(usize::MAX, Ordering::Relaxed) != usize::MAX {
-            GATE.fetch_sub(1, Ordering::Relaxed);
+        if self.gate.max.swap(usize::MAX, Ordering::Relaxed) != usize::MAX {
+            self.gate.arm(-1);
         }
     }
 
     /// Bytes still allowed under the limit; `None` without one.
     pub fn limit_remaining(&self) -> Option<usize> {
-        let max = self.limit.max.load(Ordering::Relaxed);
-        (max != usize::MAX).then(|| max.saturating_sub(self.limit.used.load(Ordering::Relaxed)))
+        let max = self.gate.max.load(Ordering::Relaxed);
+        (max != usize::MAX).then(|| max.saturating_sub(self.gate.used.load(Ordering::Relaxed)))
     }
 
-    /// `alloc` with a limit or injection on: may fail on purpose.
-    #[cold]
+    /// What the calling thread's injection calls this allocator.
+    fn key(&self) -> usize {
+        ptr::from_ref(self).addr()
+    }
+
+    /// `alloc` off the fast path: a request of 1 KiB or more, or something
+    /// armed.
     #[inline(never)]
     pub(crate) fn gated_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if thread::fails(layout) || !self.limit.charge(layout.size()) {
+        if !self.gate.is_armed() {
+            return self.front_alloc(layout, zeroed);
+        }
+        if thread::fails(self.key(), layout) || !self.gate.charge(layout.size()) {
             return ptr::null_mut();
         }
         let block = self.front_alloc(layout, zeroed);
         if block.is_null() {
-            self.limit.credit(layout.size());
+            self.gate.credit(layout.size());
         }
         block
     }
 
-    /// `dealloc` with a limit or injection on.
+    /// `dealloc` off the fast path.
     ///
     /// # Safety
     /// As for `GlobalAlloc::dealloc`.
-    #[cold]
     #[inline(never)]
     pub(crate) unsafe fn gated_dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract.
         unsafe { self.front_dealloc(ptr, layout) };
-        self.limit.credit(layout.size());
+        if self.gate.is_armed() {
+            self.gate.credit(layout.size());
+        }
     }
 
-    /// `realloc` with a limit or injection on: a failure leaves the block
-    /// as it was, as a failed `realloc` must.
+    /// `realloc` off the fast path: with something armed, a failure leaves
+    /// the block as it was, as a failed `realloc` must.
     ///
     /// # Safety
     /// As for `GlobalAlloc::realloc`.
-    #[cold]
     #[inline(never)]
     pub(crate) unsafe fn gated_realloc(
         &self,
@@ -159,19 +199,23 @@ impl<B: Backing> PyMalloc<B> {
         layout: Layout,
         new_size: usize,
     ) -> *mut u8 {
+        if !self.gate.is_armed() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.front_realloc(ptr, layout, new_size) };
+        }
         let old = layout.size();
         let grow = new_size.saturating_sub(old);
         // The layout reported is the new one: that is what was asked for.
         let asked = Layout::from_size_align(new_size, layout.align()).unwrap_or(layout);
-        if thread::fails(asked) || !self.limit.charge(grow) {
+        if thread::fails(self.key(), asked) || !self.gate.charge(grow) {
             return ptr::null_mut();
         }
         // SAFETY: forwarded contract.
         let block = unsafe { self.front_realloc(ptr, layout, new_size) };
         if block.is_null() {
-            self.limit.credit(grow);
+            self.gate.credit(grow);
         } else {
-            self.limit.credit(old.saturating_sub(new_size));
+            self.gate.credit(old.saturating_sub(new_size));
         }
         block
     }
@@ -180,29 +224,29 @@ impl<B: Backing> PyMalloc<B> {
 /// Without `std` there are no thread locals: nothing is injected.
 #[cfg(not(feature = "std"))]
 mod thread {
-    pub(super) fn fails(_: core::alloc::Layout) -> bool {
+    pub(super) fn fails(_: usize, _: core::alloc::Layout) -> bool {
         false
     }
 }
 
 #[cfg(feature = "std")]
-pub use thread::{count_allocations, each_failure, fail_nth, fail_randomly, report_failures};
+pub use thread::report_failures;
 
 /// The calling thread's injection state. Its thread local has a constant
 /// initialiser and no destructor, so reading it never allocates.
 #[cfg(feature = "std")]
 mod thread {
-    use super::GATE;
+    use crate::backing::Backing;
+    use crate::PyMalloc;
     use core::alloc::Layout;
     use core::cell::Cell;
-    use core::sync::atomic::Ordering;
 
     /// What the thread's injection is set to do.
     #[derive(Clone, Copy)]
     enum Plan {
         /// Count only.
         Count,
-        /// Fail when the countdown reaches zero (once).
+        /// Fail the allocation with this number (once).
         Nth(u64),
         /// Fail when the next random number is below the threshold.
         Random { state: u64, threshold: u64 },
@@ -211,6 +255,8 @@ mod thread {
     struct State {
         /// The plan, if this thread injects.
         plan: Cell<Option<Plan>>,
+        /// The allocator it injects into (its address).
+        target: Cell<usize>,
         /// Allocations seen under the plan.
         seen: Cell<u64>,
         /// Failures injected under the plan.
@@ -225,6 +271,7 @@ mod thread {
         static STATE: State = const {
             State {
                 plan: Cell::new(None),
+                target: Cell::new(0),
                 seen: Cell::new(0),
                 failed: Cell::new(0),
                 report: Cell::new(false),
@@ -233,14 +280,15 @@ mod thread {
         };
     }
 
-    /// Whether this allocation, from the calling thread, is to fail.
-    pub(super) fn fails(layout: Layout) -> bool {
+    /// Whether this allocation from the calling thread into allocator
+    /// `key` is to fail.
+    pub(super) fn fails(key: usize, layout: Layout) -> bool {
         STATE
             .try_with(|state| {
                 let Some(plan) = state.plan.get() else {
                     return false;
                 };
-                if state.reporting.get() {
+                if state.target.get() != key || state.reporting.get() {
                     return false;
                 }
                 let seen = state.seen.get() + 1;
@@ -290,19 +338,16 @@ mod thread {
     #[cold]
     fn report(state: &State, index: u64, layout: Layout) {
         state.reporting.set(true);
+        let (size, align) = (layout.size(), layout.align());
         if std::thread::panicking() {
             std::eprintln!(
-                "pymalloc: injected failure of allocation #{index} ({} bytes, align {}) \
-                 while panicking; no backtrace",
-                layout.size(),
-                layout.align()
+                "pymalloc: injected failure of allocation #{index} ({size} bytes, align {align}) \
+                 while panicking; no backtrace"
             );
         } else {
             let trace = std::backtrace::Backtrace::force_capture();
             std::eprintln!(
-                "pymalloc: injected failure of allocation #{index} ({} bytes, align {}) at\n{trace}",
-                layout.size(),
-                layout.align()
+                "pymalloc: injected failure of allocation #{index} ({size} bytes, align {align}) at\n{trace}"
             );
         }
         state.reporting.set(false);
@@ -317,135 +362,154 @@ mod thread {
         (next, z ^ (z >> 31))
     }
 
-    /// Runs `f` under `plan` on this thread; returns its result, the
-    /// allocations it made and the failures injected. The previous plan
-    /// comes back afterwards, even if `f` panics.
-    fn run<R>(plan: Plan, f: impl FnOnce() -> R) -> (R, u64, u64) {
-        struct Restore(Option<Plan>, u64, u64);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                STATE.with(|state| {
-                    if state.plan.replace(self.0).is_none() {
-                        GATE.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    state.seen.set(self.1);
-                    state.failed.set(self.2);
-                });
-            }
-        }
-        let restore = STATE.with(|state| {
-            let outer = Restore(
-                state.plan.replace(Some(plan)),
-                state.seen.replace(0),
-                state.failed.replace(0),
-            );
-            if outer.0.is_none() {
-                GATE.fetch_add(1, Ordering::Relaxed);
-            }
-            outer
-        });
-        let result = f();
-        let (seen, failed) = STATE.with(|state| (state.seen.get(), state.failed.get()));
-        drop(restore);
-        (result, seen, failed)
-    }
-
-    /// Runs `f`, counting the allocations it makes on this thread (from any
-    /// `PyMalloc`); none fails.
-    ///
-    /// ```
-    /// use pymalloc::{inject, PyMalloc};
-    ///
-    /// #[global_allocator]
-    /// static ALLOC: PyMalloc = PyMalloc::system();
-    ///
-    /// let (_, n) = inject::count_allocations(|| vec![Box::new(1), Box::new(2)]);
-    /// assert_eq!(n, 3);
-    /// ```
-    pub fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
-        let (result, seen, _) = run(Plan::Count, f);
-        (result, seen)
-    }
-
-    /// Runs `f` with its `n`-th allocation on this thread (counting from 1)
-    /// returning null, the others succeeding; returns `f`'s result and
-    /// whether the failure happened (false if `f` made fewer than `n`).
-    ///
-    /// ```
-    /// use pymalloc::{inject, PyMalloc};
-    ///
-    /// #[global_allocator]
-    /// static ALLOC: PyMalloc = PyMalloc::system();
-    ///
-    /// let (result, failed) = inject::fail_nth(2, || {
-    ///     let mut a: Vec<u8> = Vec::new();
-    ///     let mut b: Vec<u8> = Vec::new();
-    ///     (a.try_reserve(10).is_ok(), b.try_reserve(10).is_ok())
-    /// });
-    /// assert_eq!((result, failed), ((true, false), true));
-    /// ```
-    pub fn fail_nth<R>(n: u64, f: impl FnOnce() -> R) -> (R, bool) {
-        let (result, _, failed) = run(Plan::Nth(n), f);
-        (result, failed > 0)
-    }
-
-    /// Runs `f` with each of its allocations on this thread failing with
-    /// probability `probability`, drawn from `seed` (the same seed fails the
-    /// same allocations of a deterministic `f`); returns `f`'s result and
-    /// the failures injected.
-    pub fn fail_randomly<R>(probability: f64, seed: u64, f: impl FnOnce() -> R) -> (R, u64) {
-        let threshold = (probability.clamp(0.0, 1.0) * 18_446_744_073_709_551_616.0) as u64;
-        let plan = Plan::Random {
-            state: seed,
-            threshold,
-        };
-        let (result, _, failed) = run(plan, f);
-        (result, failed)
-    }
-
-    /// The out-of-memory test: counts the allocations `f` makes, then runs
-    /// it once for each of them with that one failing, handing `check` the
-    /// failing allocation's number (from 1) and `f`'s result; returns how
-    /// many there were. `f` must allocate the same way on every run.
-    ///
-    /// ```
-    /// use pymalloc::{inject, PyMalloc};
-    ///
-    /// #[global_allocator]
-    /// static ALLOC: PyMalloc = PyMalloc::system();
-    ///
-    /// fn build() -> Result<Vec<String>, std::collections::TryReserveError> {
-    ///     let mut names = Vec::new();
-    ///     names.try_reserve(2)?;
-    ///     for word in ["left", "right"] {
-    ///         let mut name = String::new();
-    ///         name.try_reserve(word.len())?;
-    ///         name.push_str(word);
-    ///         names.push(name);
-    ///     }
-    ///     Ok(names)
-    /// }
-    /// let points = inject::each_failure(build, |_, result| assert!(result.is_err()));
-    /// assert_eq!(points, 3);
-    /// ```
-    pub fn each_failure<R>(mut f: impl FnMut() -> R, mut check: impl FnMut(u64, R)) -> u64 {
-        let (result, points) = count_allocations(&mut f);
-        drop(result);
-        for n in 1..=points {
-            let (result, failed) = fail_nth(n, &mut f);
-            assert!(
-                failed,
-                "pymalloc: allocation #{n} of {points} did not happen: \
-                 the closure does not allocate the same way on every run"
-            );
-            check(n, result);
-        }
-        points
-    }
-
     /// Whether each failure injected on this thread is printed to stderr
     /// with the allocation's number, its layout and a backtrace.
     pub fn report_failures(on: bool) {
         STATE.with(|state| state.report.set(on));
+    }
+
+    impl<B: Backing> PyMalloc<B> {
+        /// Runs `f` under `plan` on this thread; returns its result, the
+        /// allocations it made and the failures injected. The previous plan
+        /// comes back afterwards, even if `f` panics.
+        fn run_plan<R>(&self, plan: Plan, f: impl FnOnce() -> R) -> (R, u64, u64) {
+            struct Restore<'a> {
+                gate: &'a super::Gate,
+                saved: (Option<Plan>, usize, u64, u64),
+            }
+            impl Drop for Restore<'_> {
+                fn drop(&mut self) {
+                    let (plan, target, seen, failed) = self.saved;
+                    STATE.with(|state| {
+                        state.plan.set(plan);
+                        state.target.set(target);
+                        state.seen.set(seen);
+                        state.failed.set(failed);
+                    });
+                    self.gate.arm(-1);
+                }
+            }
+            let saved = STATE.with(|state| {
+                (
+                    state.plan.replace(Some(plan)),
+                    state.target.replace(self.key()),
+                    state.seen.replace(0),
+                    state.failed.replace(0),
+                )
+            });
+            self.gate.arm(1);
+            let restore = Restore {
+                gate: &self.gate,
+                saved,
+            };
+            let result = f();
+            let (seen, failed) = STATE.with(|state| (state.seen.get(), state.failed.get()));
+            drop(restore);
+            (result, seen, failed)
+        }
+
+        /// Runs `f`, counting the allocations it makes from this allocator
+        /// on this thread; none fails.
+        ///
+        /// ```
+        /// use pymalloc::PyMalloc;
+        ///
+        /// #[global_allocator]
+        /// static ALLOC: PyMalloc = PyMalloc::system();
+        ///
+        /// let (_, n) = ALLOC.count_allocations(|| vec![Box::new(1), Box::new(2)]);
+        /// assert_eq!(n, 3);
+        /// ```
+        pub fn count_allocations<R>(&self, f: impl FnOnce() -> R) -> (R, u64) {
+            let (result, seen, _) = self.run_plan(Plan::Count, f);
+            (result, seen)
+        }
+
+        /// Runs `f` with its `n`-th allocation from this allocator on this
+        /// thread (counting from 1) returning null, the others succeeding;
+        /// returns `f`'s result and whether the failure happened (false if
+        /// `f` made fewer than `n`).
+        ///
+        /// ```
+        /// use pymalloc::PyMalloc;
+        ///
+        /// #[global_allocator]
+        /// static ALLOC: PyMalloc = PyMalloc::system();
+        ///
+        /// let (result, failed) = ALLOC.fail_nth(2, || {
+        ///     let mut a: Vec<u8> = Vec::new();
+        ///     let mut b: Vec<u8> = Vec::new();
+        ///     (a.try_reserve(10).is_ok(), b.try_reserve(10).is_ok())
+        /// });
+        /// assert_eq!((result, failed), ((true, false), true));
+        /// ```
+        pub fn fail_nth<R>(&self, n: u64, f: impl FnOnce() -> R) -> (R, bool) {
+            let (result, _, failed) = self.run_plan(Plan::Nth(n), f);
+            (result, failed > 0)
+        }
+
+        /// Runs `f` with each of its allocations from this allocator on this
+        /// thread failing with probability `probability`, drawn from `seed`
+        /// (the same seed fails the same allocations of a deterministic `f`);
+        /// returns `f`'s result and the failures injected.
+        pub fn fail_randomly<R>(
+            &self,
+            probability: f64,
+            seed: u64,
+            f: impl FnOnce() -> R,
+        ) -> (R, u64) {
+            let threshold = (probability.clamp(0.0, 1.0) * 18_446_744_073_709_551_616.0) as u64;
+            let plan = Plan::Random {
+                state: seed,
+                threshold,
+            };
+            let (result, _, failed) = self.run_plan(plan, f);
+            (result, failed)
+        }
+
+        /// The out-of-memory test: counts the allocations `f` makes, then
+        /// runs it once for each of them with that one failing, handing
+        /// `check` the failing allocation's number (from 1) and `f`'s
+        /// result; returns how many there were. `f` must allocate the same
+        /// way on every run.
+        ///
+        /// ```
+        /// use pymalloc::PyMalloc;
+        ///
+        /// #[global_allocator]
+        /// static ALLOC: PyMalloc = PyMalloc::system();
+        ///
+        /// fn build() -> Result<Vec<String>, std::collections::TryReserveError> {
+        ///     let mut names = Vec::new();
+        ///     names.try_reserve(2)?;
+        ///     for word in ["left", "right"] {
+        ///         let mut name = String::new();
+        ///         name.try_reserve(word.len())?;
+        ///         name.push_str(word);
+        ///         names.push(name);
+        ///     }
+        ///     Ok(names)
+        /// }
+        /// let points = ALLOC.each_failure(build, |_, result| assert!(result.is_err()));
+        /// assert_eq!(points, 3);
+        /// ```
+        pub fn each_failure<R>(
+            &self,
+            mut f: impl FnMut() -> R,
+            mut check: impl FnMut(u64, R),
+        ) -> u64 {
+            let (result, points) = self.count_allocations(&mut f);
+            drop(result);
+            for n in 1..=points {
+                let (result, failed) = self.fail_nth(n, &mut f);
+                assert!(
+                    failed,
+                    "pymalloc: allocation #{n} of {points} did not happen: \
+                     the closure does not allocate the same way on every run"
+                );
+                check(n, result);
+            }
+            points
+        }
     }
 }

@@ -74,6 +74,28 @@ impl FreeBlock {
         // SAFETY: forwarded contract.
         unsafe { track::write_link(&raw mut (*block).next, next) }
     }
+
+    /// As [`FreeBlock::next`], for a block in a thread cache.
+    ///
+    /// # Safety
+    /// As for [`FreeBlock::next`].
+    #[cfg(thread_cache)]
+    #[inline(always)]
+    pub(crate) unsafe fn cached_next(block: *mut FreeBlock) -> *mut FreeBlock {
+        // SAFETY: forwarded contract.
+        unsafe { track::read_cached_link(&raw mut (*block).next) }
+    }
+
+    /// As [`FreeBlock::set_next`], for a block in a thread cache.
+    ///
+    /// # Safety
+    /// As for [`FreeBlock::set_next`].
+    #[cfg(thread_cache)]
+    #[inline(always)]
+    pub(crate) unsafe fn set_cached_next(block: *mut FreeBlock, next: *mut FreeBlock) {
+        // SAFETY: forwarded contract.
+        unsafe { track::write_cached_link(&raw mut (*block).next, next) }
+    }
 }
 
 /// Blocks handed out together, in the order they were taken, so that

@@ -4,50 +4,82 @@
 //!
 //! * a pool's block area is *no access* from the moment the pool is set up
 //!   ([`fresh`]);
-//! * a block handed out is a malloc'd block of exactly the requested bytes
-//!   ([`allocated`], [`resized`]); freed, it is no access again ([`freed`]),
-//!   before the allocator writes its free-list link into it;
+//! * a block handed out is a malloc'd block of exactly the requested bytes;
+//!   freed, it is no access again, before the allocator writes its
+//!   free-list link into it; a block resized in place changes size
+//!   ([`resized`]);
 //! * the allocator's own reads and writes of a free block's link open that
-//!   word for the access only ([`read_link`], [`write_link`]), so the blocks
-//!   waiting in pools, inboxes and thread caches stay closed;
+//!   word for the access only ([`read_link`], [`write_link`]), so blocks
+//!   waiting in pools and inboxes stay closed;
 //! * an arena going back to the backing is plain memory again
 //!   ([`released`]).
 //!
 //! Pool headers stay open: the allocator reads them on every call.
 //!
-//! The tool is AddressSanitizer's manual poisoning (`cfg(asan)`, see
-//! `build.rs`) or valgrind's client requests (the `valgrind` feature); with
-//! neither every function here is a plain access or nothing at all.
+//! The tools are AddressSanitizer's manual poisoning (`cfg(asan)`, see
+//! `build.rs`) and valgrind's client requests (the `valgrind` feature; the
+//! two cannot be combined). With neither, every function here is a plain
+//! access or nothing at all.
+//!
+//! They hook in at different places. ASan sees blocks at the front
+//! ([`allocated`], [`freed`]) and thread caches keep their blocks poisoned
+//! ([`read_cached_link`], [`write_cached_link`]). Under valgrind the
+//! allocator runs without thread caches ([`thread_caches_allowed`]), so
+//! every block passes through a heap, where valgrind sees it
+//! ([`heap_allocated`], [`heap_freed`]): a program built with the feature
+//! but not run under valgrind pays nothing on the thread-cache fast path.
 
-#[cfg(all(asan, not(feature = "valgrind")))]
-use asan as tool;
-#[cfg(feature = "valgrind")]
-use valgrind as tool;
-
-/// A block of `size` bytes at `block` was handed out.
+/// The block at `block` (or null: nothing) was handed out for `size`
+/// bytes, from a thread cache or a heap.
 ///
 /// # Safety
-/// `block..block + size` lies in a pool's block area and is the start of a
-/// block nobody else uses.
+/// `block` is null or a block of a pool that `size` bytes fit, that nobody
+/// else uses.
 #[inline(always)]
 pub(crate) unsafe fn allocated(block: *mut u8, size: usize) {
-    #[cfg(track_blocks)]
-    tool::allocated(block, size);
-    #[cfg(not(track_blocks))]
+    #[cfg(asan)]
+    if !block.is_null() {
+        asan::unpoison(block, size);
+    }
     let _ = (block, size);
 }
 
-/// The live block of `size` bytes at `block` is being freed.
+/// The live block of `size` bytes at `block` is being freed, to a thread
+/// cache or a heap.
 ///
 /// # Safety
 /// `block` was handed out with `size` bytes (as last resized) and is not
 /// touched by its user any more.
 #[inline(always)]
 pub(crate) unsafe fn freed(block: *mut u8, size: usize) {
-    #[cfg(track_blocks)]
-    tool::freed(block, size);
-    #[cfg(not(track_blocks))]
+    // Rounded up: the rest of the last granule is poisoned already, and
+    // the whole granule is then closed.
+    #[cfg(asan)]
+    asan::poison(block, size.next_multiple_of(8));
     let _ = (block, size);
+}
+
+/// A heap handed out the block at `block` for `size` bytes.
+///
+/// # Safety
+/// As for [`allocated`], `block` not null.
+#[inline(always)]
+pub(crate) unsafe fn heap_allocated(block: *mut u8, size: usize) {
+    // No red zone, not zeroed (a zeroing caller writes the zeros after).
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::MALLOCLIKE_BLOCK, block, size, 0, 0);
+    let _ = (block, size);
+}
+
+/// The live block at `block` is being freed into its heap.
+///
+/// # Safety
+/// As for [`freed`].
+#[inline(always)]
+pub(crate) unsafe fn heap_freed(block: *mut u8) {
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::FREELIKE_BLOCK, block, 0, 0, 0);
+    let _ = block;
 }
 
 /// The live block at `block` now holds `new` bytes instead of `old`,
@@ -57,9 +89,13 @@ pub(crate) unsafe fn freed(block: *mut u8, size: usize) {
 /// As for [`freed`] with `old`, and `new` bytes fit the block's class.
 #[inline(always)]
 pub(crate) unsafe fn resized(block: *mut u8, old: usize, new: usize) {
-    #[cfg(track_blocks)]
-    tool::resized(block, old, new);
-    #[cfg(not(track_blocks))]
+    #[cfg(asan)]
+    {
+        asan::poison(block, old.next_multiple_of(8));
+        asan::unpoison(block, new);
+    }
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::RESIZEINPLACE_BLOCK, block, old, new, 0);
     let _ = (block, old, new);
 }
 
@@ -69,9 +105,10 @@ pub(crate) unsafe fn resized(block: *mut u8, old: usize, new: usize) {
 /// The span belongs to a pool of the caller's, with no live block in it.
 #[inline(always)]
 pub(crate) unsafe fn fresh(start: *mut u8, len: usize) {
-    #[cfg(track_blocks)]
-    tool::no_access(start, len);
-    #[cfg(not(track_blocks))]
+    #[cfg(asan)]
+    asan::poison(start, len);
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::MAKE_MEM_NOACCESS, start, len, 0, 0);
     let _ = (start, len);
 }
 
@@ -82,54 +119,86 @@ pub(crate) unsafe fn fresh(start: *mut u8, len: usize) {
 /// The span is an arena of the caller's that nothing uses any more.
 #[inline(always)]
 pub(crate) unsafe fn released(start: *mut u8, len: usize) {
-    #[cfg(track_blocks)]
-    tool::released(start, len);
-    #[cfg(not(track_blocks))]
+    #[cfg(asan)]
+    asan::unpoison(start, len);
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::MAKE_MEM_UNDEFINED, start, len, 0, 0);
     let _ = (start, len);
 }
 
-/// Reads the free-list link at `link`, the first word of a free block.
+/// Reads the free-list link at `link`, the first word of a free block in a
+/// pool or an inbox.
 ///
 /// # Safety
 /// `link` is the first word of a free block whose link was written, and no
 /// other thread accesses that word meanwhile.
 #[inline(always)]
 pub(crate) unsafe fn read_link<T>(link: *mut *mut T) -> *mut T {
-    #[cfg(track_blocks)]
-    {
-        tool::open_link(link.cast(), true);
+    #[cfg(feature = "valgrind")]
+    if valgrind::active() {
+        valgrind::request([valgrind::MAKE_MEM_DEFINED, link as usize, LINK, 0, 0, 0]);
         // SAFETY: forwarded contract; the word is open for this read.
         let value = unsafe { *link };
-        tool::close_link(link.cast());
-        value
+        valgrind::request([valgrind::MAKE_MEM_NOACCESS, link as usize, LINK, 0, 0, 0]);
+        return value;
     }
     // SAFETY: forwarded contract.
-    #[cfg(not(track_blocks))]
-    unsafe {
-        *link
-    }
+    unsafe { read_cached_link(link) }
 }
 
-/// Writes `value` into the free-list link at `link`.
+/// Writes `value` into the free-list link at `link`, the first word of a
+/// block that is free (or being freed) in a pool or an inbox.
 ///
 /// # Safety
-/// `link` is the first word of a block that is free (or being freed), and
-/// no other thread accesses that word meanwhile.
+/// `link` is the first word of such a block, and no other thread accesses
+/// that word meanwhile.
 #[inline(always)]
 pub(crate) unsafe fn write_link<T>(link: *mut *mut T, value: *mut T) {
-    #[cfg(track_blocks)]
-    {
-        tool::open_link(link.cast(), false);
+    #[cfg(feature = "valgrind")]
+    if valgrind::active() {
+        // Undefined, not defined: the word holds nothing yet.
+        valgrind::request([valgrind::MAKE_MEM_UNDEFINED, link as usize, LINK, 0, 0, 0]);
         // SAFETY: forwarded contract; the word is open for this write.
         unsafe { *link = value };
-        tool::close_link(link.cast());
+        valgrind::request([valgrind::MAKE_MEM_NOACCESS, link as usize, LINK, 0, 0, 0]);
+        return;
     }
     // SAFETY: forwarded contract.
-    #[cfg(not(track_blocks))]
-    unsafe {
-        *link = value
-    }
+    unsafe { write_cached_link(link, value) }
 }
+
+/// As [`read_link`], for a block in a thread cache (never under valgrind).
+///
+/// # Safety
+/// As for [`read_link`].
+#[inline(always)]
+pub(crate) unsafe fn read_cached_link<T>(link: *mut *mut T) -> *mut T {
+    #[cfg(asan)]
+    asan::unpoison(link.cast(), LINK);
+    // SAFETY: forwarded contract; the word is open for this read.
+    let value = unsafe { *link };
+    #[cfg(asan)]
+    asan::poison(link.cast(), LINK);
+    value
+}
+
+/// As [`write_link`], for a block in a thread cache (never under valgrind).
+///
+/// # Safety
+/// As for [`write_link`].
+#[inline(always)]
+pub(crate) unsafe fn write_cached_link<T>(link: *mut *mut T, value: *mut T) {
+    #[cfg(asan)]
+    asan::unpoison(link.cast(), LINK);
+    // SAFETY: forwarded contract; the word is open for this write.
+    unsafe { *link = value };
+    #[cfg(asan)]
+    asan::poison(link.cast(), LINK);
+}
+
+/// Bytes of a free-list link.
+#[cfg(any(asan, feature = "valgrind"))]
+const LINK: usize = core::mem::size_of::<usize>();
 
 /// Notes whether the program runs under a tool that needs telling; called
 /// once the allocator makes its heaps, before any block exists.
@@ -139,12 +208,24 @@ pub(crate) fn detect() {
     valgrind::detect();
 }
 
-/// AddressSanitizer's manual poisoning (callers pass spans of their own
-/// pools and arenas, per the contracts above). Poisoning is per 8-byte granule,
+/// Whether the allocator may give threads caches: not under valgrind,
+/// which then sees every block pass through a heap (and runs one thread
+/// at a time anyway).
+#[cfg(thread_cache)]
+#[inline]
+pub(crate) fn thread_caches_allowed() -> bool {
+    #[cfg(feature = "valgrind")]
+    return !valgrind::active();
+    #[cfg(not(feature = "valgrind"))]
+    true
+}
+
+/// AddressSanitizer's manual poisoning. Poisoning is per 8-byte granule,
 /// a partial last granule recording how many of its bytes are addressable,
 /// so unpoisoning exactly the requested bytes catches a one-byte overflow
 /// into the class's rounding; blocks are 8-aligned, so no granule is
-/// shared by two blocks.
+/// shared by two blocks. Callers pass spans of their own pools and arenas,
+/// per the contracts above.
 #[cfg(asan)]
 mod asan {
     use core::ffi::c_void;
@@ -154,49 +235,14 @@ mod asan {
         fn __asan_unpoison_memory_region(addr: *const c_void, size: usize);
     }
 
-    /// Bytes of a free-list link.
-    const LINK: usize = core::mem::size_of::<usize>();
-
-    fn poison(start: *mut u8, len: usize) {
-        // SAFETY: the runtime only updates its shadow for the span; the
-        // callers poison only spans of their own pools.
+    pub(super) fn poison(start: *mut u8, len: usize) {
+        // SAFETY: the runtime only updates its shadow for the span.
         unsafe { __asan_poison_memory_region(start.cast(), len) }
     }
 
-    fn unpoison(start: *mut u8, len: usize) {
+    pub(super) fn unpoison(start: *mut u8, len: usize) {
         // SAFETY: as for `poison`.
         unsafe { __asan_unpoison_memory_region(start.cast(), len) }
-    }
-
-    pub(super) fn allocated(block: *mut u8, size: usize) {
-        unpoison(block, size);
-    }
-
-    pub(super) fn freed(block: *mut u8, size: usize) {
-        // Rounded up: the rest of the last granule is poisoned already, and
-        // the whole granule is then closed.
-        poison(block, size.next_multiple_of(8));
-    }
-
-    pub(super) fn resized(block: *mut u8, old: usize, new: usize) {
-        poison(block, old.next_multiple_of(8));
-        unpoison(block, new);
-    }
-
-    pub(super) fn no_access(start: *mut u8, len: usize) {
-        poison(start, len);
-    }
-
-    pub(super) fn released(start: *mut u8, len: usize) {
-        unpoison(start, len);
-    }
-
-    pub(super) fn open_link(link: *mut u8, _read: bool) {
-        unpoison(link, LINK);
-    }
-
-    pub(super) fn close_link(link: *mut u8) {
-        poison(link, LINK);
     }
 }
 
@@ -213,21 +259,18 @@ mod valgrind {
 
     /// valgrind.h's request numbers.
     const RUNNING_ON_VALGRIND: usize = 0x1001;
-    const MALLOCLIKE_BLOCK: usize = 0x1301;
-    const FREELIKE_BLOCK: usize = 0x1302;
-    const RESIZEINPLACE_BLOCK: usize = 0x130b;
+    pub(super) const MALLOCLIKE_BLOCK: usize = 0x1301;
+    pub(super) const FREELIKE_BLOCK: usize = 0x1302;
+    pub(super) const RESIZEINPLACE_BLOCK: usize = 0x130b;
     /// memcheck.h's: its tool base, `'M' << 24 | 'C' << 16`, plus 0, 1, 2.
-    const MAKE_MEM_NOACCESS: usize = 0x4d43_0000;
-    const MAKE_MEM_UNDEFINED: usize = 0x4d43_0001;
-    const MAKE_MEM_DEFINED: usize = 0x4d43_0002;
-
-    /// Bytes of a free-list link.
-    const LINK: usize = core::mem::size_of::<usize>();
+    pub(super) const MAKE_MEM_NOACCESS: usize = 0x4d43_0000;
+    pub(super) const MAKE_MEM_UNDEFINED: usize = 0x4d43_0001;
+    pub(super) const MAKE_MEM_DEFINED: usize = 0x4d43_0002;
 
     /// Issues request `args[0]` with arguments `args[1..]`; returns
     /// valgrind's answer, or 0 on the real CPU.
     #[inline(always)]
-    fn request(args: [usize; 6]) -> usize {
+    pub(super) fn request(args: [usize; 6]) -> usize {
         let mut result: usize = 0;
         // SAFETY: the four rotations of rdi add up to 128 bits, leaving it
         // unchanged, and `xchg rbx, rbx` changes nothing: on the real CPU
@@ -250,9 +293,16 @@ mod valgrind {
         result
     }
 
+    /// Whether the program runs under valgrind.
     #[inline(always)]
-    fn tell(code: usize, a: *mut u8, b: usize, c: usize, d: usize) {
-        if ACTIVE.load(Ordering::Relaxed) {
+    pub(super) fn active() -> bool {
+        ACTIVE.load(Ordering::Relaxed)
+    }
+
+    /// Issues `code` with these arguments if under valgrind.
+    #[inline(always)]
+    pub(super) fn tell(code: usize, a: *mut u8, b: usize, c: usize, d: usize) {
+        if active() {
             request([code, a as usize, b, c, d, 0]);
         }
     }
@@ -262,41 +312,5 @@ mod valgrind {
             request([RUNNING_ON_VALGRIND, 0, 0, 0, 0, 0]) != 0,
             Ordering::Relaxed,
         );
-    }
-
-    pub(super) fn allocated(block: *mut u8, size: usize) {
-        // No red zone, not zeroed (a zeroing caller writes the zeros after).
-        tell(MALLOCLIKE_BLOCK, block, size, 0, 0);
-    }
-
-    pub(super) fn freed(block: *mut u8, _size: usize) {
-        tell(FREELIKE_BLOCK, block, 0, 0, 0);
-    }
-
-    pub(super) fn resized(block: *mut u8, old: usize, new: usize) {
-        tell(RESIZEINPLACE_BLOCK, block, old, new, 0);
-    }
-
-    pub(super) fn no_access(start: *mut u8, len: usize) {
-        tell(MAKE_MEM_NOACCESS, start, len, 0, 0);
-    }
-
-    pub(super) fn released(start: *mut u8, len: usize) {
-        tell(MAKE_MEM_UNDEFINED, start, len, 0, 0);
-    }
-
-    pub(super) fn open_link(link: *mut u8, read: bool) {
-        // A link about to be written holds nothing yet: undefined, so that
-        // memcheck still flags a read of it before the write.
-        let code = if read {
-            MAKE_MEM_DEFINED
-        } else {
-            MAKE_MEM_UNDEFINED
-        };
-        tell(code, link, LINK, 0, 0);
-    }
-
-    pub(super) fn close_link(link: *mut u8) {
-        tell(MAKE_MEM_NOACCESS, link, LINK, 0, 0);
     }
 }

@@ -37,10 +37,10 @@ fn workload() -> Result<usize, TryReserveError> {
 fn every_allocation_of_a_workload_fails_once_and_its_error_path_runs() {
     let expected = workload().unwrap();
     assert_eq!(expected, 3000 + 11 + 11);
-    let (result, points) = inject::count_allocations(workload);
+    let (result, points) = ALLOC.count_allocations(workload);
     assert_eq!(result.unwrap(), expected);
     let mut errors = 0;
-    let checked = inject::each_failure(workload, |n, result| {
+    let checked = ALLOC.each_failure(workload, |n, result| {
         assert!(
             result.is_err(),
             "allocation #{n} failed but the workload succeeded"
@@ -56,7 +56,7 @@ fn every_allocation_of_a_workload_fails_once_and_its_error_path_runs() {
 
 #[test]
 fn the_nth_allocation_fails_and_only_it() {
-    let (outcomes, failed) = inject::fail_nth(3, || {
+    let (outcomes, failed) = ALLOC.fail_nth(3, || {
         (0..5)
             .map(|_| Vec::<u64>::new().try_reserve_exact(8).is_ok())
             .collect::<Vec<_>>()
@@ -64,14 +64,14 @@ fn the_nth_allocation_fails_and_only_it() {
     assert!(failed);
     // The first allocation is the collecting vector's own.
     assert_eq!(outcomes, [true, false, true, true, true]);
-    let (_, failed) = inject::fail_nth(100, || Box::new(1));
+    let (_, failed) = ALLOC.fail_nth(100, || Box::new(1));
     assert!(!failed, "a closure with fewer allocations sees no failure");
 }
 
 #[test]
 fn random_failures_follow_the_seed() {
     let run = |p, seed| {
-        inject::fail_randomly(p, seed, || {
+        ALLOC.fail_randomly(p, seed, || {
             let mut ok = 0;
             for _ in 0..1000 {
                 ok += usize::from(Vec::<u8>::new().try_reserve_exact(24).is_ok());
@@ -104,7 +104,7 @@ fn injection_is_scoped_to_the_calling_thread() {
             other_ok.store(ok, Ordering::Relaxed);
             done.wait();
         });
-        let ((), failures) = inject::fail_randomly(1.0, 1, || {
+        let ((), failures) = ALLOC.fail_randomly(1.0, 1, || {
             start.wait();
             done.wait();
             assert!(Vec::<u8>::new().try_reserve_exact(64).is_err());
@@ -120,7 +120,7 @@ fn injection_is_scoped_to_the_calling_thread() {
 #[test]
 fn a_reported_failure_prints_and_still_fails() {
     inject::report_failures(true);
-    let (ok, failed) = inject::fail_nth(1, || Vec::<u8>::new().try_reserve(10).is_ok());
+    let (ok, failed) = ALLOC.fail_nth(1, || Vec::<u8>::new().try_reserve(10).is_ok());
     inject::report_failures(false);
     assert!(failed && !ok);
 }
@@ -194,4 +194,19 @@ fn the_limit_is_exact_with_8_threads() {
     }
     LIMITED.remove_limit();
     assert_eq!(LIMITED.limit_remaining(), None);
+}
+
+#[test]
+fn injection_fails_only_the_allocator_it_is_armed_on() {
+    static OTHER: PyMalloc = PyMalloc::system();
+    let layout = Layout::from_size_align(32, 8).unwrap();
+    let ((), failures) = ALLOC.fail_randomly(1.0, 1, || {
+        // SAFETY: a non-zero size; the block is freed once, with its layout.
+        unsafe {
+            let block = OTHER.alloc(layout);
+            assert!(!block.is_null());
+            OTHER.dealloc(block, layout);
+        }
+    });
+    assert_eq!(failures, 0);
 }

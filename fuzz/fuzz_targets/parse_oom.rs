@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pymalloc::{inject, PyMalloc};
+use pymalloc::PyMalloc;
 use std::collections::TryReserveError;
 
 #[global_allocator]
@@ -59,11 +59,11 @@ fn parse(text: &[u8]) -> Result<Records, Error> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (expected, points) = inject::count_allocations(|| parse(data));
+    let (expected, points) = ALLOC.count_allocations(|| parse(data));
     // Long inputs have thousands of failure points: the first and last
     // hundred each, and every allocation of short inputs.
     for n in (1..=points).filter(|&n| n <= 100 || n + 100 > points) {
-        let (result, failed) = inject::fail_nth(n, || parse(data));
+        let (result, failed) = ALLOC.fail_nth(n, || parse(data));
         assert!(failed);
         match (&result, &expected) {
             (Err(Error::OutOfMemory), _) => {}
