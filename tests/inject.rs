@@ -1,6 +1,7 @@
 //! The byte limit and failure injection: every allocation of a workload
 //! fails in turn and the workload's error path runs each time; the limit is
 //! exact with 8 threads racing for it.
+#![cfg(feature = "std")]
 
 use pymalloc::{inject, PyMalloc};
 use std::alloc::{GlobalAlloc, Layout};
