@@ -11,26 +11,28 @@
 //!   SpiderMonkey's `oomTest`: count the allocations a closure makes, then
 //!   make each one fail in turn.
 //!
-//! Both are off by default, and then cost one compare and one predictable
-//! branch per call: `(size | align) < bound`, where the bound is a field
-//! of the allocator that drops to zero while a limit or an injection is on,
-//! sending every call to the out-of-line path here (see [`Gate::passes`]).
+//! Both are off by default, and then cost one load and one predictable
+//! branch per call: the front compares the request's size and alignment
+//! with a bound, a field of the allocator that is one past the largest
+//! small size while nothing is armed and drops to zero while a limit or an
+//! injection is on, sending every call to the out-of-line path here (see
+//! [`Gate::passes`]). Where the pool path is inlined (`dealloc`), that
+//! compare replaces the small-size test it would make anyway.
 //!
 //! Only allocations count (`alloc`, `alloc_zeroed`, `realloc`); frees always
 //! succeed. Sizes are what the caller asked for (`Layout::size`).
 
 use crate::backing::Backing;
+use crate::size_class::SMALL_REQUEST_THRESHOLD;
 use crate::sync::{loom_const_fn, Lock};
 use crate::PyMalloc;
 use core::alloc::Layout;
 use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// The fast-path bound while nothing is armed: a power of two above the
-/// largest small size and alignment (512), so that one compare of
-/// `size | align` tests both. Requests of 513 to 1023 bytes pass too, and
-/// find their way to the backing as before.
-const OPEN: usize = 1024;
+/// The fast-path bound while nothing is armed: one past the largest small
+/// size and alignment, so that a request passing it is a small one.
+const OPEN: usize = SMALL_REQUEST_THRESHOLD + 1;
 
 /// An allocator's limit, and the gate in front of its fast path.
 pub(crate) struct Gate {
@@ -59,12 +61,16 @@ impl Gate {
         }
     }
 
-    /// Whether `layout` may take the fast path: with nothing armed, any
-    /// request under 1 KiB (the rest, and everything while something is
-    /// armed, goes through the `gated_*` calls).
+    /// Whether `layout` may take the fast path: a small request with
+    /// nothing armed (the rest goes through the `gated_*` calls).
     #[inline(always)]
     pub(crate) fn passes(&self, layout: Layout) -> bool {
-        (layout.size() | layout.align()) < self.below.load(Ordering::Relaxed)
+        let below = self.below.load(Ordering::Relaxed);
+        // SAFETY: `below` is only ever `OPEN` or 0 (see `arm`). Knowing it,
+        // the compiler drops the pool path's own small-size test, which
+        // this one implies.
+        unsafe { core::hint::assert_unchecked(below <= OPEN) };
+        layout.size() < below && layout.align() < below
     }
 
     /// Whether a limit or an injection is on.
@@ -157,8 +163,7 @@ impl<B: Backing> PyMalloc<B> {
         ptr::from_ref(self).addr()
     }
 
-    /// `alloc` off the fast path: a request of 1 KiB or more, or something
-    /// armed.
+    /// `alloc` off the fast path: a large request, or something armed.
     #[inline(never)]
     pub(crate) fn gated_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if !self.gate.is_armed() {
