@@ -16,7 +16,7 @@
 //! with a bound, a field of the allocator that is one past the largest
 //! small size while nothing is armed and drops to zero while a limit or an
 //! injection is on, sending every call to the out-of-line path here (see
-//! [`Gate::passes`]). Where the pool path is inlined (`dealloc`), that
+//! `Gate::passes`). Where the pool path is inlined (`dealloc`), that
 //! compare replaces the small-size test it would make anyway.
 //!
 //! Only allocations count (`alloc`, `alloc_zeroed`, `realloc`); frees always
