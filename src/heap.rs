@@ -224,6 +224,8 @@ impl Heap {
             unsafe { self.table.release(slot) };
             return false;
         }
+        // SAFETY: a fresh arena of ours, of this size.
+        unsafe { crate::track::opened(base, arena_size) };
         self.usable = slot;
         self.last_with_free[arena.pool_count as usize] = slot;
         self.arenas_allocated_total += 1;

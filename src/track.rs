@@ -112,15 +112,36 @@ pub(crate) unsafe fn fresh(start: *mut u8, len: usize) {
     let _ = (start, len);
 }
 
+/// `start..start + len` is a new arena.
+///
+/// LeakSanitizer scans the stacks, globals and malloc'd blocks for
+/// pointers, not memory mapped by other means: a block of the system
+/// allocator that only a pool block points to would be reported as leaked.
+/// So an arena is one of its root regions while it lives.
+///
+/// # Safety
+/// The span is an arena of the caller's, released later with
+/// [`released`] and the same span.
+#[inline(always)]
+pub(crate) unsafe fn opened(start: *mut u8, len: usize) {
+    #[cfg(asan)]
+    asan::root_region(start, len, true);
+    let _ = (start, len);
+}
+
 /// `start..start + len`, an arena, goes back to its backing as plain
 /// memory.
 ///
 /// # Safety
-/// The span is an arena of the caller's that nothing uses any more.
+/// The span is an arena of the caller's, given to [`opened`], that nothing
+/// uses any more.
 #[inline(always)]
 pub(crate) unsafe fn released(start: *mut u8, len: usize) {
     #[cfg(asan)]
-    asan::unpoison(start, len);
+    {
+        asan::root_region(start, len, false);
+        asan::unpoison(start, len);
+    }
     #[cfg(feature = "valgrind")]
     valgrind::tell(valgrind::MAKE_MEM_UNDEFINED, start, len, 0, 0);
     let _ = (start, len);
@@ -233,6 +254,21 @@ mod asan {
     extern "C" {
         fn __asan_poison_memory_region(addr: *const c_void, size: usize);
         fn __asan_unpoison_memory_region(addr: *const c_void, size: usize);
+        fn __lsan_register_root_region(addr: *const c_void, size: usize);
+        fn __lsan_unregister_root_region(addr: *const c_void, size: usize);
+    }
+
+    /// Adds the span to LeakSanitizer's root regions, or removes it.
+    pub(super) fn root_region(start: *mut u8, len: usize, add: bool) {
+        // SAFETY: the runtime only records the span, to read it while
+        // looking for leaks; a removal names a span added before.
+        unsafe {
+            if add {
+                __lsan_register_root_region(start.cast(), len);
+            } else {
+                __lsan_unregister_root_region(start.cast(), len);
+            }
+        }
     }
 
     pub(super) fn poison(start: *mut u8, len: usize) {
