@@ -49,8 +49,16 @@ fn clean() {
     black_box((&v, &b, &boxes));
     // Reachable at exit only through a pool block: no leak checker may
     // call the 4 KiB buffer lost.
-    static KEPT: OnceLock<Box<Vec<u8>>> = OnceLock::new();
-    black_box(KEPT.get_or_init(|| Box::new(vec![3u8; 4096])));
+    struct Kept {
+        buffer: Vec<u8>,
+    }
+    static KEPT: OnceLock<Box<Kept>> = OnceLock::new();
+    let kept = KEPT.get_or_init(|| {
+        Box::new(Kept {
+            buffer: vec![3u8; 4096],
+        })
+    });
+    black_box(&kept.buffer);
 }
 
 fn main() {
