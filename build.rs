@@ -12,11 +12,25 @@
 //! targets may fall back to a `Vec` of destructors, so they go without.
 //! The `debug` feature goes without too: its double-free check needs every
 //! free to reach the block's pool, and loom models the paths without them.
+//!
+//! And one tool question: is the crate being built with AddressSanitizer
+//! (`-Zsanitizer=address`, what `cargo fuzz` passes)? `cfg(sanitize)` is
+//! unstable, so the flags are read from `CARGO_ENCODED_RUSTFLAGS`. Then:
+//!
+//! * `passthrough` (unless the `asan-pools` feature is on): a heap over the
+//!   system allocator hands every request to it, so ASan, LeakSanitizer and
+//!   libFuzzer see each object;
+//! * otherwise (`asan-pools`, or a backing that is not the system
+//!   allocator, such as `Region`) the pools stay, and poison every byte
+//!   that is not part of a live block.
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(thread_cache)");
     println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
+    println!("cargo::rustc-check-cfg=cfg(asan)");
+    println!("cargo::rustc-check-cfg=cfg(passthrough)");
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let has = |name: &str| std::env::var_os(name).is_some();
     let is = |name: &str, value: &str| std::env::var(name).is_ok_and(|v| v == value);
     if has("CARGO_FEATURE_STD")
@@ -35,4 +49,22 @@ fn main() {
     {
         println!("cargo::rustc-cfg=thread_cache");
     }
+    let asan = address_sanitizer(&std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default());
+    if asan {
+        println!("cargo::rustc-cfg=asan");
+        if !has("CARGO_FEATURE_ASAN_POOLS") {
+            println!("cargo::rustc-cfg=passthrough");
+        }
+    }
+}
+
+/// Whether the flags (separated by 0x1f) ask for AddressSanitizer:
+/// `-Zsanitizer=address`, `-Z sanitizer=address`, or a list naming it.
+fn address_sanitizer(flags: &str) -> bool {
+    flags.split('\x1f').any(|flag| {
+        flag.strip_prefix("-Z")
+            .unwrap_or(flag)
+            .strip_prefix("sanitizer=")
+            .is_some_and(|list| list.split(',').any(|s| s == "address"))
+    })
 }

@@ -46,6 +46,7 @@ pub use allocator::sync::loom_model;
 #[cfg(feature = "debug")]
 pub use allocator::debug;
 pub use allocator::front::{DefaultBacking, PyMalloc};
+pub use allocator::inject;
 pub use allocator::{backing, config, size_class, stats, THREAD_CACHES};
 // Shown as re-exports, as before the move: their home is the public module.
 #[cfg(feature = "std")]

@@ -7,7 +7,9 @@ use std::path::Path;
 
 /// Top to bottom, as in `src/allocator/mod.rs`.
 const ALLOCATOR: &[&str] = &[
+    "inject",
     "front",
+    "gate",
     "debug",
     "thread_cache",
     "heap_set",
@@ -19,6 +21,7 @@ const ALLOCATOR: &[&str] = &[
     "backing",
     "config",
     "list",
+    "track",
     "sync",
 ];
 

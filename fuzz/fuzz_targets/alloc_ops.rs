@@ -1,5 +1,5 @@
 //! A byte string drives alloc/realloc/free of random sizes and alignments
-//! on a `Region` heap with the debug feature, checked against the model
+//! on a `Region` heap (its pools poisoned under ASan), checked against the model
 //! (contents, overlap, alignment) and the heap's own statistics.
 #![no_main]
 

@@ -21,6 +21,11 @@ use core::ptr::{self, NonNull};
 /// stays so until given back; `alloc` and `realloc` honour the layout's
 /// alignment. Failure is a null pointer, never a panic or an unwind.
 pub unsafe trait Backing {
+    /// Whether `alloc` is the system allocator, the one sanitizers and leak
+    /// checkers watch. Under AddressSanitizer (without the `asan-pools`
+    /// feature) a `PyMalloc` over such a backing hands it every request.
+    const SYSTEM_ALLOCATOR: bool = false;
+
     /// A block for a large object, or null.
     fn alloc(&self, layout: Layout) -> *mut u8;
 
@@ -92,6 +97,8 @@ pub struct System;
 // blocks), valid and unshared until unmapped.
 #[cfg(feature = "std")]
 unsafe impl Backing for System {
+    const SYSTEM_ALLOCATOR: bool = true;
+
     #[inline]
     fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the heap never asks the backing for zero bytes (large

@@ -23,7 +23,6 @@
 
 use super::heap::BlockStatus;
 use super::list;
-use super::size_class::class_for;
 use super::sync::Lock;
 use core::alloc::Layout;
 use core::fmt;
@@ -104,8 +103,8 @@ fn wrap(layout: Layout) -> Option<(Layout, usize)> {
     Some((Layout::from_size_align(size, layout.align()).ok()?, prefix))
 }
 
-fn is_small(inner: Layout) -> bool {
-    class_for(inner.size(), inner.align()).is_some()
+fn is_small(a: &impl Unchecked, inner: Layout) -> bool {
+    a.pool_class(inner).is_some()
 }
 
 /// What went wrong with a block, for the report.
@@ -278,6 +277,10 @@ pub(crate) trait Unchecked {
         new_requested: usize,
     ) -> *mut u8;
 
+    /// The pool class that serves `layout`, or `None` when it goes to the
+    /// backing.
+    fn pool_class(&self, layout: Layout) -> Option<usize>;
+
     /// Where `block`, claimed to be of small class `class`, stands.
     fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus;
 
@@ -308,7 +311,7 @@ pub(crate) fn alloc(a: &impl Unchecked, layout: Layout, zeroed: bool) -> *mut u8
         data.write_bytes(if zeroed { 0 } else { CLEAN_BYTE }, layout.size());
         data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
     }
-    if !is_small(inner) {
+    if !is_small(a, inner) {
         // SAFETY: a live large block, not yet listed.
         unsafe { a.large_blocks().lock().push(header_of(data)) };
     }
@@ -329,7 +332,7 @@ fn checked_release(a: &impl Unchecked, data: *mut u8, layout: Layout) -> (Layout
     };
     let base = data.wrapping_sub(prefix);
     let mut large_blocks = a.large_blocks().lock();
-    let ownership = match class_for(inner.size(), inner.align()) {
+    let ownership = match a.pool_class(inner) {
         Some(class) => match a.block_status(base, class) {
             BlockStatus::Live => None,
             BlockStatus::Free => Some(Fault::DoubleFree),
@@ -363,7 +366,7 @@ fn checked_release(a: &impl Unchecked, data: *mut u8, layout: Layout) -> (Layout
         drop(large_blocks);
         fail(report(fault));
     }
-    if !is_small(inner) {
+    if !is_small(a, inner) {
         // SAFETY: found on the list above, under the same lock.
         unsafe { large_blocks.remove(header_of(data)) };
     }
@@ -392,7 +395,7 @@ pub(crate) unsafe fn realloc(
 ) -> *mut u8 {
     let (inner, base) = checked_release(a, data, layout);
     let relist = |data: *mut u8, inner: Layout| {
-        if !is_small(inner) {
+        if !is_small(a, inner) {
             // SAFETY: a live large block, taken off (or never on) the list.
             unsafe { a.large_blocks().lock().push(header_of(data)) };
         }

@@ -8,6 +8,7 @@ use super::backing::System;
 use super::config::Config;
 #[cfg(feature = "debug")]
 use super::debug;
+use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
 use super::heap_set::{stack_hint, HeapSet};
@@ -18,7 +19,8 @@ use super::sync::Lock;
 use super::sync::{loom_const_fn, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(thread_cache)]
 use super::thread_cache;
-use core::alloc::{GlobalAlloc, Layout};
+use super::track;
+use core::alloc::Layout;
 use core::ptr;
 
 /// The backing `PyMalloc` uses when none is named: [`System`] with `std`,
@@ -62,6 +64,8 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     config: Config,
     backing: B,
     large: LargeCounters,
+    /// The fast path's bound and the limit: see `inject.rs`.
+    pub(crate) gate: Gate,
     /// Live large blocks, for the debug feature's ownership checks.
     #[cfg(feature = "debug")]
     large_blocks: Lock<debug::LargeList>,
@@ -204,6 +208,7 @@ impl<B: Backing> PyMalloc<B> {
                     bytes: AtomicUsize::new(0),
                     requested: AtomicUsize::new(0),
                 },
+                gate: Gate::new(),
                 #[cfg(feature = "debug")]
                 large_blocks: Lock::new(debug::LargeList::new()),
             }
@@ -267,6 +272,7 @@ impl<B: Backing> PyMalloc<B> {
 
     #[cold]
     fn create_heap_set(&self) -> *const HeapSet {
+        track::detect();
         let set = HeapSet::create(self.config, &self.backing);
         if set.is_null() {
             return set;
@@ -277,7 +283,9 @@ impl<B: Backing> PyMalloc<B> {
         {
             Ok(_) => {
                 #[cfg(thread_cache)]
-                self.id.store(thread_cache::register(), Ordering::Relaxed);
+                if track::thread_caches_allowed() {
+                    self.id.store(thread_cache::register(), Ordering::Relaxed);
+                }
                 set
             }
             Err(winner) => {
@@ -309,16 +317,18 @@ impl<B: Backing> PyMalloc<B> {
     /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        let Some(class) = class_for(layout.size(), layout.align()) else {
+        let Some(class) = pool_class::<B>(layout) else {
             return self.allocate_large(layout, requested, zeroed);
         };
         #[cfg(thread_cache)]
         let block = match thread_cache::alloc(self, class, requested) {
             Some(block) => block,
-            None => self.alloc_shared(class, requested),
+            None => self.alloc_shared(class, requested, layout.size()),
         };
         #[cfg(not(thread_cache))]
-        let block = self.alloc_shared(class, requested);
+        let block = self.alloc_shared(class, requested, layout.size());
+        // SAFETY: null, or a fresh block of this class: `layout.size()` fits.
+        unsafe { track::allocated(block, layout.size()) };
         if zeroed && !block.is_null() {
             // SAFETY: the block has at least `layout.size()` bytes.
             unsafe { block.write_bytes(0, layout.size()) };
@@ -343,9 +353,10 @@ impl<B: Backing> PyMalloc<B> {
         block
     }
 
-    /// A block of `class` from a heap chosen without thread-local storage.
+    /// A block of `class` (for `size` bytes) from a heap chosen without
+    /// thread-local storage.
     #[cfg_attr(thread_cache, inline(never))]
-    fn alloc_shared(&self, class: usize, requested: usize) -> *mut u8 {
+    fn alloc_shared(&self, class: usize, requested: usize, size: usize) -> *mut u8 {
         let set = self.heap_set();
         if set.is_null() {
             return ptr::null_mut();
@@ -357,6 +368,8 @@ impl<B: Backing> PyMalloc<B> {
             .alloc(class, &self.backing);
         if !block.is_null() {
             set.requested.fetch_add(requested, Ordering::Relaxed);
+            // SAFETY: a fresh block of this class: `size` fits.
+            unsafe { track::heap_allocated(block, size) };
         }
         block
     }
@@ -384,6 +397,8 @@ impl<B: Backing> PyMalloc<B> {
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
     unsafe fn free_shared(&self, ptr: *mut u8, requested: usize) {
+        // SAFETY: forwarded contract: the block is live, its user done.
+        unsafe { track::heap_freed(ptr) };
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
         // SAFETY: forwarded contract.
@@ -397,9 +412,13 @@ impl<B: Backing> PyMalloc<B> {
     /// not been freed since.
     #[inline]
     pub(crate) unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
-        if let Some(class) = class_for(layout.size(), layout.align()) {
-            // SAFETY: forwarded contract.
-            unsafe { self.free_small(ptr, class, requested) }
+        if let Some(class) = pool_class::<B>(layout) {
+            // SAFETY: forwarded contract: the block is live with this size
+            // and its user is done with it.
+            unsafe {
+                track::freed(ptr, layout.size());
+                self.free_small(ptr, class, requested)
+            }
         } else {
             // SAFETY: forwarded contract.
             unsafe { self.deallocate_large(ptr, layout, requested) }
@@ -434,9 +453,12 @@ impl<B: Backing> PyMalloc<B> {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return ptr::null_mut();
         };
-        let old_class = class_for(layout.size(), layout.align());
-        let new_class = class_for(new_size, layout.align());
+        let old_class = pool_class::<B>(layout);
+        let new_class = pool_class::<B>(new_layout);
         if old_class.is_some() && old_class == new_class {
+            // SAFETY: forwarded contract: the block is live, and `new_size`
+            // fits its class.
+            unsafe { track::resized(ptr, layout.size(), new_size) };
             // SAFETY: forwarded contract: the block is live.
             let set = unsafe { self.live_set() };
             set.requested
@@ -492,6 +514,10 @@ impl<B: Backing> debug::Unchecked for PyMalloc<B> {
         unsafe { PyMalloc::reallocate(self, ptr, layout, new_size, requested, new_requested) }
     }
 
+    fn pool_class(&self, layout: Layout) -> Option<usize> {
+        pool_class::<B>(layout)
+    }
+
     fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus {
         let set = self.set.load(Ordering::Acquire);
         if set.is_null() {
@@ -543,6 +569,18 @@ impl<B: Backing> Drop for PyMalloc<B> {
     }
 }
 
+/// The size class that serves `layout` from the pools of a heap over `B`;
+/// `None` sends it to the backing. Under AddressSanitizer's passthrough
+/// mode (see `build.rs`) a heap over the system allocator sends it every
+/// request, so the sanitizer sees each block.
+#[inline(always)]
+pub(crate) fn pool_class<B: Backing>(layout: Layout) -> Option<usize> {
+    if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
+        return None;
+    }
+    class_for(layout.size(), layout.align())
+}
+
 /// The layout a large request takes from the backing: a zero-size request
 /// (only possible with an alignment over 512) gets one alignment's worth,
 /// since backings need not serve zero bytes.
@@ -557,28 +595,21 @@ fn large_layout(layout: Layout) -> Layout {
     }
 }
 
-// SAFETY: blocks come from pools (disjoint blocks of arenas the heap owns,
-// aligned per `size_class`) or from the backing, which keeps the same
-// promises; every path returns null rather than panic when memory runs out.
-unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
-    #[inline]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+/// The `GlobalAlloc` calls behind the limit and injection gate (the entry
+/// points are in `inject.rs`): with the debug checks or without.
+impl<B: Backing> PyMalloc<B> {
+    #[inline(always)]
+    pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return debug::alloc(self, layout, false);
+        return debug::alloc(self, layout, zeroed);
         #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), false)
+        self.allocate(layout, layout.size(), zeroed)
     }
 
-    #[inline]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        #[cfg(feature = "debug")]
-        return debug::alloc(self, layout, true);
-        #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), true)
-    }
-
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[inline(always)]
+    pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         unsafe {
@@ -591,8 +622,15 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         }
     }
 
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
+    #[inline(always)]
+    pub(crate) unsafe fn front_realloc(
+        &self,
+        ptr: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         return unsafe { debug::realloc(self, ptr, layout, new_size) };

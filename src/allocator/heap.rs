@@ -224,6 +224,8 @@ impl Heap {
             unsafe { self.table.release(slot) };
             return false;
         }
+        // SAFETY: a fresh arena of ours, of this size.
+        unsafe { super::track::opened(base, arena_size) };
         self.usable = slot;
         self.last_with_free[arena.pool_count as usize] = slot;
         self.arenas_allocated_total += 1;
@@ -323,6 +325,7 @@ impl Heap {
         // refers into it any more, and it came from `alloc_arena` with the
         // configured geometry.
         unsafe {
+            super::track::released((*arena).base, self.config.arena_size());
             backing.dealloc_arena(
                 (*arena).base,
                 self.config.arena_size(),
@@ -343,7 +346,10 @@ impl Heap {
         for arena in self.table.open_arenas() {
             // SAFETY: the arena came from `alloc_arena` with this geometry,
             // and per the contract nothing in it is used again.
-            unsafe { backing.dealloc_arena(arena.base, arena_size, pool_size) };
+            unsafe {
+                super::track::released(arena.base, arena_size);
+                backing.dealloc_arena(arena.base, arena_size, pool_size);
+            }
         }
         // SAFETY: the records are no longer needed: the heap is reset below.
         unsafe { self.table.free_chunks(backing) };

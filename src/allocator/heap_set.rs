@@ -233,7 +233,7 @@ impl HeapSet {
         let mut head = inbox.load(Ordering::Relaxed);
         loop {
             // SAFETY: `last` is ours until the swap below publishes it.
-            unsafe { (*last).next = head };
+            unsafe { FreeBlock::set_next(last, head) };
             // Release: the holder that takes the chain sees its links.
             match inbox.compare_exchange_weak(head, first, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return,
@@ -354,7 +354,7 @@ impl Slot {
             // their owners and linked only here, so their link is readable
             // and each is freed once.
             unsafe {
-                let next = (*block).next;
+                let next = FreeBlock::next(block);
                 heap.free(block.cast(), backing);
                 block = next;
             }

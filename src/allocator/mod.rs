@@ -12,7 +12,10 @@
 //! and each file uses only the files below it:
 //!
 //! ```text
-//! front          PyMalloc: GlobalAlloc, routing by Layout, large objects, stats()
+//! inject         GlobalAlloc's entry points: one gate test, then the front;
+//!                the byte limit and failure injection that arm the gate
+//! front          PyMalloc: routing by Layout, large objects, stats()
+//!  ├ gate        the fast path's bound and the limit's count
 //!  ├ debug       PYTHONMALLOC=debug: guards, fill patterns, ownership checks (feature)
 //!  ├ thread_cache per-thread LIFO lists per class, no lock or atomic RMW (std, glibc)
 //!  heap_set      N heaps behind try-locks, remote-free inboxes, one block that never moves
@@ -56,11 +59,11 @@
 //! for them through the [`Unchecked`](debug::Unchecked) trait, so they sit
 //! below the front that implements it, and compile out without the feature.
 //!
-//! Where the next pieces go: memory-tool hooks (sanitizer poisoning,
-//! valgrind client requests) sit at the bottom beside `sync`, as mimalloc's
-//! `track.h` does, called by the pool, heap, cache and front layers and
-//! compiled out without their cfg; allocation tracing (tracemalloc) is a
-//! layer over the front, which calls one hook on each path.
+//! Memory-tool hooks (`track.rs`) sit at the bottom beside `sync`, as
+//! mimalloc's `track.h` does: the pool, heap, cache and front layers call
+//! them, and they compile to nothing without a tool. The limit and failure
+//! injection sit on top: `GlobalAlloc` is implemented in `inject.rs`, which
+//! tests the gate once and calls the front.
 
 pub(crate) mod arena;
 pub mod backing;
@@ -68,8 +71,10 @@ pub mod config;
 #[cfg(feature = "debug")]
 pub mod debug;
 pub(crate) mod front;
+pub(crate) mod gate;
 pub(crate) mod heap;
 pub(crate) mod heap_set;
+pub mod inject;
 pub(crate) mod list;
 pub(crate) mod pool;
 pub mod size_class;
@@ -77,6 +82,19 @@ pub mod stats;
 pub(crate) mod sync;
 #[cfg(thread_cache)]
 pub(crate) mod thread_cache;
+pub(crate) mod track;
+
+#[cfg(all(feature = "valgrind", asan))]
+compile_error!(
+    "pymalloc: the `valgrind` feature cannot be combined with AddressSanitizer: \
+     valgrind does not run ASan-instrumented programs (each wants the whole address \
+     space's shadow); build one binary for each tool"
+);
+#[cfg(all(feature = "valgrind", not(target_arch = "x86_64")))]
+compile_error!(
+    "pymalloc: the `valgrind` feature issues its client requests with x86_64 inline \
+     assembly; other architectures are not supported yet"
+);
 
 /// Whether this build gives each thread a cache of free blocks in front of
 /// the shared heaps: with `std`, on Linux with glibc, without the `debug`

@@ -15,6 +15,7 @@
 //!   the same class it is reused as it is, without re-initialisation.
 
 use super::size_class::{class_alignment, class_size};
+use super::track;
 use core::ptr;
 use static_assertions::const_assert;
 
@@ -52,6 +53,52 @@ pub(crate) struct FreeBlock {
     pub(crate) next: *mut FreeBlock,
 }
 
+impl FreeBlock {
+    /// The link of free `block`; a memory tool lets the allocator read it.
+    ///
+    /// # Safety
+    /// `block` is a free block whose link was written, that no other thread
+    /// uses meanwhile.
+    #[inline(always)]
+    pub(crate) unsafe fn next(block: *mut FreeBlock) -> *mut FreeBlock {
+        // SAFETY: forwarded contract.
+        unsafe { track::read_link(&raw mut (*block).next) }
+    }
+
+    /// Links free (or being freed) `block` to `next`; a memory tool lets
+    /// the allocator write it.
+    ///
+    /// # Safety
+    /// As for [`FreeBlock::next`], the link needing no prior write.
+    #[inline(always)]
+    pub(crate) unsafe fn set_next(block: *mut FreeBlock, next: *mut FreeBlock) {
+        // SAFETY: forwarded contract.
+        unsafe { track::write_link(&raw mut (*block).next, next) }
+    }
+
+    /// As [`FreeBlock::next`], for a block in a thread cache.
+    ///
+    /// # Safety
+    /// As for [`FreeBlock::next`].
+    #[cfg(thread_cache)]
+    #[inline(always)]
+    pub(crate) unsafe fn cached_next(block: *mut FreeBlock) -> *mut FreeBlock {
+        // SAFETY: forwarded contract.
+        unsafe { track::read_cached_link(&raw mut (*block).next) }
+    }
+
+    /// As [`FreeBlock::set_next`], for a block in a thread cache.
+    ///
+    /// # Safety
+    /// As for [`FreeBlock::set_next`].
+    #[cfg(thread_cache)]
+    #[inline(always)]
+    pub(crate) unsafe fn set_cached_next(block: *mut FreeBlock, next: *mut FreeBlock) {
+        // SAFETY: forwarded contract.
+        unsafe { track::write_cached_link(&raw mut (*block).next, next) }
+    }
+}
+
 /// Blocks handed out together, in the order they were taken, so that
 /// their user consumes a pool front to back: taking them LIFO would hand
 /// out the second pool's blocks before the first's and strand a partly used
@@ -75,10 +122,10 @@ impl Batch {
         // SAFETY: per the contract `block`, and the batch's last block, are
         // ours to link.
         unsafe {
-            (*block).next = ptr::null_mut();
+            FreeBlock::set_next(block, ptr::null_mut());
             match self.last.is_null() {
                 true => self.first = block,
-                false => (*self.last).next = block,
+                false => FreeBlock::set_next(self.last, block),
             }
         }
         self.last = block;
@@ -133,11 +180,11 @@ impl Pool {
         // multiples of 8).
         let first_block = unsafe { pool.cast::<u8>().add(first) }.cast::<FreeBlock>();
         // SAFETY: as above; the header fits because every pool is at least
-        // 1 KiB (`Config::new`).
+        // 1 KiB (`Config::new`). The block area is closed to memory tools
+        // before the first link goes in.
         unsafe {
-            first_block.write(FreeBlock {
-                next: ptr::null_mut(),
-            });
+            track::fresh(first_block.cast(), pool_size - first);
+            FreeBlock::set_next(first_block, ptr::null_mut());
             pool.write(Pool {
                 used: 0,
                 class: class as u16,
@@ -168,7 +215,7 @@ impl Pool {
             let size = class_size((*pool).class as usize) as u32;
             let mut free = (*pool).free;
             while taken < n && !free.is_null() {
-                let next = (*free).next;
+                let next = FreeBlock::next(free);
                 batch.push_back(free);
                 free = next;
                 taken += 1;
@@ -185,7 +232,7 @@ impl Pool {
                 // Keep a free block while there is room: a pool on its
                 // class list always has one (see the module documentation).
                 free = pool.cast::<u8>().add(bump as usize).cast();
-                (*free).next = ptr::null_mut();
+                FreeBlock::set_next(free, ptr::null_mut());
                 bump += size;
             }
             (*pool).bump = bump;
@@ -208,7 +255,7 @@ impl Pool {
         // nothing else uses any more, so it can hold the free-list link.
         unsafe {
             let was_full = (*pool).free.is_null();
-            (*block).next = (*pool).free;
+            FreeBlock::set_next(block, (*pool).free);
             (*pool).free = block;
             (*pool).used -= 1;
             (was_full, (*pool).used == 0)
@@ -233,7 +280,7 @@ impl Pool {
                 if cursor.cast() == block {
                     return true;
                 }
-                cursor = (*cursor).next;
+                cursor = FreeBlock::next(cursor);
             }
         }
         false
@@ -242,8 +289,8 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::allocator::size_class::CLASS_COUNT;
+    use super::*;
     use std::alloc::{alloc, dealloc, Layout};
     use std::vec::Vec;
 

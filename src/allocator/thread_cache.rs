@@ -341,7 +341,7 @@ impl ThreadCache {
         let got = held.alloc_batch(class, capacity(class) / 2, &mut batch, alloc.backing());
         if got > 0 {
             // SAFETY: the batch's last block is ours to link.
-            unsafe { (*batch.last).next = list.head.get() };
+            unsafe { FreeBlock::set_cached_next(batch.last, list.head.get()) };
             list.head.set(batch.first);
         }
         list.len
@@ -417,11 +417,11 @@ impl Chains {
             // SAFETY: per the contract `block` is a live block of `set`, so
             // its pool is initialised; and it is ours to relink.
             unsafe {
-                let next = (*block).next;
+                let next = FreeBlock::cached_next(block);
                 let heap = (*pool_of(block.cast(), pool_size)).heap as usize;
                 if !free_here(heap, block) {
                     let (first, last) = &mut chains.0[heap];
-                    (*block).next = *first;
+                    FreeBlock::set_cached_next(block, *first);
                     if last.is_null() {
                         *last = block;
                     }
@@ -506,7 +506,7 @@ pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> 
             let block = list.head.get();
             // SAFETY: a block on the list: free, ours, linked through its
             // first word.
-            list.head.set(unsafe { (*block).next });
+            list.head.set(unsafe { FreeBlock::cached_next(block) });
             list.len
                 .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
             cache.add_requested(requested);
@@ -536,7 +536,7 @@ pub(crate) unsafe fn free(
             let list = &cache.lists[class];
             let block = block.cast::<FreeBlock>();
             // SAFETY: the contract gives us the block: it can hold the link.
-            unsafe { (*block).next = list.head.get() };
+            unsafe { FreeBlock::set_cached_next(block, list.head.get()) };
             list.head.set(block);
             let len = list.len.load(Ordering::Relaxed) + 1;
             list.len.store(len, Ordering::Relaxed);
