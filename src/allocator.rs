@@ -506,21 +506,62 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, false);
+        let block = self.debug_alloc(layout, false);
         #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), false)
+        let block = self.allocate(layout, layout.size(), false);
+        #[cfg(all(feature = "std", not(loom)))]
+        if crate::tracemalloc::on() {
+            // SAFETY: `block` is null or fresh from this very layout.
+            return unsafe { self.traced(block, layout) };
+        }
+        block
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         #[cfg(feature = "debug")]
-        return self.debug_alloc(layout, true);
+        let block = self.debug_alloc(layout, true);
         #[cfg(not(feature = "debug"))]
-        self.allocate(layout, layout.size(), true)
+        let block = self.allocate(layout, layout.size(), true);
+        #[cfg(all(feature = "std", not(loom)))]
+        if crate::tracemalloc::on() {
+            // SAFETY: as in `alloc`.
+            return unsafe { self.traced(block, layout) };
+        }
+        block
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        #[cfg(all(feature = "std", not(loom)))]
+        if crate::tracemalloc::on() {
+            // Before the free: once freed, another thread may be given the
+            // address and record its own trace there.
+            crate::tracemalloc::forget(ptr);
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.untraced_dealloc(ptr, layout) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        #[cfg(all(feature = "std", not(loom)))]
+        if crate::tracemalloc::on() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.traced_realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.untraced_realloc(ptr, layout, new_size) }
+    }
+}
+
+impl<B: Backing> PyMalloc<B> {
+    /// `GlobalAlloc::dealloc` without tracemalloc's hook.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[inline]
+    unsafe fn untraced_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         unsafe {
@@ -533,8 +574,12 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         }
     }
 
+    /// `GlobalAlloc::realloc` without tracemalloc's hook.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
     #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    unsafe fn untraced_realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         #[cfg(feature = "debug")]
         // SAFETY: forwarded contract.
         return unsafe { self.debug_realloc(ptr, layout, new_size) };
@@ -543,5 +588,45 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         unsafe {
             self.reallocate(ptr, layout, new_size, layout.size(), new_size)
         }
+    }
+
+    /// Records a fresh `block` of `layout` with tracemalloc; if the trace
+    /// cannot be stored, frees it and fails, as CPython does.
+    ///
+    /// # Safety
+    /// `block` is null or was just allocated with `layout` by `self`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    unsafe fn traced(&self, block: *mut u8, layout: Layout) -> *mut u8 {
+        if block.is_null() || crate::tracemalloc::record(block, layout.size()) {
+            return block;
+        }
+        // SAFETY: per the contract, a live block of `layout`, freed once.
+        unsafe { self.untraced_dealloc(block, layout) };
+        ptr::null_mut()
+    }
+
+    /// `realloc` that moves the block's trace with it, or puts it back if
+    /// the block stays where it was because the request failed.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    unsafe fn traced_realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // Taken off first, as in `dealloc`: the old address may be freed.
+        let removed = crate::tracemalloc::forget(ptr);
+        // SAFETY: forwarded contract.
+        let block = unsafe { self.untraced_realloc(ptr, layout, new_size) };
+        if block.is_null() {
+            if let Some(removed) = removed {
+                crate::tracemalloc::restore(ptr, removed);
+            }
+        } else {
+            // The user's old block may be gone: the new one cannot be
+            // failed, so a trace that cannot be stored is just not kept.
+            crate::tracemalloc::record(block, new_size);
+        }
+        block
     }
 }

@@ -40,6 +40,8 @@ pub mod size_class;
 pub mod stats;
 #[cfg(thread_cache)]
 mod thread_cache;
+#[cfg(all(feature = "std", not(loom)))]
+pub mod tracemalloc;
 
 pub use allocator::{DefaultBacking, PyMalloc};
 
