@@ -169,7 +169,7 @@ fn growth<'a, K: Ord + Copy, V>(
     rows.into_iter()
 }
 
-fn short_name(full: &str) -> &str {
+pub(crate) fn short_name(full: &str) -> &str {
     // The last path segment before any generic arguments.
     let base = full.split('<').next().unwrap_or(full);
     base.rsplit("::").next().unwrap_or(base)
@@ -253,6 +253,17 @@ impl fmt::Display for SiteDiff {
             )?;
         }
         Ok(())
+    }
+}
+
+impl Census {
+    /// Counts the given type names.
+    pub(crate) fn of(names: impl IntoIterator<Item = &'static str>) -> Census {
+        let mut counts = BTreeMap::new();
+        for name in names {
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        Census { counts }
     }
 }
 

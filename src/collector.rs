@@ -45,9 +45,9 @@ use crate::trace::{Trace, Visitor};
 pub const GENERATIONS: usize = 3;
 
 // Indices of the list heads.
-const PERMANENT: usize = 3;
+pub(crate) const PERMANENT: usize = 3;
 /// Garbage kept by `save_all` (CPython's `gc.garbage`); each holds +1.
-const SAVED: usize = 4;
+pub(crate) const SAVED: usize = 4;
 /// Objects a collection still held when a panic unwound through it.
 const HELD: usize = 5;
 const YOUNG: usize = 6;
@@ -131,6 +131,10 @@ pub struct Collector {
     /// Allocation site of each object created while site tracing was on,
     /// keyed by link address (a side table keeps the header at 32 bytes).
     pub(crate) sites: RefCell<BTreeMap<usize, &'static Location<'static>>>,
+    /// `set_debug` flags, `DEBUG_SAVEALL` aside (that is `save_all`).
+    pub(crate) debug: Cell<u32>,
+    /// Where debug output goes.
+    pub(crate) print: Cell<Option<crate::gc_debug::DebugPrint>>,
 }
 
 /// The collector's operation on each `Cc` a `Trace` reports.
@@ -149,6 +153,8 @@ pub(crate) enum Op<'a> {
         target: NonNull<Counts>,
         hits: usize,
     },
+    /// Name the type of each object a handle points at.
+    Referents(Vec<&'static str>),
 }
 
 impl Op<'_> {
@@ -235,6 +241,7 @@ impl Op<'_> {
                     *hits += 1;
                 }
             }
+            Op::Referents(names) => names.push((link.vtable.type_name)()),
             Op::Subtract { .. } | Op::Reach { .. } => unreachable!(),
         }
     }
@@ -254,7 +261,7 @@ unsafe fn counts<'a>(link: NonNull<Link>) -> &'a Counts {
 ///
 /// # Safety
 /// `link` is a live tracked object whose value is initialised.
-unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
+pub(crate) unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
     let mut visitor = Visitor {
         op,
         untraceable: false,
@@ -432,6 +439,8 @@ impl Collector {
             trash: Cell::new(ptr::null()),
             site_tracing: Cell::new(false),
             sites: RefCell::new(BTreeMap::new()),
+            debug: Cell::new(0),
+            print: Cell::new(crate::gc_debug::DEFAULT_PRINT),
         }
     }
 
@@ -678,6 +687,7 @@ impl Collector {
             collected: 0,
             uncollectable: 0,
         });
+        self.debug_collection_start(generation);
         #[cfg(feature = "std")]
         let started = std::time::Instant::now();
         let recover = Recover(self);
@@ -691,10 +701,12 @@ impl Collector {
         stats.collected += garbage - uncollectable;
         stats.uncollectable += uncollectable;
         #[cfg(feature = "std")]
-        {
-            stats.time += started.elapsed();
-        }
+        let elapsed = started.elapsed();
+        #[cfg(not(feature = "std"))]
+        let elapsed = Duration::ZERO;
+        stats.time += elapsed;
         self.stats[generation].set(stats);
+        self.debug_collection_done(garbage, uncollectable, elapsed);
         self.run_callbacks(CallbackInfo {
             phase: Phase::Stop,
             generation,
@@ -935,6 +947,7 @@ impl Collector {
             self.unreach_held.set(false);
 
             self.validate(GARBAGE, false, true);
+            self.debug_collectable(garbage);
             if self.save_all.get() {
                 Self::unmark(garbage);
                 garbage.restore();
@@ -946,10 +959,12 @@ impl Collector {
                 op: Op::Clear,
                 untraceable: false,
             };
+            let watched = self.debug_garbage_before_clear(garbage);
             garbage.for_each(|link| {
                 trace_with(link, &mut visitor);
             });
             let kept = self.release(garbage);
+            self.debug_uncollectable(watched);
             (found, kept)
         }
     }

@@ -62,6 +62,7 @@ mod ambient;
 mod census;
 mod collector;
 pub mod gc;
+mod gc_debug;
 mod header;
 mod pointer;
 mod trace;
