@@ -510,7 +510,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         #[cfg(not(feature = "debug"))]
         let block = self.allocate(layout, layout.size(), false);
         #[cfg(all(feature = "std", not(loom)))]
-        if crate::tracemalloc::on() {
+        if crate::tracemalloc::on() && crate::tracemalloc::wants(layout.size()) {
             // SAFETY: `block` is null or fresh from this very layout.
             return unsafe { self.traced(block, layout) };
         }
@@ -524,7 +524,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
         #[cfg(not(feature = "debug"))]
         let block = self.allocate(layout, layout.size(), true);
         #[cfg(all(feature = "std", not(loom)))]
-        if crate::tracemalloc::on() {
+        if crate::tracemalloc::on() && crate::tracemalloc::wants(layout.size()) {
             // SAFETY: as in `alloc`.
             return unsafe { self.traced(block, layout) };
         }
@@ -534,7 +534,7 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if crate::tracemalloc::on() {
+        if crate::tracemalloc::on() && crate::tracemalloc::may_be_traced(ptr) {
             // Before the free: once freed, another thread may be given the
             // address and record its own trace there.
             crate::tracemalloc::forget(ptr);
@@ -622,7 +622,7 @@ impl<B: Backing> PyMalloc<B> {
             if let Some(removed) = removed {
                 crate::tracemalloc::restore(ptr, removed);
             }
-        } else {
+        } else if crate::tracemalloc::wants(new_size) {
             // The user's old block may be gone: the new one cannot be
             // failed, so a trace that cannot be stored is just not kept.
             crate::tracemalloc::record(block, new_size);

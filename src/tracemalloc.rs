@@ -74,10 +74,21 @@ use crate::sync::Lock;
 
 /// The most frames a traceback keeps ([`start`]'s limit).
 pub const MAX_FRAMES: usize = 64;
-/// Raw frames captured beyond the limit: the allocator's own frames and
-/// those of `alloc`/`std` above the user's, skipped at resolution.
-const SKIP_SLACK: usize = 32;
-const MAX_RAW: usize = MAX_FRAMES + SKIP_SLACK;
+/// Raw frames captured beyond the limit, for the allocator's own frames
+/// and those of `alloc`/`std` above the user's, skipped at resolution.
+/// Few in an optimised build (`alloc`'s code is inlined into the user's),
+/// more with the DWARF unwinder (its own frames come first) and in debug
+/// builds. Kept small: every extra frame makes more raw tracebacks
+/// distinct (recursive code has one per path), and each is stored.
+fn skip_slack() -> usize {
+    let unwinder = if UNWINDER.load(Ordering::Relaxed) == 1 {
+        6
+    } else {
+        14
+    };
+    unwinder + if cfg!(debug_assertions) { 16 } else { 0 }
+}
+const MAX_RAW: usize = MAX_FRAMES + 30;
 
 /// Whether the front calls the hooks: the one flag it tests.
 static ON: AtomicBool = AtomicBool::new(false);
@@ -714,23 +725,50 @@ fn libm_expm1(x: f64) -> f64 {
     x.exp_m1()
 }
 
-/// Whether this thread's countdown says to sample a block of `size`.
-fn sampled(size: usize, mean: usize) -> bool {
-    SAMPLER.with(|sampler| {
-        let (mut rng, mut left) = sampler.get();
-        if rng == 0 {
-            static SEEDS: AtomicU64 = AtomicU64::new(0);
-            rng = splitmix(SEEDS.fetch_add(1, Ordering::Relaxed)) | 1;
-            left = draw(&mut rng, mean);
-        }
-        left = left.saturating_sub(i64::try_from(size).unwrap_or(i64::MAX));
-        let hit = left <= 0;
-        if hit {
-            left = draw(&mut rng, mean);
-        }
-        sampler.set((rng, left));
-        hit
-    })
+/// Whether an allocation of `size` bytes is to be recorded: always when
+/// tracing exactly; when sampling, if this thread's countdown crosses zero.
+/// Inline: with sampling, most allocations end here (tcmalloc's fast path,
+/// subtract and test).
+#[inline(always)]
+pub(crate) fn wants(size: usize) -> bool {
+    let mean = MEAN.load(Ordering::Relaxed);
+    mean == 0
+        || SAMPLER.with(|sampler| {
+            let (rng, left) = sampler.get();
+            // `left` is at least 1 and `size` at most `isize::MAX`.
+            let left = left - size as i64;
+            if left > 0 && rng != 0 {
+                sampler.set((rng, left));
+                false
+            } else {
+                sample_point(sampler, size, mean)
+            }
+        })
+}
+
+/// The countdown ran out (or was never wound): whether this block is
+/// sampled, and the next countdown.
+#[cold]
+fn sample_point(sampler: &Cell<(u64, i64)>, size: usize, mean: usize) -> bool {
+    let (mut rng, mut left) = sampler.get();
+    if rng == 0 {
+        static SEEDS: AtomicU64 = AtomicU64::new(0);
+        rng = splitmix(SEEDS.fetch_add(1, Ordering::Relaxed)) | 1;
+        left = draw(&mut rng, mean);
+    }
+    left -= size as i64;
+    let hit = left <= 0;
+    if hit {
+        left = draw(&mut rng, mean);
+    }
+    sampler.set((rng, left));
+    hit
+}
+
+/// Whether `ptr` may have a trace: false for most blocks when sampling.
+#[inline(always)]
+pub(crate) fn may_be_traced(ptr: *mut u8) -> bool {
+    filter_slot(ptr as usize).load(Ordering::Relaxed) != 0
 }
 
 fn splitmix(seed: u64) -> u64 {
@@ -755,8 +793,9 @@ fn add_current(bytes: usize) {
     PEAK.fetch_max(now, Ordering::Relaxed);
 }
 
-/// Records the block `ptr` of `size` bytes just allocated; `false` if the
-/// trace could not be stored (the front then fails the allocation).
+/// Records the block `ptr` of `size` bytes just allocated (that [`wants`]
+/// chose); `false` if the trace could not be stored (the front then fails
+/// the allocation).
 #[cold]
 #[inline(never)]
 pub(crate) fn record(ptr: *mut u8, size: usize) -> bool {
@@ -764,12 +803,8 @@ pub(crate) fn record(ptr: *mut u8, size: usize) -> bool {
         return true;
     };
     let epoch = EPOCH.load(Ordering::Acquire);
-    let mean = MEAN.load(Ordering::Relaxed);
-    if mean != 0 && !sampled(size, mean) {
-        return true;
-    }
     let mut raw = [0usize; MAX_RAW];
-    let depth = (LIMIT.load(Ordering::Relaxed) + SKIP_SLACK).min(MAX_RAW);
+    let depth = (LIMIT.load(Ordering::Relaxed) + skip_slack()).min(MAX_RAW);
     let n = capture(&mut raw[..depth]);
     let Some(traceback) = TRACEBACKS.lock().intern(&raw[..n]) else {
         return false;
@@ -809,10 +844,10 @@ pub(crate) struct Removed {
 #[inline(never)]
 pub(crate) fn forget(ptr: *mut u8) -> Option<Removed> {
     let addr = ptr as usize;
-    let slot = filter_slot(addr);
-    if slot.load(Ordering::Relaxed) == 0 {
+    if !may_be_traced(ptr) {
         return None;
     }
+    let slot = filter_slot(addr);
     let epoch = EPOCH.load(Ordering::Acquire);
     let (size, traceback) = shard(addr).lock().remove(addr)?;
     slot.fetch_sub(1, Ordering::Relaxed);
