@@ -29,7 +29,7 @@
 //!   address under sixteen spin locks. A free removes its trace; `realloc`
 //!   moves it. Allocations made before `start` are not traced, as in CPython.
 //! * The tables live in memory mapped from the OS (through the
-//!   [`System`](crate::System) backing's arena calls), never in the global
+//!   [`System`] backing's arena calls), never in the global
 //!   allocator; nothing is allocated and no lock is held while the stack is
 //!   walked. A per-thread flag leaves untraced the allocations tracemalloc
 //!   makes itself (symbolising, snapshots). If a trace cannot be recorded

@@ -1,5 +1,6 @@
 //! CPython's `gc` debugging flags, their printed lines, `get_referents`,
 //! and the garbage `DEBUG_SAVEALL` keeps.
+#![cfg(feature = "std")]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! their line, with exact counts and sizes, from any thread; frees, moves,
 //! large blocks; grouping, filters, sampling; start, stop and snapshots
 //! while other threads allocate.
+#![cfg(feature = "std")]
 
 mod common;
 
