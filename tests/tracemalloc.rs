@@ -46,6 +46,14 @@ fn a_leak_at_a_known_line_tops_the_diff() {
     tracemalloc::start(1);
     assert!(tracemalloc::is_tracing());
     assert_eq!(tracemalloc::get_traceback_limit(), 1);
+    // Built with frame pointers (as `.ci/run` does once), the fast unwinder
+    // must be the one chosen.
+    if std::env::var("RUSTFLAGS").is_ok_and(|f| f.contains("force-frame-pointers=yes")) {
+        assert_eq!(
+            tracemalloc::unwinder(),
+            Some(tracemalloc::Unwinder::FramePointers)
+        );
+    }
     let mut kept = Vec::with_capacity(1000);
     let before = tracemalloc::take_snapshot();
     let line = line!() + 2;
