@@ -52,6 +52,8 @@
 //! says which is in use. The walk only reads words between the stack
 //! pointer and the top of the thread's stack, so a frame without a frame
 //! pointer can end it early but never make it read outside the stack.
+//! (The frame-pointer walk is for Linux with glibc on x86-64 and AArch64,
+//! the DWARF unwinder for unix; elsewhere tracebacks come out empty.)
 //!
 //! # Sampling
 //! [`start_sampled`] samples each byte with probability `1/mean_bytes`:
@@ -632,11 +634,18 @@ mod frame_pointers {
     }
 }
 
-/// Fills `out` through the DWARF unwinder; returns how many.
+/// Fills `out` through the DWARF unwinder; returns how many. Only on unix,
+/// where it is libgcc's (or libunwind's) `_Unwind_Backtrace`: elsewhere
+/// the unsynchronised unwinder may not run on several threads at once (on
+/// Windows, dbghelp), and the synchronised one takes a lock an allocation
+/// inside it would need, so nothing is captured there.
 fn dwarf_walk(out: &mut [usize]) -> usize {
     let mut n = 0;
-    // SAFETY: on unix this is libgcc's `_Unwind_Backtrace`, which is
-    // thread-safe; the closure neither allocates nor panics.
+    #[cfg(not(unix))]
+    let _ = out;
+    #[cfg(unix)]
+    // SAFETY: on unix this is `_Unwind_Backtrace`, which is thread-safe;
+    // the closure neither allocates nor panics.
     unsafe {
         backtrace::trace_unsynchronized(|frame| {
             if n == out.len() {
