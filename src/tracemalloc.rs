@@ -725,13 +725,9 @@ fn weight(size: usize, mean: usize) -> f64 {
     }
 }
 
+/// `1 - e^(-size/mean)`, through `exp_m1` to stay precise for small blocks.
 fn sample_probability(size: usize, mean: usize) -> f64 {
-    -libm_expm1(-(size as f64) / mean as f64)
-}
-
-/// `e^x - 1`, precise for small `x` (std's `exp_m1`).
-fn libm_expm1(x: f64) -> f64 {
-    x.exp_m1()
+    -(-(size as f64) / mean as f64).exp_m1()
 }
 
 /// Whether an allocation of `size` bytes is to be recorded: always when
