@@ -15,10 +15,22 @@
 //! arenas, and the process's resident memory. Then it sets the two side by
 //! side.
 //!
+//! Then the same incident in its literal form, without `Cc` at all:
+//! handlers are closures (`Box<dyn Fn>`) capturing the request's context,
+//! pushed into a plain `Vec` that never forgets them. Nothing here is
+//! tracked by the collector, so the census cannot see it; `tracemalloc`
+//! can. In the middle of the run, on demand (start, let it serve, take a
+//! snapshot, stop: tracing everything all the time costs memory), the
+//! `compare_to` diff names the line that registers the handler. With the
+//! fixed registry, which drops a request's handler when the request ends,
+//! the same diff shows nothing growing.
+//!
 //! Run: `cargo run --release --example event_bus`
 
+use pymalloc::tracemalloc::{self, KeyType};
 use pymalloc::{gc, Cc, PyMalloc, Trace, WeakSet};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::process::Command;
 
 #[global_allocator]
@@ -161,6 +173,124 @@ fn run<B: Registry + Default>() {
     );
 }
 
+/// What a closure handler is told.
+struct Event {
+    topic: u64,
+}
+
+type Callback = Box<dyn Fn(&Event) -> bool>;
+
+/// A registry of closures.
+trait ClosureRegistry: Default {
+    const NAME: &'static str;
+    fn register(&mut self, request: u64, handler: Callback);
+    fn publish(&self, event: &Event) -> usize;
+    /// The request is over.
+    fn finish(&mut self, request: u64);
+}
+
+/// The bug, literally: a `Vec` of closures that only ever grows.
+#[derive(Default)]
+struct ClosureVec(Vec<Callback>);
+
+impl ClosureRegistry for ClosureVec {
+    const NAME: &'static str = "leaking closure registry (Vec<Box<dyn Fn>>)";
+    fn register(&mut self, _request: u64, handler: Callback) {
+        self.0.push(handler);
+    }
+    fn publish(&self, event: &Event) -> usize {
+        self.0.iter().filter(|h| h(event)).count()
+    }
+    fn finish(&mut self, _request: u64) {}
+}
+
+/// The fix: handlers keyed by request, dropped when the request ends.
+#[derive(Default)]
+struct ClosureMap(HashMap<u64, Callback>);
+
+impl ClosureRegistry for ClosureMap {
+    const NAME: &'static str = "fixed closure registry (removed when the request ends)";
+    fn register(&mut self, request: u64, handler: Callback) {
+        self.0.insert(request, handler);
+    }
+    fn publish(&self, event: &Event) -> usize {
+        self.0.values().filter(|h| h(event)).count()
+    }
+    fn finish(&mut self, request: u64) {
+        self.0.remove(&request);
+    }
+}
+
+/// What a closure captures: the request's context, by value.
+struct ClosureContext {
+    id: u64,
+    user: String,
+    headers: [u32; 48],
+}
+
+impl ClosureContext {
+    fn wants(&self, event: &Event) -> bool {
+        event.topic == self.id % 64 && !self.user.is_empty() && self.headers[0] != 1
+    }
+}
+
+/// Serves one request whose handler is a closure over its context.
+fn serve_closure(bus: &mut impl ClosureRegistry, id: u64) {
+    let context = ClosureContext {
+        id,
+        user: format!("user{}", id % 1000),
+        headers: [id as u32; 48],
+    };
+    bus.register(id, Box::new(move |event| context.wants(event)));
+    if id % 1000 == 0 {
+        bus.publish(&Event { topic: 0 });
+    }
+    bus.finish(id);
+}
+
+const CLOSURE_WARMUP: u64 = 20_000;
+const CLOSURE_TRACED: u64 = 20_000;
+
+/// In a child process: serve requests through a closure registry, and in
+/// the middle of the run trace for a while and print what grew.
+fn run_closures<B: ClosureRegistry>() {
+    println!(
+        "=== {}
+",
+        B::NAME
+    );
+    let mut bus = B::default();
+    for id in 0..CLOSURE_WARMUP {
+        serve_closure(&mut bus, id);
+    }
+    // On demand: start, let the service run, snapshot, stop.
+    tracemalloc::start(1);
+    let baseline = tracemalloc::take_snapshot();
+    for id in CLOSURE_WARMUP..CLOSURE_WARMUP + CLOSURE_TRACED {
+        serve_closure(&mut bus, id);
+    }
+    let now = tracemalloc::take_snapshot();
+    let (traced, peak) = tracemalloc::get_traced_memory();
+    let tables = tracemalloc::get_tracemalloc_memory();
+    tracemalloc::stop();
+    println!(
+        "traced {CLOSURE_TRACED} requests after {CLOSURE_WARMUP}: {:.1} KiB live since start (peak {:.1} KiB), \
+         tracemalloc's tables {:.1} KiB",
+        traced as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        tables as f64 / 1024.0
+    );
+    println!("  top lines of compare_to(baseline, 'lineno'):");
+    let diff = now.compare_to(&baseline, KeyType::Lineno);
+    let growing: Vec<_> = diff.iter().filter(|d| d.size_diff > 0).take(3).collect();
+    if growing.is_empty() {
+        println!("    (nothing grew)");
+    }
+    for stat in growing {
+        println!("    {stat}");
+    }
+}
+
 fn print_indented(text: &str, empty: &str) {
     if text.is_empty() {
         println!("    {empty}");
@@ -174,6 +304,8 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("leaking") => return run::<LeakingBus>(),
         Some("fixed") => return run::<WeakBus>(),
+        Some("closures-leaking") => return run_closures::<ClosureVec>(),
+        Some("closures-fixed") => return run_closures::<ClosureMap>(),
         _ => {}
     }
     let exe = std::env::current_exe().expect("own path");
@@ -212,5 +344,19 @@ fn main() {
         "\nThe leaking registry grows by one Handler and one RequestContext per request, and the\n\
          site diff names the lines that made them. The WeakSet registry stays flat: each finished\n\
          request leaves a context/handler cycle that only the collector can free, and it does."
+    );
+    println!();
+    for mode in ["closures-leaking", "closures-fixed"] {
+        let out = Command::new(&exe).arg(mode).output().expect("run a mode");
+        assert!(
+            out.status.success(),
+            "{mode} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    println!(
+        "No Cc here, so no census: tracemalloc's diff names the line that registers the closure,\n\
+         one per request; with the fixed registry nothing grows."
     );
 }

@@ -47,6 +47,8 @@ pub use allocator::sync::loom_model;
 pub use allocator::debug;
 pub use allocator::front::{DefaultBacking, PyMalloc};
 pub use allocator::inject;
+#[cfg(all(feature = "std", not(loom)))]
+pub use allocator::tracemalloc;
 pub use allocator::{backing, config, size_class, stats, THREAD_CACHES};
 // Shown as re-exports, as before the move: their home is the public module.
 #[cfg(feature = "std")]

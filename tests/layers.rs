@@ -9,6 +9,7 @@ use std::path::Path;
 const ALLOCATOR: &[&str] = &[
     "inject",
     "front",
+    "tracemalloc",
     "gate",
     "debug",
     "thread_cache",

@@ -15,6 +15,7 @@
 //! inject         GlobalAlloc's entry points: one gate test, then the front;
 //!                the byte limit and failure injection that arm the gate
 //! front          PyMalloc: routing by Layout, large objects, stats()
+//!  ├ tracemalloc every allocation's traceback, in tables mapped from the OS
 //!  ├ gate        the fast path's bound and the limit's count
 //!  ├ debug       PYTHONMALLOC=debug: guards, fill patterns, ownership checks (feature)
 //!  ├ thread_cache per-thread LIFO lists per class, no lock or atomic RMW (std, glibc)
@@ -82,6 +83,8 @@ pub mod stats;
 pub(crate) mod sync;
 #[cfg(thread_cache)]
 pub(crate) mod thread_cache;
+#[cfg(all(feature = "std", not(loom)))]
+pub mod tracemalloc;
 pub(crate) mod track;
 
 #[cfg(all(feature = "valgrind", asan))]

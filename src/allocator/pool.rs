@@ -289,8 +289,8 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
-    use crate::allocator::size_class::CLASS_COUNT;
     use super::*;
+    use crate::allocator::size_class::CLASS_COUNT;
     use std::alloc::{alloc, dealloc, Layout};
     use std::vec::Vec;
 

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::panic::Location;
 
-use super::collector::Collector;
+use super::collector::{short_name, Collector, SAVED};
 
 /// Live tracked objects by type name (`core::any::type_name`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -169,12 +169,6 @@ fn growth<'a, K: Ord + Copy, V>(
     rows.into_iter()
 }
 
-fn short_name(full: &str) -> &str {
-    // The last path segment before any generic arguments.
-    let base = full.split('<').next().unwrap_or(full);
-    base.rsplit("::").next().unwrap_or(base)
-}
-
 /// Formats a byte count as tracemalloc does (`48.2 KB`).
 struct Size(usize);
 
@@ -256,6 +250,17 @@ impl fmt::Display for SiteDiff {
     }
 }
 
+impl Census {
+    /// Counts the given type names.
+    pub(crate) fn of(names: impl IntoIterator<Item = &'static str>) -> Census {
+        let mut counts = BTreeMap::new();
+        for name in names {
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        Census { counts }
+    }
+}
+
 impl Collector {
     /// Counts live tracked objects by type name.
     pub fn census(&self) -> Census {
@@ -305,5 +310,20 @@ impl From<&'static Location<'static>> for Site {
             file: location.file(),
             line: location.line(),
         }
+    }
+}
+
+// Beside `Census`, which it returns.
+impl Collector {
+    /// What `save_all` kept (`gc.garbage`), counted by type name; empty it
+    /// with [`clear_garbage`](Collector::clear_garbage).
+    pub fn garbage(&self) -> Census {
+        let mut names = Vec::new();
+        // SAFETY: `SAVED` is a well-formed list of live objects.
+        unsafe {
+            self.head(SAVED)
+                .for_each(|link| names.push((link.as_ref().vtable.type_name)()))
+        };
+        Census::of(names)
     }
 }

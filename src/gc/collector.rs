@@ -24,7 +24,7 @@
 //! its safety contract no `Cc` can dangle.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
@@ -43,9 +43,9 @@ use super::trace::{Shape, Trace};
 pub const GENERATIONS: usize = 3;
 
 // Indices of the list heads.
-const PERMANENT: usize = 3;
+pub(crate) const PERMANENT: usize = 3;
 /// Garbage kept by `save_all` (CPython's `gc.garbage`); each holds +1.
-const SAVED: usize = 4;
+pub(crate) const SAVED: usize = 4;
 /// Objects a collection still held when a panic unwound through it.
 const HELD: usize = 5;
 const YOUNG: usize = 6;
@@ -129,6 +129,10 @@ pub struct Collector {
     /// Allocation site of each object created while site tracing was on,
     /// keyed by link address (a side table keeps the header at 32 bytes).
     pub(crate) sites: RefCell<BTreeMap<usize, &'static Location<'static>>>,
+    /// `set_debug` flags, `DEBUG_SAVEALL` aside (that is `save_all`).
+    pub(crate) debug: Cell<u32>,
+    /// Where debug output goes.
+    pub(crate) print: Cell<Option<DebugPrint>>,
 }
 
 /// The counts of a tracked object.
@@ -145,7 +149,7 @@ unsafe fn counts<'a>(link: NonNull<Link>) -> &'a Counts {
 ///
 /// # Safety
 /// `link` is a live tracked object whose value is initialised.
-unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
+pub(crate) unsafe fn trace<'a>(link: NonNull<Link>, op: Op<'a>) -> (Op<'a>, bool) {
     let mut visitor = Visitor {
         op,
         untraceable: false,
@@ -352,6 +356,8 @@ impl Collector {
             trash: Cell::new(ptr::null()),
             site_tracing: Cell::new(false),
             sites: RefCell::new(BTreeMap::new()),
+            debug: Cell::new(0),
+            print: Cell::new(DEFAULT_PRINT),
         }
     }
 
@@ -598,6 +604,7 @@ impl Collector {
             collected: 0,
             uncollectable: 0,
         });
+        self.debug_collection_start(generation);
         #[cfg(feature = "std")]
         let started = std::time::Instant::now();
         let recover = Recover(self);
@@ -611,10 +618,12 @@ impl Collector {
         stats.collected += garbage - uncollectable;
         stats.uncollectable += uncollectable;
         #[cfg(feature = "std")]
-        {
-            stats.time += started.elapsed();
-        }
+        let elapsed = started.elapsed();
+        #[cfg(not(feature = "std"))]
+        let elapsed = Duration::ZERO;
+        stats.time += elapsed;
         self.stats[generation].set(stats);
+        self.debug_collection_done(garbage, uncollectable, elapsed);
         self.run_callbacks(CallbackInfo {
             phase: Phase::Stop,
             generation,
@@ -855,6 +864,7 @@ impl Collector {
             self.unreach_held.set(false);
 
             self.validate(GARBAGE, false, true);
+            self.debug_collectable(garbage);
             if self.save_all.get() {
                 Self::unmark(garbage);
                 garbage.restore();
@@ -866,10 +876,12 @@ impl Collector {
                 op: Op::Clear,
                 untraceable: false,
             };
+            let watched = self.debug_garbage_before_clear(garbage);
             garbage.for_each(|link| {
                 trace_with(link, &mut visitor);
             });
             let kept = self.release(garbage);
+            self.debug_uncollectable(watched);
             (found, kept)
         }
     }
@@ -1087,4 +1099,169 @@ impl Drop for Collector {
             head.detach_head();
         }
     }
+}
+
+// CPython's `gc.set_debug` flags, and the prints they ask for at each step
+// of a collection. Output goes to stderr with `std`; without it, to the
+// callback given to `Collector::set_debug_print` (nowhere until then).
+
+/// Print each collection's generation, object counts and time
+/// (`gc.DEBUG_STATS`).
+pub const DEBUG_STATS: u32 = 1;
+/// Print each collectable object found (`gc.DEBUG_COLLECTABLE`).
+pub const DEBUG_COLLECTABLE: u32 = 2;
+/// Print each object found unreachable but kept alive
+/// (`gc.DEBUG_UNCOLLECTABLE`).
+pub const DEBUG_UNCOLLECTABLE: u32 = 4;
+/// Keep garbage instead of freeing it (`gc.DEBUG_SAVEALL`, the same switch
+/// as [`Collector::set_save_all`]).
+pub const DEBUG_SAVEALL: u32 = 32;
+/// What a leak hunt wants: the three above (`gc.DEBUG_LEAK`).
+pub const DEBUG_LEAK: u32 = DEBUG_COLLECTABLE | DEBUG_UNCOLLECTABLE | DEBUG_SAVEALL;
+
+/// Where debug output goes: one formatted line per call, newline included.
+pub type DebugPrint = fn(fmt::Arguments<'_>);
+
+#[cfg(feature = "std")]
+fn stderr(args: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_fmt(args);
+}
+
+/// The default sink: stderr with `std`, nothing without.
+pub(crate) const DEFAULT_PRINT: Option<DebugPrint> = {
+    #[cfg(feature = "std")]
+    {
+        Some(stderr)
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        None
+    }
+};
+
+impl Collector {
+    /// Sets the debugging flags (`gc.set_debug`): any of [`DEBUG_STATS`],
+    /// [`DEBUG_COLLECTABLE`], [`DEBUG_UNCOLLECTABLE`], [`DEBUG_SAVEALL`],
+    /// or [`DEBUG_LEAK`]. Output is formatted as CPython prints it:
+    ///
+    /// ```text
+    /// gc: collecting generation 2...
+    /// gc: objects in each generation: 12 0 0
+    /// gc: objects in permanent generation: 0
+    /// gc: collectable <Handler 0x5581f3c0a010>
+    /// gc: done, 2 unreachable, 0 uncollectable, 0.0001s elapsed
+    /// ```
+    pub fn set_debug(&self, flags: u32) {
+        self.debug.set(flags & !DEBUG_SAVEALL);
+        self.set_save_all(flags & DEBUG_SAVEALL != 0);
+    }
+
+    /// The debugging flags (`gc.get_debug`).
+    pub fn get_debug(&self) -> u32 {
+        self.debug.get() | if self.save_all() { DEBUG_SAVEALL } else { 0 }
+    }
+
+    /// Sends debug output to `print` instead of stderr (without `std`, the
+    /// only way to see it).
+    pub fn set_debug_print(&self, print: DebugPrint) {
+        self.print.set(Some(print));
+    }
+
+    fn debug_print(&self, args: fmt::Arguments<'_>) {
+        if let Some(print) = self.print.get() {
+            print(args);
+        }
+    }
+
+    /// `DEBUG_STATS` at the start of a collection of `generation`.
+    pub(crate) fn debug_collection_start(&self, generation: usize) {
+        if self.debug.get() & DEBUG_STATS == 0 {
+            return;
+        }
+        // SAFETY: between collections every list is well formed.
+        let sizes: [usize; GENERATIONS] = core::array::from_fn(|g| unsafe { self.head(g).len() });
+        // SAFETY: as above.
+        let permanent = unsafe { self.head(PERMANENT).len() };
+        self.debug_print(format_args!("gc: collecting generation {generation}...\n"));
+        self.debug_print(format_args!(
+            "gc: objects in each generation: {} {} {}\ngc: objects in permanent generation: {permanent}\n",
+            sizes[0], sizes[1], sizes[2]
+        ));
+    }
+
+    /// `DEBUG_STATS` at the end of a collection.
+    pub(crate) fn debug_collection_done(
+        &self,
+        unreachable: usize,
+        uncollectable: usize,
+        elapsed: Duration,
+    ) {
+        if self.debug.get() & DEBUG_STATS != 0 {
+            self.debug_print(format_args!(
+                "gc: done, {unreachable} unreachable, {uncollectable} uncollectable, {:.4}s elapsed\n",
+                elapsed.as_secs_f64()
+            ));
+        }
+    }
+
+    /// `DEBUG_COLLECTABLE`: each object of the garbage list `garbage`.
+    ///
+    /// # Safety
+    /// `garbage` heads a list of live objects with intact `next` links.
+    pub(crate) unsafe fn debug_collectable(&self, garbage: &Link) {
+        if self.debug.get() & DEBUG_COLLECTABLE != 0 {
+            // SAFETY: the caller's promise.
+            unsafe { garbage.for_each(|link| self.debug_object("collectable", link)) };
+        }
+    }
+
+    /// The addresses of the garbage, if `DEBUG_UNCOLLECTABLE` will want to
+    /// know which of it survives being cleared.
+    ///
+    /// # Safety
+    /// As for `debug_collectable`.
+    pub(crate) unsafe fn debug_garbage_before_clear(&self, garbage: &Link) -> BTreeSet<usize> {
+        let mut addresses = BTreeSet::new();
+        if self.debug.get() & DEBUG_UNCOLLECTABLE != 0 {
+            // SAFETY: the caller's promise.
+            unsafe {
+                garbage.for_each(|link| {
+                    addresses.insert(link.addr().get());
+                })
+            };
+        }
+        addresses
+    }
+
+    /// `DEBUG_UNCOLLECTABLE`: the garbage still alive after clearing, which
+    /// `release` moved to the oldest generation.
+    pub(crate) fn debug_uncollectable(&self, garbage: BTreeSet<usize>) {
+        if garbage.is_empty() {
+            return;
+        }
+        // SAFETY: between collection steps the oldest generation is a well
+        // formed list of live objects; freed garbage is only compared by
+        // address, never read.
+        unsafe {
+            self.head(GENERATIONS - 1).for_each(|link| {
+                if garbage.contains(&link.addr().get()) {
+                    self.debug_object("uncollectable", link);
+                }
+            })
+        };
+    }
+
+    /// `gc: <what> <Type 0x...>`, as CPython's `debug_cycle`.
+    fn debug_object(&self, what: &str, link: NonNull<Link>) {
+        // SAFETY: callers pass live objects.
+        let name = short_name((unsafe { link.as_ref() }.vtable.type_name)());
+        self.debug_print(format_args!("gc: {what} <{name} {:p}>\n", link.as_ptr()));
+    }
+}
+
+/// The last path segment of a type name, before any generic arguments.
+pub(crate) fn short_name(full: &str) -> &str {
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base)
 }

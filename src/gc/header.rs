@@ -11,6 +11,7 @@
 //! everywhere), and during a collection `prev` holds `gc_refs` instead of a
 //! pointer.
 
+use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
@@ -539,6 +540,8 @@ pub(crate) enum Op<'a> {
         target: NonNull<Counts>,
         hits: usize,
     },
+    /// Name the type of each tracked object reported (`gc.get_referents`).
+    Referents(Vec<&'static str>),
 }
 
 impl Op<'_> {
@@ -625,6 +628,7 @@ impl Op<'_> {
                     *hits += 1;
                 }
             }
+            Op::Referents(names) => names.push((link.vtable.type_name)()),
             Op::Subtract { .. } | Op::Reach { .. } => unreachable!(),
         }
     }

@@ -85,7 +85,10 @@ pub use ambient::install;
 pub use census::{
     Census, CensusDiff, Site, SiteCensus, SiteDiff, SiteGrowth, SiteStat, TypeGrowth,
 };
-pub use collector::{CallbackHandle, CallbackInfo, Collector, GenerationStats, Phase, GENERATIONS};
+pub use collector::{
+    CallbackHandle, CallbackInfo, Collector, DebugPrint, GenerationStats, Phase, DEBUG_COLLECTABLE,
+    DEBUG_LEAK, DEBUG_SAVEALL, DEBUG_STATS, DEBUG_UNCOLLECTABLE, GENERATIONS,
+};
 use pointer::Cc;
 use trace::Trace;
 
@@ -150,6 +153,26 @@ forward! {
     fn site_tracing() -> bool;
     /// Live tracked objects by allocation site.
     fn site_census() -> SiteCensus;
+    /// Sets the debugging flags (`DEBUG_STATS`, `DEBUG_LEAK`...).
+    fn set_debug(flags: u32);
+    /// The debugging flags.
+    fn get_debug() -> u32;
+    /// What `save_all` kept, by type name (`gc.garbage`).
+    fn garbage() -> Census;
+}
+
+/// Sends debug output to `print` (without `std`, the only way to see it).
+///
+/// See [`Collector::set_debug_print`].
+pub fn set_debug_print(print: DebugPrint) {
+    ambient::with(|c| c.set_debug_print(print));
+}
+
+/// Type names of the tracked objects `cc` holds a `Cc` to.
+///
+/// See [`Collector::get_referents`].
+pub fn get_referents<T: Trace>(cc: &Cc<T>) -> Vec<&'static str> {
+    ambient::with(|c| c.get_referents(cc)).unwrap_or_default()
 }
 
 /// Registers a collection callback; `None` without an ambient collector.

@@ -13,9 +13,9 @@ use core::ptr::{self, NonNull};
 use alloc::vec::Vec;
 
 use super::ambient::{self, destroy_tracked};
-use super::collector::Collector;
+use super::collector::{trace, Collector};
 use super::header::{
-    abort, handle, inc_strong, link_of, release_weak, unmarked, Counts, Link, Visitor, CLEARED,
+    abort, handle, inc_strong, link_of, release_weak, unmarked, Counts, Link, Op, Visitor, CLEARED,
     COLLECTING, MARK, MAX_STRONG, NO_ALLOCATION, WEAK_CLEARED,
 };
 use super::trace::{Shape, Trace};
@@ -382,6 +382,27 @@ impl Collector {
         match handle::read(target.handle()) {
             Some((counts, _)) => self.referrers_of(counts),
             None => Vec::new(),
+        }
+    }
+
+    /// Type names of the tracked objects `cc`'s value holds a `Cc` to
+    /// (`gc.get_referents`), one entry per handle, in tracing order.
+    /// Handles to untracked types (which cannot form cycles) are not
+    /// reported, as the collector never sees them.
+    pub fn get_referents<T: Trace>(&self, cc: &Cc<T>) -> Vec<&'static str> {
+        if !Cc::is_tracked(cc) {
+            return Vec::new();
+        }
+        let Some((counts, _)) = handle::read(cc.handle()) else {
+            return Vec::new();
+        };
+        // SAFETY: `cc` is a live tracked handle, so `counts` belongs to a
+        // live tracked object with an initialised value, kept alive by `cc`
+        // while its `Trace` runs.
+        let (op, _) = unsafe { trace(link_of(counts), Op::Referents(Vec::new())) };
+        match op {
+            Op::Referents(names) => names,
+            _ => Vec::new(),
         }
     }
 }
