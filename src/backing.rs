@@ -270,6 +270,8 @@ impl Region {
     /// If the region already has a span, or the span (trimmed to
     /// `REGION_ALIGN`) is shorter than [`Region::min_len`] for `config`.
     pub(crate) unsafe fn set_span(&self, start: *mut u8, len: usize, config: Config) {
+        #[cfg(fork_handlers)]
+        let _pass = crate::fork::REGION.enter();
         let mut store = self.store.lock();
         assert!(
             store.pending.is_null() && store.heap.size() == 0,
@@ -288,6 +290,8 @@ impl Region {
     }
 
     fn with_heap<R>(&self, f: impl FnOnce(&mut linked_list_allocator::Heap) -> R) -> R {
+        #[cfg(fork_handlers)]
+        let _pass = crate::fork::REGION.enter();
         let mut store = self.store.lock();
         if !store.pending.is_null() {
             let (start, len) = trim(store.pending, store.pending_len);

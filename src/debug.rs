@@ -275,6 +275,8 @@ impl<B: Backing> PyMalloc<B> {
             data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
         }
         if !is_small(inner) {
+            #[cfg(fork_handlers)]
+            let _pass = crate::fork::LARGE.enter();
             // SAFETY: a live large block, not yet listed.
             unsafe { self.large_blocks.lock().push(header_of(data)) };
         }
@@ -294,6 +296,8 @@ impl<B: Backing> PyMalloc<B> {
             fail(report(Fault::Foreign));
         };
         let base = data.wrapping_sub(prefix);
+        #[cfg(fork_handlers)]
+        let _pass = crate::fork::LARGE.enter();
         let mut large_blocks = self.large_blocks.lock();
         let ownership = match class_for(inner.size(), inner.align()) {
             Some(class) => match self.block_status(base, class) {
@@ -359,6 +363,8 @@ impl<B: Backing> PyMalloc<B> {
         let (inner, base) = self.checked_release(data, layout);
         let relist = |data: *mut u8, inner: Layout| {
             if !is_small(inner) {
+                #[cfg(fork_handlers)]
+                let _pass = crate::fork::LARGE.enter();
                 // SAFETY: a live large block, taken off (or never on) the list.
                 unsafe { self.large_blocks.lock().push(header_of(data)) };
             }

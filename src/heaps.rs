@@ -62,6 +62,9 @@ pub(crate) struct HeapSet {
     /// The thread caches bound to this allocator, for statistics.
     #[cfg(thread_cache)]
     pub(crate) caches: crate::thread_cache::CacheList,
+    /// Its place among all sets, for the fork handlers.
+    #[cfg(fork_handlers)]
+    pub(crate) fork: crate::fork::Links,
 }
 
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
@@ -112,6 +115,8 @@ impl HeapSet {
                 requested: AtomicUsize::new(0),
                 #[cfg(thread_cache)]
                 caches: crate::thread_cache::CacheList::new(),
+                #[cfg(fork_handlers)]
+                fork: crate::fork::Links::new(),
             });
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
@@ -121,6 +126,11 @@ impl HeapSet {
                 });
             }
         }
+        // SAFETY: initialised above; `destroy` delists it.
+        #[cfg(fork_handlers)]
+        unsafe {
+            crate::fork::enlist(set)
+        };
         set
     }
 
@@ -131,6 +141,11 @@ impl HeapSet {
     /// `set` came from `create` with this `backing`; no block of it, and
     /// no reference to it, is used again.
     pub(crate) unsafe fn destroy(set: *mut HeapSet, backing: &impl Backing) {
+        // SAFETY: `create` enlisted it.
+        #[cfg(fork_handlers)]
+        unsafe {
+            crate::fork::delist(set)
+        };
         // SAFETY: per the contract the set is live and ours alone.
         unsafe {
             let count = (*set).count();
@@ -177,6 +192,12 @@ impl HeapSet {
                 .cast::<Slot>()
                 .add(index)
         }
+    }
+
+    /// Every heap's lock, for the fork handlers.
+    #[cfg(fork_handlers)]
+    pub(crate) fn heap_locks(&self) -> impl Iterator<Item = &Lock<Heap>> + '_ {
+        (0..self.count()).map(|index| &self.slot(index).heap)
     }
 
     /// A home heap for a new thread cache: round robin, so that the first

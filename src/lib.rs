@@ -32,6 +32,8 @@ pub mod backing;
 pub mod config;
 #[cfg(feature = "debug")]
 pub mod debug;
+#[cfg(fork_handlers)]
+mod fork;
 mod heap;
 mod heaps;
 mod list;

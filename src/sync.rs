@@ -134,6 +134,28 @@ impl<T> Lock<T> {
     }
 }
 
+/// The two halves of holding a lock across `fork`, for the atfork handlers
+/// (which take a lock in one call and release it in another).
+#[cfg(fork_handlers)]
+impl<T> Lock<T> {
+    /// Waits for the lock and keeps it held after returning; the value is
+    /// the caller's until `release_after_fork`.
+    pub(crate) fn lock_across_fork(&self) -> &mut T {
+        spin::MutexGuard::leak(self.spin_then_yield())
+    }
+
+    /// Releases a lock taken by `lock_across_fork`.
+    ///
+    /// # Safety
+    /// This process holds the lock through `lock_across_fork` (in the child
+    /// of a `fork`, the copy of that hold), and nothing else uses that hold.
+    pub(crate) unsafe fn release_after_fork(&self) {
+        // SAFETY: per the contract the lock is held and its guard forgotten,
+        // so no guard will unlock it again.
+        unsafe { self.inner.force_unlock() }
+    }
+}
+
 impl<T> Deref for LockGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {

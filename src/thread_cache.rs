@@ -561,3 +561,62 @@ impl CacheList {
         }
     }
 }
+
+/// Takes the registry's lock for a fork (see `fork.rs`).
+#[cfg(fork_handlers)]
+pub(crate) fn registry_lock_across_fork() {
+    REGISTRY.lock_across_fork();
+}
+
+/// Releases what `registry_lock_across_fork` took.
+///
+/// # Safety
+/// As for `Lock::release_after_fork`.
+#[cfg(fork_handlers)]
+pub(crate) unsafe fn registry_release_after_fork() {
+    // SAFETY: forwarded contract.
+    unsafe { REGISTRY.release_after_fork() }
+}
+
+#[cfg(fork_handlers)]
+impl CacheList {
+    /// Takes the list's lock for a fork.
+    pub(crate) fn lock_across_fork(&self) {
+        self.head.lock_across_fork();
+    }
+
+    /// # Safety
+    /// As for `Lock::release_after_fork`.
+    pub(crate) unsafe fn release_after_fork(&self) {
+        // SAFETY: forwarded contract.
+        unsafe { self.head.release_after_fork() }
+    }
+
+    /// In the child of a fork: every cache but the calling thread's belongs
+    /// to a thread the child does not have. They leave the list, their
+    /// blocks stay in use (leaked), and the bytes requested through them
+    /// move to `set`'s count. `set` is the set this list belongs to.
+    pub(crate) fn keep_only_this_thread(&self, set: &HeapSet) {
+        CACHE.with(|me| {
+            let mut head = self.head.lock();
+            let mut cache = core::mem::replace(&mut *head, ptr::null());
+            while !cache.is_null() {
+                // SAFETY: list members were alive at the fork, which copied
+                // their memory, and nothing in the child has reused it yet
+                // (no other thread exists); their links are consistent, the
+                // lock having been held across the fork. Only a link and an
+                // atomic are read.
+                let c = unsafe { &*cache };
+                cache = c.next.get();
+                if ptr::eq(c, me) {
+                    me.prev.set(ptr::null());
+                    me.next.set(ptr::null());
+                    *head = me;
+                } else {
+                    set.requested
+                        .fetch_add(c.requested.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
