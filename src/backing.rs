@@ -152,13 +152,20 @@ mod arena_memory {
     const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
     const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
 
-    pub(super) fn get(size: usize, _pool_size: usize) -> *mut u8 {
+    extern "C" {
+        fn sysconf(name: c_int) -> c_long;
+    }
+    /// `_SC_PAGESIZE` in glibc and musl.
+    const SC_PAGESIZE: c_int = 30;
+
+    /// A fresh anonymous mapping of `len` bytes, or null.
+    fn map(len: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping at an address of the kernel's
         // choosing aliases nothing; failure is reported as MAP_FAILED.
         let p = unsafe {
             mmap(
                 core::ptr::null_mut(),
-                size,
+                len,
                 PROT_READ_WRITE,
                 MAP_PRIVATE_ANONYMOUS,
                 -1,
@@ -169,6 +176,41 @@ mod arena_memory {
             core::ptr::null_mut()
         } else {
             p.cast()
+        }
+    }
+
+    /// `size` bytes aligned to `pool_size`. The kernel aligns to a page
+    /// only, so a pool larger than a page takes an over-sized mapping whose
+    /// misaligned head and unneeded tail are unmapped at once: without
+    /// that, an arena would lose a pool to alignment (a one-pool arena all
+    /// of it).
+    pub(super) fn get(size: usize, pool_size: usize) -> *mut u8 {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { sysconf(SC_PAGESIZE) }).unwrap_or(4096);
+        if pool_size <= page {
+            return map(size);
+        }
+        // Pools, hence arenas, are then whole pages, and so is every span
+        // cut below (differences of page-aligned addresses).
+        let Some(len) = size.checked_add(pool_size - page) else {
+            return core::ptr::null_mut();
+        };
+        let p = map(len);
+        if p.is_null() {
+            return p;
+        }
+        let head = p.align_offset(pool_size);
+        let tail = len - head - size;
+        // SAFETY: both spans are page-aligned parts of the mapping just
+        // made, outside the arena we keep; unmapping them cannot fail.
+        unsafe {
+            if head > 0 {
+                munmap(p.cast(), head);
+            }
+            if tail > 0 {
+                munmap(p.add(head + size).cast(), tail);
+            }
+            p.add(head)
         }
     }
 
