@@ -87,38 +87,70 @@ pub unsafe trait Backing {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct System;
 
+/// The block `System` hands out for a zero-size layout: `GlobalAlloc`
+/// must never see one, and zero bytes need no memory (`NonNull::dangling`
+/// for that alignment).
+#[cfg(feature = "std")]
+fn empty_block(layout: Layout) -> *mut u8 {
+    ptr::without_provenance_mut(layout.align())
+}
+
 // SAFETY: large objects are `std::alloc::System`'s blocks, which keep the
-// `GlobalAlloc` promises; arenas are private anonymous mappings (or System
-// blocks), valid and unshared until unmapped.
+// `GlobalAlloc` promises (zero-size layouts never reach it: their block is
+// a dangling, aligned pointer, valid for zero bytes and overlapping
+// nothing); arenas are private anonymous mappings (or System blocks),
+// valid and unshared until unmapped.
 #[cfg(feature = "std")]
 unsafe impl Backing for System {
     #[inline]
     fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the heap never asks the backing for zero bytes (large
-        // objects are over 512 bytes or over-aligned with a non-zero size
-        // forced by `PyMalloc`).
+        if layout.size() == 0 {
+            return empty_block(layout);
+        }
+        // SAFETY: a non-zero size.
         unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) }
     }
 
     #[inline]
     fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() == 0 {
+            return empty_block(layout);
+        }
         // SAFETY: as in `alloc`.
         unsafe { std::alloc::GlobalAlloc::alloc_zeroed(&std::alloc::System, layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract.
+        if layout.size() == 0 {
+            return;
+        }
+        // SAFETY: forwarded contract; a non-zero size, so the block is
+        // `std::alloc::System`'s.
         unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract.
+        if layout.size() == 0 || new_size == 0 {
+            // SAFETY: the caller guarantees `new_size` forms a valid layout.
+            let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                // SAFETY: forwarded contract; nothing to copy from or into
+                // a zero-size block.
+                unsafe { self.dealloc(ptr, layout) };
+            }
+            return new;
+        }
+        // SAFETY: forwarded contract; both sizes non-zero.
         unsafe { std::alloc::GlobalAlloc::realloc(&std::alloc::System, ptr, layout, new_size) }
     }
 
     fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+        if size == 0 {
+            return ptr::null_mut();
+        }
         arena_memory::get(size, pool_size)
     }
 
