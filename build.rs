@@ -4,6 +4,9 @@
 //!   (64-bit Linux on the architectures whose mmap flags it declares), so a
 //!   released arena's pages leave the process at once.
 //! * `thread_cache`: the allocator gets per-thread caches.
+//! * `fork_handlers`: `pthread_atfork` handlers keep every allocator lock
+//!   sound across `fork` (unix with `std`, spin locks: a `critical-section`
+//!   lock belongs to its implementation, and loom has no processes).
 //!
 //! They need `std`'s thread locals with a destructor, and a guarantee that
 //! registering that destructor never calls the global allocator (which may
@@ -29,6 +32,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(mmap_arenas)");
     println!("cargo::rustc-check-cfg=cfg(asan)");
     println!("cargo::rustc-check-cfg=cfg(passthrough)");
+    println!("cargo::rustc-check-cfg=cfg(fork_handlers)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
     let has = |name: &str| std::env::var_os(name).is_some();
@@ -40,6 +44,13 @@ fn main() {
             .any(|arch| is("CARGO_CFG_TARGET_ARCH", arch))
     {
         println!("cargo::rustc-cfg=mmap_arenas");
+    }
+    if has("CARGO_FEATURE_STD")
+        && !has("CARGO_FEATURE_CRITICAL_SECTION")
+        && !has("CARGO_CFG_LOOM")
+        && has("CARGO_CFG_UNIX")
+    {
+        println!("cargo::rustc-cfg=fork_handlers");
     }
     if has("CARGO_FEATURE_STD")
         && !has("CARGO_FEATURE_DEBUG")

@@ -66,4 +66,50 @@ pub use gc::header::Visitor;
 pub use gc::pointer::{Cc, Weak};
 pub use gc::trace::{Finalize, Trace};
 pub use gc::weak_collections::{WeakSet, WeakValueMap};
+/// `#[derive(Trace)]`: see the `pymalloc-derive` crate for what it
+/// generates. Options go where they mean something, anything else is an
+/// error: `#[trace(skip)]` on a field, not on the type or a variant,
+///
+/// ```compile_fail
+/// #[derive(pymalloc::Trace)]
+/// enum Node {
+///     #[trace(skip)]
+///     Leaf(pymalloc::Cc<u32>),
+/// }
+/// ```
+///
+/// ```compile_fail
+/// #[derive(pymalloc::Trace)]
+/// #[trace(skip)]
+/// struct Node(pymalloc::Cc<u32>);
+/// ```
+///
+/// `#[trace(finalize)]` on the type, not on a field:
+///
+/// ```compile_fail
+/// #[derive(pymalloc::Trace)]
+/// struct Node {
+///     #[trace(finalize)]
+///     next: Option<pymalloc::Cc<Node>>,
+/// }
+/// ```
+///
+/// and `#[trace(crate = path)]`, on the type, names the crate where it is
+/// not `::pymalloc` (a renamed dependency, a re-export); the generated code
+/// uses that path, so a wrong one does not compile:
+///
+/// ```compile_fail
+/// #[derive(pymalloc::Trace)]
+/// #[trace(crate = nowhere)]
+/// struct Node(u32);
+/// ```
+///
+/// ```
+/// extern crate pymalloc as collected;
+///
+/// #[derive(collected::Trace)]
+/// #[trace(crate = collected)]
+/// struct Node(Option<collected::Cc<Node>>);
+/// assert!(<Node as collected::Trace>::MAY_CONTAIN_CC);
+/// ```
 pub use pymalloc_derive::Trace;

@@ -9,6 +9,7 @@ use std::path::Path;
 const ALLOCATOR: &[&str] = &[
     "inject",
     "front",
+    "fork",
     "tracemalloc",
     "gate",
     "debug",

@@ -8,6 +8,8 @@
 //!   Arenas and large objects are carved from it by `linked_list_allocator`.
 
 use super::config::Config;
+#[cfg(fork_handlers)]
+use super::sync::ForkGate;
 use super::sync::Lock;
 use core::alloc::Layout;
 use core::ptr::{self, NonNull};
@@ -92,40 +94,72 @@ pub unsafe trait Backing {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct System;
 
+/// The block `System` hands out for a zero-size layout: `GlobalAlloc`
+/// must never see one, and zero bytes need no memory (`NonNull::dangling`
+/// for that alignment).
+#[cfg(feature = "std")]
+fn empty_block(layout: Layout) -> *mut u8 {
+    ptr::without_provenance_mut(layout.align())
+}
+
 // SAFETY: large objects are `std::alloc::System`'s blocks, which keep the
-// `GlobalAlloc` promises; arenas are private anonymous mappings (or System
-// blocks), valid and unshared until unmapped.
+// `GlobalAlloc` promises (zero-size layouts never reach it: their block is
+// a dangling, aligned pointer, valid for zero bytes and overlapping
+// nothing); arenas are private anonymous mappings (or System blocks),
+// valid and unshared until unmapped.
 #[cfg(feature = "std")]
 unsafe impl Backing for System {
     const SYSTEM_ALLOCATOR: bool = true;
 
     #[inline]
     fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the heap never asks the backing for zero bytes (large
-        // objects are over 512 bytes or over-aligned with a non-zero size
-        // forced by `PyMalloc`).
+        if layout.size() == 0 {
+            return empty_block(layout);
+        }
+        // SAFETY: a non-zero size.
         unsafe { std::alloc::GlobalAlloc::alloc(&std::alloc::System, layout) }
     }
 
     #[inline]
     fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() == 0 {
+            return empty_block(layout);
+        }
         // SAFETY: as in `alloc`.
         unsafe { std::alloc::GlobalAlloc::alloc_zeroed(&std::alloc::System, layout) }
     }
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract.
+        if layout.size() == 0 {
+            return;
+        }
+        // SAFETY: forwarded contract; a non-zero size, so the block is
+        // `std::alloc::System`'s.
         unsafe { std::alloc::GlobalAlloc::dealloc(&std::alloc::System, ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract.
+        if layout.size() == 0 || new_size == 0 {
+            // SAFETY: the caller guarantees `new_size` forms a valid layout.
+            let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                // SAFETY: forwarded contract; nothing to copy from or into
+                // a zero-size block.
+                unsafe { self.dealloc(ptr, layout) };
+            }
+            return new;
+        }
+        // SAFETY: forwarded contract; both sizes non-zero.
         unsafe { std::alloc::GlobalAlloc::realloc(&std::alloc::System, ptr, layout, new_size) }
     }
 
     fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+        if size == 0 {
+            return ptr::null_mut();
+        }
         arena_memory::get(size, pool_size)
     }
 
@@ -159,13 +193,20 @@ mod arena_memory {
     const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
     const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
 
-    pub(super) fn get(size: usize, _pool_size: usize) -> *mut u8 {
+    extern "C" {
+        fn sysconf(name: c_int) -> c_long;
+    }
+    /// `_SC_PAGESIZE` in glibc and musl.
+    const SC_PAGESIZE: c_int = 30;
+
+    /// A fresh anonymous mapping of `len` bytes, or null.
+    fn map(len: usize) -> *mut u8 {
         // SAFETY: an anonymous private mapping at an address of the kernel's
         // choosing aliases nothing; failure is reported as MAP_FAILED.
         let p = unsafe {
             mmap(
                 core::ptr::null_mut(),
-                size,
+                len,
                 PROT_READ_WRITE,
                 MAP_PRIVATE_ANONYMOUS,
                 -1,
@@ -176,6 +217,41 @@ mod arena_memory {
             core::ptr::null_mut()
         } else {
             p.cast()
+        }
+    }
+
+    /// `size` bytes aligned to `pool_size`. The kernel aligns to a page
+    /// only, so a pool larger than a page takes an over-sized mapping whose
+    /// misaligned head and unneeded tail are unmapped at once: without
+    /// that, an arena would lose a pool to alignment (a one-pool arena all
+    /// of it).
+    pub(super) fn get(size: usize, pool_size: usize) -> *mut u8 {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { sysconf(SC_PAGESIZE) }).unwrap_or(4096);
+        if pool_size <= page {
+            return map(size);
+        }
+        // Pools, hence arenas, are then whole pages, and so is every span
+        // cut below (differences of page-aligned addresses).
+        let Some(len) = size.checked_add(pool_size - page) else {
+            return core::ptr::null_mut();
+        };
+        let p = map(len);
+        if p.is_null() {
+            return p;
+        }
+        let head = p.align_offset(pool_size);
+        let tail = len - head - size;
+        // SAFETY: both spans are page-aligned parts of the mapping just
+        // made, outside the arena we keep; unmapping them cannot fail.
+        unsafe {
+            if head > 0 {
+                munmap(p.cast(), head);
+            }
+            if tail > 0 {
+                munmap(p.add(head + size).cast(), tail);
+            }
+            p.add(head)
         }
     }
 
@@ -210,6 +286,12 @@ mod arena_memory {
         }
     }
 }
+
+/// Around every use of a region's store: regions live in `PyMalloc` values,
+/// which may move, so the fork handlers cannot reach their locks and close
+/// this gate instead.
+#[cfg(fork_handlers)]
+pub(crate) static REGION_GATE: ForkGate = ForkGate::new();
 
 /// A fixed span of memory, as in firmware: arenas and large objects are
 /// carved from it by `linked_list_allocator`.
@@ -271,6 +353,8 @@ impl Region {
         config: Config,
         min_len: usize,
     ) {
+        #[cfg(fork_handlers)]
+        let _pass = REGION_GATE.enter();
         let mut store = self.store.lock();
         assert!(
             store.pending.is_null() && store.heap.size() == 0,
@@ -288,6 +372,8 @@ impl Region {
     }
 
     fn with_heap<R>(&self, f: impl FnOnce(&mut linked_list_allocator::Heap) -> R) -> R {
+        #[cfg(fork_handlers)]
+        let _pass = REGION_GATE.enter();
         let mut store = self.store.lock();
         if !store.pending.is_null() {
             let (start, len) = trim(store.pending, store.pending_len);

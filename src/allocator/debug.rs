@@ -23,6 +23,8 @@
 
 use super::heap::BlockStatus;
 use super::list;
+#[cfg(fork_handlers)]
+use super::sync::ForkGate;
 use super::sync::Lock;
 use core::alloc::Layout;
 use core::fmt;
@@ -47,6 +49,12 @@ struct Header {
 }
 
 const HEADER: usize = core::mem::size_of::<Header>();
+
+/// Around every use of an allocator's list of large blocks: the lists live
+/// in `PyMalloc` values, which may move, so the fork handlers cannot reach
+/// their locks and close this gate instead.
+#[cfg(fork_handlers)]
+pub(crate) static LARGE_GATE: ForkGate = ForkGate::new();
 
 /// Live large blocks, linked through their headers.
 pub(crate) struct LargeList {
@@ -312,6 +320,8 @@ pub(crate) fn alloc(a: &impl Unchecked, layout: Layout, zeroed: bool) -> *mut u8
         data.add(layout.size()).write_bytes(FORBIDDEN_BYTE, GUARD);
     }
     if !is_small(a, inner) {
+        #[cfg(fork_handlers)]
+        let _pass = LARGE_GATE.enter();
         // SAFETY: a live large block, not yet listed.
         unsafe { a.large_blocks().lock().push(header_of(data)) };
     }
@@ -331,6 +341,8 @@ fn checked_release(a: &impl Unchecked, data: *mut u8, layout: Layout) -> (Layout
         fail(report(Fault::Foreign));
     };
     let base = data.wrapping_sub(prefix);
+    #[cfg(fork_handlers)]
+    let _pass = LARGE_GATE.enter();
     let mut large_blocks = a.large_blocks().lock();
     let ownership = match a.pool_class(inner) {
         Some(class) => match a.block_status(base, class) {
@@ -396,6 +408,8 @@ pub(crate) unsafe fn realloc(
     let (inner, base) = checked_release(a, data, layout);
     let relist = |data: *mut u8, inner: Layout| {
         if !is_small(a, inner) {
+            #[cfg(fork_handlers)]
+            let _pass = LARGE_GATE.enter();
             // SAFETY: a live large block, taken off (or never on) the list.
             unsafe { a.large_blocks().lock().push(header_of(data)) };
         }

@@ -8,6 +8,8 @@ use super::backing::System;
 use super::config::Config;
 #[cfg(feature = "debug")]
 use super::debug;
+#[cfg(fork_handlers)]
+use super::fork;
 use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
@@ -187,6 +189,8 @@ impl PyMalloc<Region> {
     /// If the heap already has memory, or the trimmed span is shorter than
     /// [`Region::min_len`].
     pub unsafe fn init(&self, start: *mut u8, len: usize) {
+        #[cfg(fork_handlers)]
+        fork::ensure_handlers();
         // SAFETY: forwarded contract.
         unsafe {
             self.backing
@@ -275,6 +279,9 @@ impl<B: Backing> PyMalloc<B> {
     #[cold]
     fn create_heap_set(&self) -> *const HeapSet {
         track::detect();
+        // Before the first lock the handlers take can be held.
+        #[cfg(fork_handlers)]
+        fork::ensure_handlers();
         let set = HeapSet::create(self.config, &self.backing);
         if set.is_null() {
             return set;
@@ -342,6 +349,10 @@ impl<B: Backing> PyMalloc<B> {
     /// hot one.
     #[inline(never)]
     fn allocate_large(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
+        // A region's store (and the debug list of large blocks) may be
+        // locked first here, before any heap set exists.
+        #[cfg(fork_handlers)]
+        fork::ensure_handlers();
         let layout = large_layout(layout);
         // A backing may have zeroed memory for free (fresh pages).
         let block = if zeroed {

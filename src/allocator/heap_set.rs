@@ -60,6 +60,9 @@ pub(crate) struct HeapSet {
     /// Wrapping: only its sum with the heaps' and caches' counts means
     /// anything.
     pub(crate) requested: AtomicUsize,
+    /// Its place among all sets, for the fork handlers.
+    #[cfg(fork_handlers)]
+    pub(crate) fork: SetLinks,
 }
 
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
@@ -108,6 +111,8 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
+                #[cfg(fork_handlers)]
+                fork: SetLinks::new(),
             });
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
@@ -117,6 +122,11 @@ impl HeapSet {
                 });
             }
         }
+        // SAFETY: initialised above; `destroy` delists it.
+        #[cfg(fork_handlers)]
+        unsafe {
+            enlist(set)
+        };
         set
     }
 
@@ -127,6 +137,11 @@ impl HeapSet {
     /// `set` came from `create` with this `backing`; no block of it, and
     /// no reference to it, is used again.
     pub(crate) unsafe fn destroy(set: *mut HeapSet, backing: &impl Backing) {
+        // SAFETY: `create` enlisted it.
+        #[cfg(fork_handlers)]
+        unsafe {
+            delist(set)
+        };
         // SAFETY: per the contract the set is live and ours alone.
         unsafe {
             let count = (*set).count();
@@ -173,6 +188,12 @@ impl HeapSet {
                 .cast::<Slot>()
                 .add(index)
         }
+    }
+
+    /// Every heap's lock, for the fork handlers.
+    #[cfg(fork_handlers)]
+    pub(crate) fn heap_locks(&self) -> impl Iterator<Item = &Lock<Heap>> + '_ {
+        (0..self.count()).map(|index| &self.slot(index).heap)
     }
 
     /// A home heap for a new thread cache: round robin, so that the first
@@ -396,6 +417,97 @@ impl<B: Backing> Drop for Held<'_, B> {
         }
     }
 }
+
+/// Every live heap set, on one list whose links live in the sets, so that
+/// the fork handlers (`fork.rs`) reach every heap's lock without allocating.
+#[cfg(fork_handlers)]
+mod set_list {
+    use super::HeapSet;
+    use crate::allocator::sync::{AtomicPtr, Lock, Ordering};
+    use core::ptr;
+
+    /// A heap set's place on the global list; changed only under [`SETS`].
+    pub(crate) struct SetLinks {
+        prev: AtomicPtr<HeapSet>,
+        next: AtomicPtr<HeapSet>,
+    }
+
+    impl SetLinks {
+        pub(crate) const fn new() -> Self {
+            SetLinks {
+                prev: AtomicPtr::new(ptr::null_mut()),
+                next: AtomicPtr::new(ptr::null_mut()),
+            }
+        }
+    }
+
+    /// The first set of the global list.
+    pub(crate) struct Sets {
+        pub(crate) first: *mut HeapSet,
+    }
+
+    // SAFETY: the pointer is only followed under the lock, to sets that stay
+    // alive until they leave the list under it.
+    unsafe impl Send for Sets {}
+
+    pub(crate) static SETS: Lock<Sets> = Lock::new(Sets {
+        first: ptr::null_mut(),
+    });
+    /// Puts a new set on the global list.
+    ///
+    /// # Safety
+    /// `set` is initialised, on no list, and stays alive until [`delist`]ed.
+    pub(super) unsafe fn enlist(set: *mut HeapSet) {
+        let mut sets = SETS.lock();
+        // SAFETY: `set` is alive (contract) and so is the first set (listed).
+        unsafe {
+            (*set).fork.prev.store(ptr::null_mut(), Ordering::Relaxed);
+            (*set).fork.next.store(sets.first, Ordering::Relaxed);
+            if let Some(first) = sets.first.as_ref() {
+                first.fork.prev.store(set, Ordering::Relaxed);
+            }
+        }
+        sets.first = set;
+    }
+
+    /// Takes a set off the global list.
+    ///
+    /// # Safety
+    /// `set` was [`enlist`]ed and not delisted since.
+    pub(super) unsafe fn delist(set: *mut HeapSet) {
+        let mut sets = SETS.lock();
+        // SAFETY: `set` and its neighbours are listed, hence alive; we hold the
+        // list's lock.
+        unsafe {
+            let prev = (*set).fork.prev.load(Ordering::Relaxed);
+            let next = (*set).fork.next.load(Ordering::Relaxed);
+            match prev.as_ref() {
+                Some(prev) => prev.fork.next.store(next, Ordering::Relaxed),
+                None => sets.first = next,
+            }
+            if let Some(next) = next.as_ref() {
+                next.fork.prev.store(prev, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Calls `f` on every set of the list starting at `set`.
+    ///
+    /// # Safety
+    /// `set` is the first of the list, and its lock is held from before the
+    /// read of `set` until after this call.
+    pub(crate) unsafe fn for_each_set(mut set: *mut HeapSet, mut f: impl FnMut(&HeapSet)) {
+        // SAFETY: with the lock held the list is stable and its sets alive.
+        while let Some(s) = unsafe { set.as_ref() } {
+            f(s);
+            set = s.fork.next.load(Ordering::Relaxed);
+        }
+    }
+}
+#[cfg(fork_handlers)]
+use set_list::{delist, enlist};
+#[cfg(fork_handlers)]
+pub(crate) use set_list::{for_each_set, SetLinks, SETS};
 
 // Answered here rather than in `backing.rs`: what a region must hold is
 // what the heap set takes from it before serving anything.

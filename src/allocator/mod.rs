@@ -15,6 +15,7 @@
 //! inject         GlobalAlloc's entry points: one gate test, then the front;
 //!                the byte limit and failure injection that arm the gate
 //! front          PyMalloc: routing by Layout, large objects, stats()
+//!  ├ fork        pthread_atfork: every lock taken before fork, released after
 //!  ├ tracemalloc every allocation's traceback, in tables mapped from the OS
 //!  ├ gate        the fast path's bound and the limit's count
 //!  ├ debug       PYTHONMALLOC=debug: guards, fill patterns, ownership checks (feature)
@@ -71,6 +72,8 @@ pub mod backing;
 pub mod config;
 #[cfg(feature = "debug")]
 pub mod debug;
+#[cfg(fork_handlers)]
+pub(crate) mod fork;
 pub(crate) mod front;
 pub(crate) mod gate;
 pub(crate) mod heap;

@@ -134,6 +134,28 @@ impl<T> Lock<T> {
     }
 }
 
+/// The two halves of holding a lock across `fork`, for the atfork handlers
+/// (which take a lock in one call and release it in another).
+#[cfg(fork_handlers)]
+impl<T> Lock<T> {
+    /// Waits for the lock and keeps it held after returning; the value is
+    /// the caller's until `release_after_fork`.
+    pub(crate) fn lock_across_fork(&self) -> &mut T {
+        spin::MutexGuard::leak(self.spin_then_yield())
+    }
+
+    /// Releases a lock taken by `lock_across_fork`.
+    ///
+    /// # Safety
+    /// This process holds the lock through `lock_across_fork` (in the child
+    /// of a `fork`, the copy of that hold), and nothing else uses that hold.
+    pub(crate) unsafe fn release_after_fork(&self) {
+        // SAFETY: per the contract the lock is held and its guard forgotten,
+        // so no guard will unlock it again.
+        unsafe { self.inner.force_unlock() }
+    }
+}
+
 impl<T> Deref for LockGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -206,4 +228,71 @@ pub fn loom_model(
     });
     let runs = runs.load(Ordering::Relaxed);
     assert!(runs >= min_runs, "only {runs} interleavings explored");
+}
+
+/// A count of threads inside the critical sections of a lock that the fork
+/// handlers cannot reach (it lives in a value that may move), which they
+/// close before a fork instead (see `fork.rs`).
+#[cfg(fork_handlers)]
+pub(crate) struct ForkGate {
+    /// Threads inside, plus `CLOSED`.
+    state: AtomicUsize,
+}
+
+#[cfg(fork_handlers)]
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+#[cfg(fork_handlers)]
+/// Proof of being inside a gate; leaves it when dropped.
+pub(crate) struct Pass(&'static ForkGate);
+
+#[cfg(fork_handlers)]
+impl ForkGate {
+    pub(crate) const fn new() -> Self {
+        ForkGate {
+            state: AtomicUsize::new(0),
+        }
+    }
+
+    /// Enters, waiting while a fork is under way. The caller holds no lock
+    /// a fork's prepare handler takes after closing this gate.
+    pub(crate) fn enter(&'static self) -> Pass {
+        loop {
+            // Acquire: see what the last thread inside (or the fork) wrote.
+            if self.state.fetch_add(1, Ordering::Acquire) & CLOSED == 0 {
+                return Pass(self);
+            }
+            self.state.fetch_sub(1, Ordering::Relaxed);
+            while self.state.load(Ordering::Relaxed) & CLOSED != 0 {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Shuts new entrants out and waits for those inside to leave.
+    pub(crate) fn close(&self) {
+        self.state.fetch_or(CLOSED, Ordering::Acquire);
+        // Acquire: pairs with the leavers' release.
+        while self.state.load(Ordering::Acquire) != CLOSED {
+            std::thread::yield_now();
+        }
+    }
+
+    /// Lets entrants in again. In the child, the count is zeroed too: it
+    /// may include threads of the parent that were backing out.
+    pub(crate) fn open(&self, child: bool) {
+        if child {
+            self.state.store(0, Ordering::Release);
+        } else {
+            self.state.fetch_and(!CLOSED, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(fork_handlers)]
+impl Drop for Pass {
+    fn drop(&mut self) {
+        // Release: the next fork (and entrant) sees our writes.
+        self.0.state.fetch_sub(1, Ordering::Release);
+    }
 }

@@ -589,3 +589,54 @@ pub(crate) fn gather(id: usize, stats: &mut Stats) {
         cache = c.next.get();
     }
 }
+
+/// Takes the registry's lock for a fork (see `fork.rs`).
+#[cfg(fork_handlers)]
+pub(crate) fn registry_lock_across_fork() {
+    REGISTRY.lock_across_fork();
+}
+
+/// Releases what `registry_lock_across_fork` took.
+///
+/// # Safety
+/// As for `Lock::release_after_fork`.
+#[cfg(fork_handlers)]
+pub(crate) unsafe fn registry_release_after_fork() {
+    // SAFETY: forwarded contract.
+    unsafe { REGISTRY.release_after_fork() }
+}
+
+/// In the child of a fork: every bound cache but the calling thread's
+/// belongs to a thread the child does not have. They leave their lists and
+/// are never touched again, their blocks stay in use (leaked, as glibc
+/// leaks dead threads' tcaches), and the bytes requested through them move
+/// to their allocator's count.
+#[cfg(fork_handlers)]
+pub(crate) fn keep_only_this_thread() {
+    CACHE.with(|me| {
+        let mut registry = REGISTRY.lock();
+        for slot in registry.slots.iter_mut().filter(|slot| slot.id != 0) {
+            let mut cache = core::mem::replace(&mut slot.caches, ptr::null());
+            while !cache.is_null() {
+                // SAFETY: listed caches were alive at the fork, which copied
+                // their memory, and nothing in the child has reused it yet
+                // (no other thread exists); their links are consistent, the
+                // registry lock having been held across the fork. Only a link
+                // and atomics are read.
+                let c = unsafe { &*cache };
+                cache = c.next.get();
+                if ptr::eq(c, me) {
+                    me.prev.set(ptr::null());
+                    me.next.set(ptr::null());
+                    slot.caches = me;
+                } else {
+                    // SAFETY: a bound cache's set is its live owner's (the
+                    // owner is registered: this slot).
+                    unsafe { &*c.set.get() }
+                        .requested
+                        .fetch_add(c.requested.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
+    });
+}

@@ -493,8 +493,8 @@ impl Collector {
         // SAFETY: as above.
         unsafe { l.unlink() };
         if T::FINALIZER.is_some() {
-            // SAFETY: the caller's promise.
-            unsafe { finalize_once(link) };
+            // SAFETY: the caller's promise; unlinked now.
+            unsafe { self.finalize_or_park(link) };
         }
         self.untrack(l);
         // SAFETY: the caller's promise: unlinked now, strong count zero,
@@ -510,11 +510,44 @@ impl Collector {
     #[inline(always)]
     unsafe fn destroy_unlinked(&self, link: NonNull<Link>) {
         // SAFETY: the caller's promise.
-        unsafe { finalize_once(link) };
+        unsafe { self.finalize_or_park(link) };
         // SAFETY: `link` is still allocated (its weak count is held).
         self.untrack(unsafe { link.as_ref() });
         // SAFETY: the caller's promise; unlinked.
         unsafe { self.trashcan(link) };
+    }
+
+    /// `finalize_once` for an object the reference count is destroying. If
+    /// the finalizer panics, the object is parked in `HELD` with one
+    /// reference, the collector's, before the panic goes on (its weak
+    /// references already fail): the next collection releases it, dropping
+    /// the value (the finalizer does not run again) and with it the
+    /// references to its children. So until then the panicking object
+    /// alone stays alive, and nothing leaks.
+    ///
+    /// # Safety
+    /// As for `destroy_tracked`, and `link` is in no list.
+    #[inline(always)]
+    unsafe fn finalize_or_park(&self, link: NonNull<Link>) {
+        struct Park<'a>(&'a Collector, NonNull<Link>);
+        impl Drop for Park<'_> {
+            fn drop(&mut self) {
+                // SAFETY: the object is alive (its weak count is held), in
+                // no list, with strong count zero: the finalizer cannot
+                // resurrect it. The reference set here is the one `HELD`
+                // objects hold; its weak references stay dead.
+                unsafe {
+                    let l = self.1.as_ref();
+                    counts(self.1).strong.set(1);
+                    l.set_next_flag(WEAK_CLEARED, true);
+                    self.0.head(HELD).push_back(l);
+                }
+            }
+        }
+        let park = Park(self, link);
+        // SAFETY: the caller's promise.
+        unsafe { finalize_once(link) };
+        core::mem::forget(park);
     }
 
     /// Drops a value now, or queues it when drops are nested too deeply.

@@ -217,8 +217,13 @@ impl<T: Trace> Cc<T> {
     }
 
     /// Whether both point to the same allocation.
+    ///
+    /// A handle the collector emptied (seen only by the `Drop` of garbage)
+    /// points at nothing, so it equals no handle, not even itself: two
+    /// emptied handles may have pointed at different objects, and which
+    /// they were is gone.
     pub fn ptr_eq(this: &Self, other: &Self) -> bool {
-        this.counts() == other.counts()
+        matches!((this.counts(), other.counts()), (Some(a), Some(b)) if a == b)
     }
 
     /// Whether the collector tracks this object (its type may hold a `Cc`).

@@ -51,7 +51,10 @@ use super::header::{counts_of, Counts, Link, PlainBox, TrackedBox, VTable, Visit
 /// undefined behaviour either: a `Drop` of garbage that touches a dead
 /// sibling finds an emptied handle and panics, `Weak::upgrade` to garbage
 /// returns `None`, and panics in `Drop` or finalizers leak at most their
-/// own object.
+/// own object. (A finalizer that panics when the last `Cc` goes away
+/// leaves its object, and only it, alive until the next collection drops
+/// it; on a thread whose collector is already gone, at exit, the object
+/// and everything it owns leak.)
 ///
 /// [`MAY_CONTAIN_CC`](Trace::MAY_CONTAIN_CC) carries no safety obligation:
 /// a wrong value only stops the collector from seeing the type's cycles.
