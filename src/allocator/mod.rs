@@ -12,22 +12,24 @@
 //! and each file uses only the files below it:
 //!
 //! ```text
-//! inject         GlobalAlloc's entry points: one gate test, then the front;
-//!                the byte limit and failure injection that arm the gate
-//! front          PyMalloc: routing by Layout, large objects, stats()
-//!  ├ fork        pthread_atfork: every lock taken before fork, released after
-//!  ├ tracemalloc every allocation's traceback, in tables mapped from the OS
-//!  ├ gate        the fast path's bound and the limit's count
-//!  ├ debug       PYTHONMALLOC=debug: guards, fill patterns, ownership checks (feature)
-//!  ├ thread_cache per-thread LIFO lists per class, no lock or atomic RMW (std, glibc)
-//!  heap_set      N heaps behind try-locks, remote-free inboxes, one block that never moves
-//!  heap          per-class lists of used pools; arenas sorted fullest first
-//!  arena         one span from the backing, cut into pools; records kept outside it
-//!  pool          a page-sized run of one class's blocks: free list, bump tail, header
-//!  size_class    8-byte classes, alignment folded into the size
-//!  stats         the _debugmallocstats snapshot, filled in by the layers above
-//!  backing       System (mmap'd arenas) or Region (a span you own), and large objects
-//!  config, list, sync   geometry; intrusive lists; locks and atomics (loom under cfg(loom))
+//! inject        GlobalAlloc's entry points: one gate test, then the front;
+//!               the byte limit and failure injection that arm the gate
+//! front         PyMalloc: routing by Layout, large objects, stats()
+//! fork          pthread_atfork: every lock taken before fork, released after
+//! tracemalloc   every allocation's traceback, in tables mapped from the OS
+//! gate          the fast path's bound and the limit's count
+//! debug         PYTHONMALLOC=debug: guards, fill patterns, ownership checks
+//! thread_cache  per-thread LIFO lists per class, no lock or atomic RMW
+//! heap_set      N heaps behind try-locks, remote-free inboxes, one fixed block
+//! heap          per-class lists of used pools; arenas sorted fullest first
+//! arena         one span from the backing, cut into pools; records outside it
+//! pool          a page-sized run of one class's blocks: free list, bump, header
+//! stats         the _debugmallocstats snapshot, filled in by the layers above
+//! size_class    8-byte classes, alignment folded into the size
+//! backing       System (mmap'd arenas) or Region (your span), large objects
+//! config, list  geometry; intrusive lists
+//! track         memory-tool hooks: ASan poisoning, valgrind client requests
+//! sync          locks, atomics, the fork gate (loom under cfg(loom))
 //! ```
 //!
 //! Why this order:
