@@ -4,18 +4,19 @@
 //!
 //! * **Reaching the locks.** Allocators are values (several, moved,
 //!   dropped), but their heap sets stay put: every set is on one global
-//!   list ([`enlist`] at creation, [`delist`] before destruction), whose
-//!   links live in the sets themselves, so the handlers reach each heap's
-//!   lock and each set's cache list without allocating. The thread-cache
-//!   registry is a `static`.
+//!   list (kept in `heap_set.rs`), whose links live in the sets
+//!   themselves, so the handlers reach each heap's lock without
+//!   allocating. The thread-cache registry, which also holds the lists of
+//!   bound caches, is a `static`.
 //! * **Locks in values that may move** (a [`Region`](crate::Region)'s
 //!   store, the debug feature's list of large blocks) cannot be listed by
-//!   address. Their holders pass a [`Gate`] instead: a count of threads
-//!   inside, which the prepare handler closes and waits to drain.
+//!   address. Their holders pass a `ForkGate` (`sync.rs`) instead: a count
+//!   of threads inside, which the prepare handler closes and waits to
+//!   drain.
 //! * **Order.** The handlers take the locks in the order the allocator
 //!   nests them: the large-block gate (its holders then take heap locks),
-//!   the list of sets, every heap, the cache registry, every cache list,
-//!   and last the region gate (taken under a heap lock to get an arena).
+//!   the list of sets, every heap, the cache registry, and last the region
+//!   gate (taken under a heap lock to get an arena).
 //! * **The child** has one thread, the one that forked. Its thread cache is
 //!   intact. The other threads' caches are unlinked from their lists and
 //!   never touched again: their memory may be reused for the child's new

@@ -456,7 +456,7 @@ mod set_list {
     /// Puts a new set on the global list.
     ///
     /// # Safety
-    /// `set` is initialised, on no list, and stays alive until [`delist`]ed.
+    /// `set` is initialised, on no list, and stays alive until `delist`ed.
     pub(super) unsafe fn enlist(set: *mut HeapSet) {
         let mut sets = SETS.lock();
         // SAFETY: `set` is alive (contract) and so is the first set (listed).
@@ -473,7 +473,7 @@ mod set_list {
     /// Takes a set off the global list.
     ///
     /// # Safety
-    /// `set` was [`enlist`]ed and not delisted since.
+    /// `set` was `enlist`ed and not delisted since.
     pub(super) unsafe fn delist(set: *mut HeapSet) {
         let mut sets = SETS.lock();
         // SAFETY: `set` and its neighbours are listed, hence alive; we hold the

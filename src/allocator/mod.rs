@@ -42,7 +42,7 @@
 //!   allocator by a process-unique id and moves blocks to and from that
 //!   allocator's heap set in batches; what it needs of the allocator (its
 //!   id, its heap set, its backing) it asks through the small
-//!   [`CacheOwner`](thread_cache::CacheOwner) trait that the front
+//!   `thread_cache::CacheOwner` trait that the front
 //!   implements, so the dependency points down.
 //! * **The heap set owns the heaps' addresses.** A `PyMalloc` value may
 //!   move; pools, inboxes and caches refer to heaps by address, so the heaps
@@ -53,14 +53,14 @@
 //!   heap's lock and is single-threaded code: CPython's usable-arena order
 //!   (`nfp2lasta`), its pool states (used, full, empty), its lazy carving.
 //!   Pools point at their arena record only as an opaque address, which the
-//!   heap (above both) turns back into an [`Arena`](arena::Arena).
+//!   heap (above both) turns back into an `arena::Arena`.
 //! * **Backings know nothing of pools.** A backing hands out arenas and
 //!   large blocks; how many bytes a region must have for a given `Config`
 //!   is a question about the heap set, so `Region::min_len` is answered in
 //!   `heap_set.rs`, where those sizes are known.
 //!
 //! The debug checks wrap the front's unchecked paths the same way: they ask
-//! for them through the [`Unchecked`](debug::Unchecked) trait, so they sit
+//! for them through the `debug::Unchecked` trait, so they sit
 //! below the front that implements it, and compile out without the feature.
 //!
 //! Memory-tool hooks (`track.rs`) sit at the bottom beside `sync`, as
