@@ -13,12 +13,14 @@
 //! `cargo bench -p pymalloc-bench --bench tracemalloc [-- REPS]`
 
 mod driver;
+// `lifo` is the alloc benchmark's alone.
+#[allow(dead_code)]
+mod workloads;
 
 use driver::time;
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
-use std::hint::black_box;
 use std::sync::atomic::{AtomicU8, Ordering};
+use workloads::{binary_trees, churn, json};
 
 use pymalloc::{tracemalloc, PyMalloc};
 
@@ -47,10 +49,6 @@ mod id {
 /// allocation so that no block crosses from one allocator to another.
 static CHOICE: AtomicU8 = AtomicU8::new(u8::MAX);
 
-extern "C" {
-    fn getenv(name: *const std::ffi::c_char) -> *const std::ffi::c_char;
-}
-
 #[inline]
 fn choice() -> u8 {
     match CHOICE.load(Ordering::Relaxed) {
@@ -61,19 +59,7 @@ fn choice() -> u8 {
 
 #[cold]
 fn choose() -> u8 {
-    // SAFETY: a NUL-terminated name; getenv does not allocate, and its
-    // answer, when not null, is a NUL-terminated string.
-    let value = unsafe { getenv(c"BENCH_CONTENDER".as_ptr()) };
-    let c = if value.is_null() {
-        0
-    } else {
-        // SAFETY: see above.
-        unsafe { std::ffi::CStr::from_ptr(value) }
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let c = workloads::contender_from_env();
     CHOICE.store(c, Ordering::Relaxed);
     c
 }
@@ -118,66 +104,6 @@ unsafe impl GlobalAlloc for Dispatch {
 
 #[global_allocator]
 static GLOBAL: Dispatch = Dispatch;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// 10k live blocks of random small sizes, one replaced per step (as in the
-/// allocator benchmark).
-fn churn(steps: usize) -> usize {
-    let mut rng = Rng(1);
-    let mut live: Vec<Vec<u8>> = (0..10_000).map(|_| vec![1u8; 8 + rng.below(505)]).collect();
-    for _ in 0..steps {
-        let slot = rng.below(live.len());
-        live[slot] = vec![2u8; 8 + rng.below(505)];
-    }
-    black_box(&live);
-    steps
-}
-
-/// Complete binary trees of depth 16, built and dropped.
-fn binary_trees(rounds: usize) -> usize {
-    struct Node(Option<Box<(Node, Node)>>);
-    fn build(depth: u32) -> Node {
-        Node((depth > 0).then(|| Box::new((build(depth - 1), build(depth - 1)))))
-    }
-    fn count(n: &Node) -> usize {
-        n.0.as_ref().map_or(1, |c| 1 + count(&c.0) + count(&c.1))
-    }
-    let mut nodes = 0;
-    for _ in 0..rounds {
-        nodes += count(&build(16));
-    }
-    nodes
-}
-
-/// JSON-like records: maps of short strings, a thousand live at a time.
-fn json(records: usize) -> usize {
-    let mut rng = Rng(3);
-    let mut batch = Vec::new();
-    for i in 0..records {
-        let mut record: HashMap<String, String> = HashMap::new();
-        for f in 0..6 {
-            record.insert(format!("field{f}"), "v".repeat(1 + rng.below(40)));
-        }
-        batch.push(record);
-        if i % 1000 == 999 {
-            batch.clear();
-        }
-    }
-    records * 13
-}
 
 type Workload = (&'static str, fn(usize) -> usize, usize);
 
