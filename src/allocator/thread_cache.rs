@@ -618,11 +618,10 @@ pub(crate) fn keep_only_this_thread() {
         for slot in registry.slots.iter_mut().filter(|slot| slot.id != 0) {
             let mut cache = core::mem::replace(&mut slot.caches, ptr::null());
             while !cache.is_null() {
-                // SAFETY: listed caches were alive at the fork, which copied
-                // their memory, and nothing in the child has reused it yet
-                // (no other thread exists); their links are consistent, the
-                // registry lock having been held across the fork. Only a link
-                // and atomics are read.
+                // The child has no other thread, so nothing has reused the
+                // copied memory of the caches listed at the fork, and the
+                // registry lock held across it kept their links consistent.
+                // SAFETY: so `cache` is readable; only links and atomics are.
                 let c = unsafe { &*cache };
                 cache = c.next.get();
                 if ptr::eq(c, me) {

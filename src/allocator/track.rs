@@ -308,12 +308,11 @@ mod valgrind {
     #[inline(always)]
     pub(super) fn request(args: [usize; 6]) -> usize {
         let mut result: usize = 0;
-        // SAFETY: the four rotations of rdi add up to 128 bits, leaving it
-        // unchanged, and `xchg rbx, rbx` changes nothing: on the real CPU
-        // the sequence has no effect but on the flags (not preserved).
-        // Under valgrind it is the client request whose argument block is
-        // at rax and whose answer lands in rdx; valgrind reads `args` and
-        // updates only its own shadow state.
+        // The four rotations of rdi add up to 128 bits, leaving it as it
+        // was, and `xchg rbx, rbx` changes nothing: on the real CPU the
+        // sequence only clobbers the flags. Under valgrind it is the client
+        // request whose argument block is at rax, answer in rdx.
+        // SAFETY: so it reads `args` and writes `result`, nothing else.
         unsafe {
             core::arch::asm!(
                 "rol rdi, 3",
