@@ -610,17 +610,16 @@ fn large_layout(layout: Layout) -> Layout {
 
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
-/// not. Each hook costs one relaxed load and a branch while tracing is off.
+/// not. Each hook costs one relaxed load and a branch while tracing is off;
+/// what tracing does is out of line, to keep the fast path small.
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        let block = self.untraced_alloc(layout, zeroed);
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() && tracemalloc::wants(layout.size()) {
-            // SAFETY: `block` is null or fresh from this very layout.
-            return unsafe { self.traced(block, layout) };
+        if tracemalloc::on() {
+            return self.sampled_alloc(layout, zeroed);
         }
-        block
+        self.untraced_alloc(layout, zeroed)
     }
 
     /// # Safety
@@ -628,10 +627,9 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() && tracemalloc::may_be_traced(ptr) {
-            // Before the free: once freed, another thread may be given the
-            // address and record its own trace there.
-            tracemalloc::forget(ptr);
+        if tracemalloc::on() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.sampled_dealloc(ptr, layout) };
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
@@ -653,6 +651,33 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_realloc(ptr, layout, new_size) }
+    }
+
+    /// `alloc` while tracing, out of line: the hooks cost the untraced fast
+    /// path one load and a branch each, and keep it small enough to be
+    /// inlined into its callers.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[inline(never)]
+    fn sampled_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        if tracemalloc::wants(layout.size()) {
+            return self.traced_alloc(layout, zeroed);
+        }
+        self.untraced_alloc(layout, zeroed)
+    }
+
+    /// `dealloc` while tracing: as `sampled_alloc`.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[inline(never)]
+    unsafe fn sampled_dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if tracemalloc::may_be_traced(ptr) {
+            // SAFETY: forwarded contract.
+            return unsafe { self.traced_dealloc(ptr, layout) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
     #[inline(always)]
@@ -693,20 +718,34 @@ impl<B: Backing> PyMalloc<B> {
         }
     }
 
-    /// Records a fresh `block` of `layout` with tracemalloc; if the trace
+    /// Allocates and records the block with tracemalloc; if the trace
     /// cannot be stored, frees it and fails, as CPython does.
-    ///
-    /// # Safety
-    /// `block` is null or was just allocated with `layout` by `self`.
     #[cfg(all(feature = "std", not(loom)))]
     #[cold]
-    unsafe fn traced(&self, block: *mut u8, layout: Layout) -> *mut u8 {
+    #[inline(never)]
+    fn traced_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        let block = self.untraced_alloc(layout, zeroed);
         if block.is_null() || tracemalloc::record(block, layout.size()) {
             return block;
         }
-        // SAFETY: per the contract, a live block of `layout`, freed once.
+        // SAFETY: a live block of `layout`, just allocated, freed once.
         unsafe { self.untraced_dealloc(block, layout) };
         ptr::null_mut()
+    }
+
+    /// Forgets the block's trace, then frees it.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    #[inline(never)]
+    unsafe fn traced_dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // Before the free: once freed, another thread may be given the
+        // address and record its own trace there.
+        tracemalloc::forget(ptr);
+        // SAFETY: forwarded contract.
+        unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
     /// `realloc` that moves the block's trace with it, or puts it back if

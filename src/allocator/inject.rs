@@ -79,11 +79,20 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// `alloc` off the fast path: a large request, or something armed.
+    /// Every large request comes this way, so the unarmed case is kept
+    /// lean: what the limit and injection need is out of line.
     #[inline(never)]
     pub(crate) fn gated_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if !self.gate.is_armed() {
-            return self.front_alloc(layout, zeroed);
+        if self.gate.is_armed() {
+            return self.limited_alloc(layout, zeroed);
         }
+        self.front_alloc(layout, zeroed)
+    }
+
+    /// `alloc` with this allocator's limit or an injection on.
+    #[cold]
+    #[inline(never)]
+    fn limited_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if thread::fails(self.key(), layout) || !self.gate.charge(layout.size()) {
             return ptr::null_mut();
         }
@@ -123,6 +132,17 @@ impl<B: Backing> PyMalloc<B> {
             // SAFETY: forwarded contract.
             return unsafe { self.front_realloc(ptr, layout, new_size) };
         }
+        // SAFETY: forwarded contract.
+        unsafe { self.limited_realloc(ptr, layout, new_size) }
+    }
+
+    /// `realloc` with this allocator's limit or an injection on.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::realloc`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn limited_realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let old = layout.size();
         let grow = new_size.saturating_sub(old);
         // The layout reported is the new one: that is what was asked for.

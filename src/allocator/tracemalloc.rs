@@ -22,7 +22,9 @@
 //!
 //! # How it works, and what it costs
 //! * Off, the front pays one relaxed load of a global flag and a branch that
-//!   is never taken, in `alloc`, `dealloc` and `realloc`.
+//!   is never taken, in `alloc`, `dealloc` and `realloc`; everything tracing
+//!   does, even deciding not to sample, is out of line, so the untraced fast
+//!   path stays small enough for the compiler to inline into drop glue.
 //! * On, each allocation captures the return addresses on the stack (no
 //!   symbols: those come later), interns them once in a traceback table, and
 //!   inserts `(address, size, traceback)` into a table of traces, sharded by
