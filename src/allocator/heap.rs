@@ -300,8 +300,9 @@ impl Heap {
     }
 
     /// Gives back the spare, if there is one: a wholly free arena is kept
-    /// only while it is the only usable arena, and another is about to join.
-    fn release_spare(&mut self, backing: &impl Backing) {
+    /// only while it is the only usable arena, and another is about to join
+    /// (or the backing is out of memory and another heap may need it).
+    pub(crate) fn release_spare(&mut self, backing: &impl Backing) {
         let spare = self.usable;
         // SAFETY: list members are live records.
         if spare.is_null() || unsafe { (*spare).free_count != (*spare).pool_count } {

@@ -238,6 +238,27 @@ impl HeapSet {
         Some(Held::new(guard, slot, index, backing))
     }
 
+    /// A block of `class` from whichever heap still has one, each heap
+    /// waited for in turn (its inbox emptied on the way): the last resort
+    /// before null, when the hinted heap had neither a free block nor an
+    /// arena to carve one from.
+    #[cold]
+    pub(crate) fn alloc_from_any(&self, class: usize, backing: &impl Backing) -> *mut u8 {
+        (0..self.count())
+            .map(|index| self.hold_exactly(index, backing).alloc(class, backing))
+            .find(|block| !block.is_null())
+            .unwrap_or(ptr::null_mut())
+    }
+
+    /// Gives every heap's spare arena back to the backing, inboxes emptied
+    /// first (their blocks may be what keeps an arena from being spare).
+    #[cold]
+    pub(crate) fn release_spares(&self, backing: &impl Backing) {
+        for index in 0..self.count() {
+            self.hold_exactly(index, backing).release_spare(backing);
+        }
+    }
+
     /// Sends the chain of free blocks `first..=last` (linked through
     /// `FreeBlock::next`), all of heap `index`, to that heap's inbox.
     ///
