@@ -41,7 +41,10 @@ fn a_null_comes_only_when_no_free_block_pool_or_cached_block_could_serve() {
         assert!(!blocks.is_empty());
         let stats = heap.stats();
         let class = class_for(size, 8).unwrap();
-        assert_eq!(stats.cached_blocks, 0, "size {size}: blocks held in a cache");
+        assert_eq!(
+            stats.cached_blocks, 0,
+            "size {size}: blocks held in a cache"
+        );
         assert_eq!(stats.unused_pools, 0, "size {size}: a free pool was left");
         assert_eq!(stats.classes[class].blocks_free, 0, "size {size}");
         free_all(&heap, blocks, size);
@@ -104,7 +107,10 @@ fn a_region_filled_by_eight_threads_holds_as_much_as_one_thread_fills() {
         let one = fill_with_threads(&heap, 1, size);
         for _ in 0..3 {
             let eight = fill_with_threads(&heap, 8, size);
-            assert!(eight >= one, "size {size}: 8 threads {eight} < 1 thread {one}");
+            assert!(
+                eight >= one,
+                "size {size}: 8 threads {eight} < 1 thread {one}"
+            );
         }
     }
 }

@@ -130,14 +130,17 @@ impl PyMalloc<System> {
 impl PyMalloc<Region> {
     loom_const_fn! {
         /// A heap over the `static` array at `heap`, claimed on first use,
-        /// with the default geometry.
+        /// with the geometry [`Region::config_for`] picks for `N` bytes
+        /// (1 KiB pools and one heap for tens of KiB, CPython's default
+        /// from 32 MiB).
         ///
         /// ```
-        /// use pymalloc::{PyMalloc, Region};
+        /// use pymalloc::{Config, PyMalloc, Region};
         ///
-        /// static mut HEAP: [u8; 1 << 20] = [0; 1 << 20];
+        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
         /// // SAFETY: HEAP is used by nothing but this allocator.
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
+        /// assert_eq!(ALLOC.config(), Config::SMALL);
         /// ```
         ///
         /// # Safety
@@ -146,19 +149,21 @@ impl PyMalloc<Region> {
         /// that, hence `unsafe`).
         ///
         /// # Panics
-        /// If `N` is too small for one arena plus alignment slack
-        /// ([`Region::min_len`]); in a `static` that is a compile error:
+        /// If `N` is below [`Region::MIN_LEN`]; in a `static` that is a
+        /// compile error naming it:
         ///
         /// ```compile_fail
         /// use pymalloc::{PyMalloc, Region};
         ///
-        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
-        /// // A 256 KiB arena cannot fit in 64 KiB: rejected at compile time.
+        /// static mut HEAP: [u8; 2048] = [0; 2048];
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
         /// ```
         pub unsafe fn region<const N: usize>(heap: *mut [u8; N]) -> Self {
+            let Some(config) = Region::config_for(N) else {
+                panic!("pymalloc: the region is smaller than Region::MIN_LEN, one 1 KiB pool and one heap")
+            };
             // SAFETY: forwarded contract.
-            unsafe { Self::region_with(heap, Config::DEFAULT) }
+            unsafe { Self::region_with(heap, config) }
         }
     }
 
@@ -170,7 +175,17 @@ impl PyMalloc<Region> {
         /// As for [`PyMalloc::region`].
         ///
         /// # Panics
-        /// As for [`PyMalloc::region`].
+        /// If `N` is below [`Region::min_len`] for `config`; in a `static`
+        /// that is a compile error:
+        ///
+        /// ```compile_fail
+        /// use pymalloc::{Config, PyMalloc, Region};
+        ///
+        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
+        /// // A 256 KiB arena cannot fit in 64 KiB: rejected at compile time.
+        /// static ALLOC: PyMalloc<Region> =
+        ///     unsafe { PyMalloc::region_with(&raw mut HEAP, Config::DEFAULT) };
+        /// ```
         pub unsafe fn region_with<const N: usize>(heap: *mut [u8; N], config: Config) -> Self {
             assert!(
                 N >= Region::min_len(config),
@@ -308,9 +323,10 @@ impl<B: Backing> PyMalloc<B> {
                 // a bounded span of at least CACHED_SPAN_SHARE full caches.
                 #[cfg(thread_cache)]
                 if track::thread_caches_allowed()
-                    && self.backing.span_len().is_none_or(|len| {
-                        len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES
-                    })
+                    && self
+                        .backing
+                        .span_len()
+                        .is_none_or(|len| len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES)
                 {
                     self.id.store(thread_cache::register(), Ordering::Relaxed);
                 }

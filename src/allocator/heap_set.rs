@@ -31,7 +31,7 @@
 
 use super::arena::CHUNK_BYTES;
 use super::backing::{Backing, Region, REGION_ALIGN};
-use super::config::{Config, MAX_HEAPS};
+use super::config::{Config, MAX_ARENA_POOLS, MAX_HEAPS, MIN_POOL_SIZE};
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
 use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
@@ -545,7 +545,55 @@ impl Region {
             // A trimmed span is a whole number of `REGION_ALIGN` units.
             .next_multiple_of(REGION_ALIGN)
     }
+
+    /// Spans from which a region gets [`Config::DEFAULT`]: 32 MiB, where
+    /// its eight heaps' partly used pools and spare arenas are a small
+    /// share.
+    pub const DEFAULT_SPAN: usize = 32 << 20;
+
+    /// The fewest bytes any region needs: one heap of one 1 KiB pool.
+    pub const MIN_LEN: usize = Region::min_len(Config::new(MIN_POOL_SIZE, 1).with_heaps(1));
+
+    /// The geometry [`PyMalloc::region`](crate::PyMalloc::region) picks for
+    /// a span of `len` bytes:
+    /// * from [`Region::DEFAULT_SPAN`] up, [`Config::DEFAULT`] (CPython's
+    ///   4 KiB pools and 256 KiB arenas, several heaps);
+    /// * below it, one heap, 4 KiB pools from 1 MiB and 1 KiB pools under
+    ///   that, and arenas of at most a quarter of the span (64 pools at
+    ///   most), halved until one fits beside the heap's own bookkeeping:
+    ///   a 64 KiB span gets [`Config::SMALL`]. Pools partly used by each
+    ///   size class are what a small span cannot afford many of, hence
+    ///   small pools; several arenas let an emptied one go back for large
+    ///   objects.
+    ///
+    /// `None` below [`Region::MIN_LEN`].
+    pub const fn config_for(len: usize) -> Option<Config> {
+        if len >= Region::DEFAULT_SPAN {
+            return Some(Config::DEFAULT);
+        }
+        let pool_size = if len >= 1 << 20 { 4096 } else { MIN_POOL_SIZE };
+        let mut pools = len / 4 / pool_size;
+        if pools > MAX_ARENA_POOLS {
+            pools = MAX_ARENA_POOLS;
+        }
+        if pools == 0 {
+            pools = 1;
+        }
+        loop {
+            let config = Config::new(pool_size, pools).with_heaps(1);
+            if Region::min_len(config) <= len {
+                return Some(config);
+            }
+            if pools == 1 {
+                return None;
+            }
+            pools /= 2;
+        }
+    }
 }
+
+// The geometry chosen for the firmware-sized span the README shows.
+static_assertions::const_assert!(matches!(Region::config_for(64 * 1024), Some(Config::SMALL)));
 
 /// loom models of the paths where threads meet between heaps. Run with
 /// `RUSTFLAGS="--cfg loom" cargo test --release -p pymalloc --lib loom_models`.
