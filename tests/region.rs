@@ -174,7 +174,10 @@ fn the_default_constructor_picks_a_geometry_for_any_span() {
         }
         len = len * 3 / 2;
     }
-    assert_eq!(Region::config_for(64 * KIB), Some(Config::SMALL));
+    assert_eq!(
+        Region::config_for(64 * KIB),
+        Some(Config::new(1024, 4).with_heaps(1))
+    );
 }
 
 #[test]

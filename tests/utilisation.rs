@@ -115,20 +115,59 @@ fn a_region_filled_by_eight_threads_holds_as_much_as_one_thread_fills() {
     }
 }
 
-/// Prints the table for this build (`--nocapture`).
-#[test]
-fn utilisation_of_the_four_mixes() {
-    static mut HEAP: [u8; 64 * KIB] = [0; 64 * KIB];
-    for (lo, hi) in MIXES {
-        // SAFETY: HEAP is used by one heap at a time, this one alone.
-        let heap = unsafe { PyMalloc::region_with(&raw mut HEAP, Config::SMALL) };
-        let f = run(&heap, lo, hi, 20, 1);
-        let share = |b: usize| b as f64 * 100.0 / (64 * KIB) as f64;
+/// The four mixes in a region of the default constructor's geometry:
+/// prints the shares (`--nocapture`) and holds them to a floor, percent of
+/// the span after the first fill and after churn, per mix. (The issue's
+/// target is 85 %; these floors are what the design reaches today.)
+fn mixes<const N: usize>(heap: *mut [u8; N], floors: [(usize, usize); 4]) {
+    for ((lo, hi), (first, churned)) in MIXES.into_iter().zip(floors) {
+        // SAFETY: the caller's array, used by one heap at a time.
+        let alloc = unsafe { PyMalloc::region(heap) };
+        let f = run(&alloc, lo, hi, 20, 1);
+        let share = |b: usize| b * 100 / N;
         println!(
-            "{lo}-{hi} B: first fill {:.1} %, after churn {:.1} %",
+            "{} KiB, {lo}-{hi} B: first fill {} %, after churn {} %",
+            N / KIB,
             share(f.first),
             share(f.after_churn)
         );
-        assert!(f.first > 0);
+        assert!(share(f.first) >= first, "{lo}-{hi}: {f:?}");
+        assert!(share(f.after_churn) >= churned, "{lo}-{hi}: {f:?}");
+        assert_eq!(alloc.stats().live_allocations(), 0);
     }
+}
+
+/// A span on a page boundary, so that the shares do not depend on where the
+/// linker puts it (a misaligned span loses part of a pool to alignment).
+#[repr(C, align(4096))]
+struct Aligned<const N: usize>([u8; N]);
+
+#[test]
+fn the_four_mixes_in_16_kib() {
+    static mut HEAP: Aligned<{ 16 * KIB }> = Aligned([0; 16 * KIB]);
+    // SAFETY: only its address is taken.
+    mixes(
+        unsafe { &raw mut HEAP.0 },
+        [(10, 8), (40, 30), (25, 15), (55, 40)],
+    );
+}
+
+#[test]
+fn the_four_mixes_in_64_kib() {
+    static mut HEAP: Aligned<{ 64 * KIB }> = Aligned([0; 64 * KIB]);
+    // SAFETY: only its address is taken.
+    mixes(
+        unsafe { &raw mut HEAP.0 },
+        [(54, 41), (71, 61), (39, 34), (70, 50)],
+    );
+}
+
+#[test]
+fn the_four_mixes_in_256_kib() {
+    static mut HEAP: Aligned<{ 256 * KIB }> = Aligned([0; 256 * KIB]);
+    // SAFETY: only its address is taken.
+    mixes(
+        unsafe { &raw mut HEAP.0 },
+        [(68, 61), (74, 68), (60, 54), (80, 50)],
+    );
 }

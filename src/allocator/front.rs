@@ -131,8 +131,8 @@ impl PyMalloc<Region> {
     loom_const_fn! {
         /// A heap over the `static` array at `heap`, claimed on first use,
         /// with the geometry [`Region::config_for`] picks for `N` bytes
-        /// (1 KiB pools and one heap for tens of KiB, CPython's default
-        /// from 32 MiB).
+        /// (1 KiB pools, small arenas and one heap for tens of KiB, CPython's
+        /// default from 32 MiB).
         ///
         /// ```
         /// use pymalloc::{Config, PyMalloc, Region};
@@ -140,7 +140,7 @@ impl PyMalloc<Region> {
         /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
         /// // SAFETY: HEAP is used by nothing but this allocator.
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
-        /// assert_eq!(ALLOC.config(), Config::SMALL);
+        /// assert_eq!(ALLOC.config(), Config::new(1024, 4).with_heaps(1));
         /// ```
         ///
         /// # Safety
