@@ -156,3 +156,37 @@ fn a_region_of_min_len_after_trimming_serves_a_small_block() {
         }
     }
 }
+
+#[test]
+fn the_default_constructor_picks_a_geometry_for_any_span() {
+    // One heap's bookkeeping, one arena record chunk, one 1 KiB pool and
+    // its alignment slack: 4432 bytes on 64-bit.
+    const { assert!(Region::MIN_LEN <= 5 * KIB) };
+    assert_eq!(Region::config_for(Region::MIN_LEN - 1), None);
+    let mut len = Region::MIN_LEN;
+    while len <= 1 << 30 {
+        let config = Region::config_for(len).unwrap();
+        assert!(Region::min_len(config) <= len, "{len}: {config:?}");
+        if len < Region::DEFAULT_SPAN {
+            assert_eq!(config.heaps(), 1);
+        } else {
+            assert_eq!(config, Config::DEFAULT);
+        }
+        len = len * 3 / 2;
+    }
+    assert_eq!(
+        Region::config_for(64 * KIB),
+        Some(Config::new(1024, 4).with_heaps(1))
+    );
+}
+
+#[test]
+fn an_8_kib_region_from_the_default_constructor_serves_blocks() {
+    static mut HEAP: [u8; 8 * KIB] = [0; 8 * KIB];
+    // SAFETY: HEAP is used by this heap alone.
+    let heap = unsafe { PyMalloc::region(&raw mut HEAP) };
+    let blocks = fill_until_null(&heap, &[8, 64, 300]);
+    assert!(blocks.len() >= 4, "{} blocks", blocks.len());
+    free_checked(&heap, blocks);
+    assert_eq!(heap.stats().live_allocations(), 0);
+}

@@ -28,6 +28,12 @@ pub unsafe trait Backing {
     /// feature) a `PyMalloc` over such a backing hands it every request.
     const SYSTEM_ALLOCATOR: bool = false;
 
+    /// The bytes a bounded backing holds in all (a region's span), `None`
+    /// for one that grows on demand. Thread caches are sized by it.
+    fn span_len(&self) -> Option<usize> {
+        None
+    }
+
     /// A block for a large object, or null.
     fn alloc(&self, layout: Layout) -> *mut u8;
 
@@ -398,6 +404,17 @@ fn trim(start: *mut u8, len: usize) -> (*mut u8, usize) {
 // SAFETY: every block comes from the list allocator, which hands out
 // non-overlapping, aligned parts of the region we own exclusively.
 unsafe impl Backing for Region {
+    fn span_len(&self) -> Option<usize> {
+        #[cfg(fork_handlers)]
+        let _pass = REGION_GATE.enter();
+        let store = self.store.lock();
+        Some(if store.pending.is_null() {
+            store.heap.size()
+        } else {
+            trim(store.pending, store.pending_len).1
+        })
+    }
+
     fn alloc(&self, layout: Layout) -> *mut u8 {
         self.with_heap(|heap| match heap.allocate_first_fit(layout) {
             Ok(block) => block.as_ptr(),

@@ -27,6 +27,13 @@ use super::track;
 use core::alloc::Layout;
 use core::ptr;
 
+/// A thread cache holds at most `1 / CACHED_SPAN_SHARE` of a bounded
+/// backing's bytes: below that many full caches' worth of span, caches are
+/// off (a region's memory is better spent in live blocks than in lists a
+/// thread may never use again).
+#[cfg(thread_cache)]
+pub(crate) const CACHED_SPAN_SHARE: usize = 64;
+
 /// The backing `PyMalloc` uses when none is named: [`System`] with `std`,
 /// [`Region`] without.
 #[cfg(feature = "std")]
@@ -44,7 +51,13 @@ pub type DefaultBacking = Region;
 /// storage; a block freed by a thread that cannot take its heap waits in
 /// that heap's lock-free inbox for the next holder. Where
 /// [`THREAD_CACHES`](crate::THREAD_CACHES) is true, each thread also keeps
-/// short per-class lists of free blocks, so most calls take no lock at all.
+/// short per-class lists of free blocks, so most calls take no lock at all
+/// (over a region, only one of at least 32 MiB: a cache then holds at most
+/// 1/64 of it).
+///
+/// A null return means the memory is gone: before it, the calling thread's
+/// cached blocks go back, every heap is tried in turn with its inbox
+/// emptied, and (for large requests) every spare arena is given back.
 ///
 #[cfg_attr(feature = "std", doc = "```")]
 #[cfg_attr(not(feature = "std"), doc = "```ignore")]
@@ -117,14 +130,17 @@ impl PyMalloc<System> {
 impl PyMalloc<Region> {
     loom_const_fn! {
         /// A heap over the `static` array at `heap`, claimed on first use,
-        /// with the default geometry.
+        /// with the geometry [`Region::config_for`] picks for `N` bytes
+        /// (1 KiB pools, small arenas and one heap for tens of KiB, CPython's
+        /// default from 32 MiB).
         ///
         /// ```
-        /// use pymalloc::{PyMalloc, Region};
+        /// use pymalloc::{Config, PyMalloc, Region};
         ///
-        /// static mut HEAP: [u8; 1 << 20] = [0; 1 << 20];
+        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
         /// // SAFETY: HEAP is used by nothing but this allocator.
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
+        /// assert_eq!(ALLOC.config(), Config::new(1024, 4).with_heaps(1));
         /// ```
         ///
         /// # Safety
@@ -133,19 +149,21 @@ impl PyMalloc<Region> {
         /// that, hence `unsafe`).
         ///
         /// # Panics
-        /// If `N` is too small for one arena plus alignment slack
-        /// ([`Region::min_len`]); in a `static` that is a compile error:
+        /// If `N` is below [`Region::MIN_LEN`]; in a `static` that is a
+        /// compile error naming it:
         ///
         /// ```compile_fail
         /// use pymalloc::{PyMalloc, Region};
         ///
-        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
-        /// // A 256 KiB arena cannot fit in 64 KiB: rejected at compile time.
+        /// static mut HEAP: [u8; 2048] = [0; 2048];
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
         /// ```
         pub unsafe fn region<const N: usize>(heap: *mut [u8; N]) -> Self {
+            let Some(config) = Region::config_for(N) else {
+                panic!("pymalloc: the region is smaller than Region::MIN_LEN, one 1 KiB pool and one heap")
+            };
             // SAFETY: forwarded contract.
-            unsafe { Self::region_with(heap, Config::DEFAULT) }
+            unsafe { Self::region_with(heap, config) }
         }
     }
 
@@ -157,7 +175,17 @@ impl PyMalloc<Region> {
         /// As for [`PyMalloc::region`].
         ///
         /// # Panics
-        /// As for [`PyMalloc::region`].
+        /// If `N` is below [`Region::min_len`] for `config`; in a `static`
+        /// that is a compile error:
+        ///
+        /// ```compile_fail
+        /// use pymalloc::{Config, PyMalloc, Region};
+        ///
+        /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
+        /// // A 256 KiB arena cannot fit in 64 KiB: rejected at compile time.
+        /// static ALLOC: PyMalloc<Region> =
+        ///     unsafe { PyMalloc::region_with(&raw mut HEAP, Config::DEFAULT) };
+        /// ```
         pub unsafe fn region_with<const N: usize>(heap: *mut [u8; N], config: Config) -> Self {
             assert!(
                 N >= Region::min_len(config),
@@ -291,8 +319,15 @@ impl<B: Backing> PyMalloc<B> {
             .compare_exchange(ptr::null_mut(), set, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
+                // Caches only where they hold a small share of the memory:
+                // a bounded span of at least CACHED_SPAN_SHARE full caches.
                 #[cfg(thread_cache)]
-                if track::thread_caches_allowed() {
+                if track::thread_caches_allowed()
+                    && self
+                        .backing
+                        .span_len()
+                        .is_none_or(|len| len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES)
+                {
                     self.id.store(thread_cache::register(), Ordering::Relaxed);
                 }
                 set
@@ -331,8 +366,10 @@ impl<B: Backing> PyMalloc<B> {
         };
         #[cfg(thread_cache)]
         let block = match thread_cache::alloc(self, class, requested) {
-            Some(block) => block,
-            None => self.alloc_shared(class, requested, layout.size()),
+            Some(block) if !block.is_null() => block,
+            // No cache, or its heap ran dry: the shared path reclaims
+            // before it gives up.
+            _ => self.alloc_shared(class, requested, layout.size()),
         };
         #[cfg(not(thread_cache))]
         let block = self.alloc_shared(class, requested, layout.size());
@@ -355,15 +392,37 @@ impl<B: Backing> PyMalloc<B> {
         fork::ensure_handlers();
         let layout = large_layout(layout);
         // A backing may have zeroed memory for free (fresh pages).
-        let block = if zeroed {
-            self.backing.alloc_zeroed(layout)
-        } else {
-            self.backing.alloc(layout)
+        let get = || {
+            if zeroed {
+                self.backing.alloc_zeroed(layout)
+            } else {
+                self.backing.alloc(layout)
+            }
         };
+        let mut block = get();
+        if block.is_null() && self.reclaim() {
+            block = get();
+        }
         if !block.is_null() {
             self.large.add(layout.size(), requested);
         }
         block
+    }
+
+    /// Before a null: the calling thread's cached blocks go back to their
+    /// pools, inboxes are emptied and every heap's spare arena goes back to
+    /// the backing. False if there are no heaps (so nothing to reclaim).
+    #[cold]
+    fn reclaim(&self) -> bool {
+        let set = self.set.load(Ordering::Acquire);
+        if set.is_null() {
+            return false;
+        }
+        #[cfg(thread_cache)]
+        thread_cache::flush_all(self);
+        // SAFETY: a published set lives as long as `self`.
+        unsafe { &*set }.release_spares(&self.backing);
+        true
     }
 
     /// A block of `class` (for `size` bytes) from a heap chosen without
@@ -376,9 +435,16 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: a published set lives as long as `self`.
         let set = unsafe { &*set };
-        let block = set
+        let mut block = set
             .hold(stack_hint(), &self.backing)
             .alloc(class, &self.backing);
+        if block.is_null() {
+            // Null means the memory is gone: first the calling thread's
+            // cached blocks go back, then every heap is asked in turn.
+            #[cfg(thread_cache)]
+            thread_cache::flush_all(self);
+            block = set.alloc_from_any(class, &self.backing);
+        }
         if !block.is_null() {
             set.requested.fetch_add(requested, Ordering::Relaxed);
             // SAFETY: a fresh block of this class: `size` fits.

@@ -21,7 +21,7 @@ use super::backing::Backing;
 use super::config::{Config, MAX_ARENA_POOLS};
 use super::list;
 use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
-use super::size_class::{class_size, CLASS_COUNT};
+use super::size_class::{class_alignment, class_size, CLASS_COUNT};
 use super::stats::Stats;
 use core::ptr;
 
@@ -111,21 +111,49 @@ impl Heap {
         let mut got = 0;
         while got < n {
             let mut pool = self.used_pools[class];
+            let mut from = class;
             if pool.is_null() {
                 pool = self.new_pool(class, backing);
-                if pool.is_null() {
-                    break;
-                }
             }
+            if pool.is_null() && got == 0 {
+                // Out of pools: one block of a larger class rather than null.
+                (from, pool) = self.lender(class);
+            }
+            if pool.is_null() {
+                break;
+            }
+            let want = if from == class { n - got } else { 1 };
             // SAFETY: pools on a class list are initialised and have a free
             // block; the blocks in `batch` are out of every pool.
-            let (taken, full) = unsafe { Pool::take_batch(pool, n - got, batch) };
+            let (taken, full) = unsafe { Pool::take_batch(pool, want, batch) };
             got += taken;
             if full {
-                self.unlink_pool(class, pool);
+                self.unlink_pool(from, pool);
+            }
+            if from != class {
+                break;
             }
         }
         got
+    }
+
+    /// The smallest larger class with a used pool whose blocks have at
+    /// least `class`'s alignment, and that pool: a block of it serves a
+    /// request of `class` when no new pool can be had, so that the free
+    /// blocks stranded in other classes' partly used pools are not lost to
+    /// a small region. Freeing needs nothing special: a block goes back to
+    /// the pool its address names, whatever class its layout gives. (Not
+    /// under the debug feature, whose ownership check insists on the
+    /// layout's class.)
+    #[cold]
+    fn lender(&self, class: usize) -> (usize, *mut Pool) {
+        if cfg!(feature = "debug") {
+            return (class, ptr::null_mut());
+        }
+        let align = class_alignment(class);
+        (class + 1..CLASS_COUNT)
+            .find(|&c| !self.used_pools[c].is_null() && class_alignment(c) >= align)
+            .map_or((class, ptr::null_mut()), |c| (c, self.used_pools[c]))
     }
 
     /// Puts a pool with a free block at the head of `class`'s list, taken
@@ -300,8 +328,9 @@ impl Heap {
     }
 
     /// Gives back the spare, if there is one: a wholly free arena is kept
-    /// only while it is the only usable arena, and another is about to join.
-    fn release_spare(&mut self, backing: &impl Backing) {
+    /// only while it is the only usable arena, and another is about to join
+    /// (or the backing is out of memory and another heap may need it).
+    pub(crate) fn release_spare(&mut self, backing: &impl Backing) {
         let spare = self.usable;
         // SAFETY: list members are live records.
         if spare.is_null() || unsafe { (*spare).free_count != (*spare).pool_count } {

@@ -31,7 +31,7 @@
 
 use super::arena::CHUNK_BYTES;
 use super::backing::{Backing, Region, REGION_ALIGN};
-use super::config::{Config, MAX_HEAPS};
+use super::config::{Config, MAX_ARENA_POOLS, MAX_HEAPS, MIN_POOL_SIZE};
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
 use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
@@ -236,6 +236,27 @@ impl HeapSet {
         let slot = self.slot(index);
         let guard = slot.heap.try_lock()?;
         Some(Held::new(guard, slot, index, backing))
+    }
+
+    /// A block of `class` from whichever heap still has one, each heap
+    /// waited for in turn (its inbox emptied on the way): the last resort
+    /// before null, when the hinted heap had neither a free block nor an
+    /// arena to carve one from.
+    #[cold]
+    pub(crate) fn alloc_from_any(&self, class: usize, backing: &impl Backing) -> *mut u8 {
+        (0..self.count())
+            .map(|index| self.hold_exactly(index, backing).alloc(class, backing))
+            .find(|block| !block.is_null())
+            .unwrap_or(ptr::null_mut())
+    }
+
+    /// Gives every heap's spare arena back to the backing, inboxes emptied
+    /// first (their blocks may be what keeps an arena from being spare).
+    #[cold]
+    pub(crate) fn release_spares(&self, backing: &impl Backing) {
+        for index in 0..self.count() {
+            self.hold_exactly(index, backing).release_spare(backing);
+        }
     }
 
     /// Sends the chain of free blocks `first..=last` (linked through
@@ -524,7 +545,61 @@ impl Region {
             // A trimmed span is a whole number of `REGION_ALIGN` units.
             .next_multiple_of(REGION_ALIGN)
     }
+
+    /// Spans from which a region gets [`Config::DEFAULT`]: 32 MiB, where
+    /// its eight heaps' partly used pools and spare arenas are a small
+    /// share.
+    pub const DEFAULT_SPAN: usize = 32 << 20;
+
+    /// The fewest bytes any region needs: one heap of one 1 KiB pool.
+    pub const MIN_LEN: usize = Region::min_len(Config::new(MIN_POOL_SIZE, 1).with_heaps(1));
+
+    /// The geometry [`PyMalloc::region`](crate::PyMalloc::region) picks for
+    /// a span of `len` bytes:
+    /// * from [`Region::DEFAULT_SPAN`] up, [`Config::DEFAULT`] (CPython's
+    ///   4 KiB pools and 256 KiB arenas, several heaps);
+    /// * below it, one heap, 4 KiB pools from 1 MiB and 1 KiB pools under
+    ///   that, and arenas of a sixteenth of the span (1 to 64 pools),
+    ///   halved until one fits beside the heap's own bookkeeping: a 64 KiB
+    ///   span gets arenas of four 1 KiB pools. Pools partly used by each
+    ///   size class are what a small span cannot afford many of, hence
+    ///   small pools; small arenas leave little of the span outside every
+    ///   arena, and let an emptied one go back for large objects. (In a
+    ///   64 KiB region on the random-size mixes of `tests/utilisation.rs`,
+    ///   four-pool arenas put 60 % of the bytes in live blocks on 8–300 B
+    ///   where [`Config::SMALL`]'s sixteen-pool ones put 39 %.)
+    ///
+    /// `None` below [`Region::MIN_LEN`].
+    pub const fn config_for(len: usize) -> Option<Config> {
+        if len >= Region::DEFAULT_SPAN {
+            return Some(Config::DEFAULT);
+        }
+        let pool_size = if len >= 1 << 20 { 4096 } else { MIN_POOL_SIZE };
+        let mut pools = len / 16 / pool_size;
+        if pools > MAX_ARENA_POOLS {
+            pools = MAX_ARENA_POOLS;
+        }
+        if pools == 0 {
+            pools = 1;
+        }
+        loop {
+            let config = Config::new(pool_size, pools).with_heaps(1);
+            if Region::min_len(config) <= len {
+                return Some(config);
+            }
+            if pools == 1 {
+                return None;
+            }
+            pools /= 2;
+        }
+    }
 }
+
+// The geometry chosen for the firmware-sized span the README shows.
+static_assertions::const_assert!(matches!(
+    Region::config_for(64 * 1024),
+    Some(config) if config.pool_size() == 1024 && config.arena_pools() == 4
+));
 
 /// loom models of the paths where threads meet between heaps. Run with
 /// `RUSTFLAGS="--cfg loom" cargo test --release -p pymalloc --lib loom_models`.

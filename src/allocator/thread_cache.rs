@@ -69,6 +69,18 @@ const CAPACITY: [usize; CLASS_COUNT] = {
     table
 };
 
+/// The most bytes one thread's cache can hold for one allocator: every
+/// list at its capacity. A list flushes as soon as it exceeds its capacity.
+pub(crate) const MAX_CACHE_BYTES: usize = {
+    let mut bytes = 0;
+    let mut class = 0;
+    while class < CLASS_COUNT {
+        bytes += CAPACITY[class] * class_size(class);
+        class += 1;
+    }
+    bytes
+};
+
 /// Blocks a list of `class` holds before half of them go back.
 #[inline]
 fn capacity(class: usize) -> usize {

@@ -6,6 +6,7 @@
 
 pub mod model;
 pub mod rng;
+pub mod utilisation;
 
 use pymalloc::{Cc, Trace};
 use std::cell::{Cell, RefCell};

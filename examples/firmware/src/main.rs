@@ -9,13 +9,50 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
-use pymalloc::{Config, PyMalloc, Region};
+use core::alloc::{GlobalAlloc, Layout};
+use pymalloc::{PyMalloc, Region};
 
 static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
 
 // SAFETY: HEAP is used by this allocator alone.
 #[global_allocator]
-static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region_with(&raw mut HEAP, Config::SMALL) };
+// The geometry comes from the array's length (`Region::config_for`).
+static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
+
+/// Most blocks `fill` keeps track of (on the stack: the heap is what is
+/// being measured).
+const MAX_BLOCKS: usize = 4096;
+
+/// Allocates random sizes of 8 to 300 bytes until the heap answers null;
+/// returns how many blocks and how many bytes it got.
+fn fill(blocks: &mut [(usize, usize); MAX_BLOCKS], seed: &mut u64) -> (usize, usize) {
+    let (mut count, mut bytes) = (0, 0);
+    while count < MAX_BLOCKS {
+        // xorshift64: deterministic sizes, no dependency.
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        let size = 8 + (*seed % 293) as usize;
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        // SAFETY: a non-zero size.
+        let p = unsafe { ALLOC.alloc(layout) };
+        if p.is_null() {
+            break;
+        }
+        blocks[count] = (p as usize, size);
+        count += 1;
+        bytes += size;
+    }
+    (count, bytes)
+}
+
+/// Frees the first `count` blocks `fill` recorded.
+fn free(blocks: &[(usize, usize); MAX_BLOCKS], count: usize) {
+    for &(p, size) in &blocks[..count] {
+        // SAFETY: a live block of this size and alignment, freed once.
+        unsafe { ALLOC.dealloc(p as *mut u8, Layout::from_size_align(size, 8).unwrap()) };
+    }
+}
 
 // The C library stands in for a board support package: it starts the
 // program, and gives `write` and `exit`, plus the `memcpy` family that `core`
@@ -78,6 +115,26 @@ extern "C" fn main(_argc: i32, _argv: *const *const u8) -> i32 {
     let refused = hog.try_reserve(1 << 20).is_err();
     let _ = writeln!(Console, "1 MiB from a 64 KiB heap refused: {refused}");
     if !refused || idle.blocks_in_use() != 0 {
+        return 1;
+    }
+    // Fill to null, free everything, fill again: the heap comes back whole.
+    let mut blocks = [(0, 0); MAX_BLOCKS];
+    let mut seed = 0x9E37_79B9_7F4A_7C15;
+    let (first, first_bytes) = fill(&mut blocks, &mut seed);
+    let full = ALLOC.stats();
+    free(&blocks, first);
+    let (second, second_bytes) = fill(&mut blocks, &mut seed);
+    let share = |bytes: usize| bytes * 100 / (64 * 1024);
+    let _ = writeln!(
+        Console,
+        "filled to null: {first} blocks, {first_bytes} bytes ({} % of the heap); \
+         freed all, filled again: {second} blocks, {second_bytes} bytes ({} %)",
+        share(first_bytes),
+        share(second_bytes)
+    );
+    let _ = writeln!(Console, "full heap: {full}");
+    free(&blocks, second);
+    if ALLOC.stats().blocks_in_use() != 0 || second_bytes * 10 < first_bytes * 9 {
         return 1;
     }
     0
