@@ -132,3 +132,60 @@ fn referents_name_what_an_object_holds() {
     *b.next.borrow_mut() = None;
     node.edges.borrow_mut().clear();
 }
+
+/// Reports a fresh clone of its handle instead of the handle itself: the
+/// collector counts the edge, but clearing empties the clone, so a cycle
+/// of these survives being cleared, CPython's "uncollectable".
+struct Stubborn {
+    other: RefCell<Option<Cc<Stubborn>>>,
+}
+
+// SAFETY: the clone it reports is a handle to what `self` owns a handle to,
+// so the counts come out as for the real edge; only clearing misses it,
+// which leaks the pair and breaks nothing.
+unsafe impl Trace for Stubborn {
+    fn trace(&self, visitor: &mut pymalloc::Visitor<'_>) {
+        let clone = self.other.borrow().clone();
+        clone.trace(visitor);
+    }
+}
+
+#[test]
+fn garbage_that_survives_clearing_is_named_uncollectable() {
+    gc::set_debug_print(capture);
+    gc::disable();
+    let a = Cc::new(Stubborn {
+        other: RefCell::new(None),
+    });
+    let b = Cc::new(Stubborn {
+        other: RefCell::new(Some(a.clone())),
+    });
+    *a.other.borrow_mut() = Some(b.clone());
+    let (a_addr, b_addr) = (Cc::as_ptr(&a) as usize, Cc::as_ptr(&b) as usize);
+    let before = gc::stats()[2].uncollectable;
+    drop((a, b));
+    gc::set_debug(gc::DEBUG_UNCOLLECTABLE);
+    gc::collect();
+    gc::set_debug(0);
+    assert_eq!(gc::stats()[2].uncollectable - before, 2);
+    let out = take_output();
+    let mut named: Vec<usize> = out
+        .lines()
+        .map(|line| {
+            let hex = line
+                .strip_prefix("gc: uncollectable <Stubborn 0x")
+                .and_then(|l| l.strip_suffix('>'))
+                .unwrap_or_else(|| panic!("{out}"));
+            usize::from_str_radix(hex, 16).unwrap()
+        })
+        .collect();
+    named.sort_unstable();
+    assert_eq!(named.len(), 2, "{out}");
+    // The addresses printed are the objects' headers, a fixed distance
+    // before their values.
+    let mut values = [a_addr, b_addr];
+    values.sort_unstable();
+    assert_eq!(values[0] - named[0], values[1] - named[1]);
+    assert!(values[0] > named[0]);
+    assert_eq!(gc::census().get("Stubborn"), 2);
+}
