@@ -12,6 +12,8 @@ use std::alloc::{GlobalAlloc, Layout};
 pub struct Filled {
     pub first: usize,
     pub after_churn: usize,
+    /// Successful allocations over the whole run.
+    pub allocations: usize,
 }
 
 /// Live blocks: address, layout.
@@ -19,14 +21,22 @@ type Blocks = Vec<(*mut u8, Layout)>;
 
 /// Allocates random sizes in `lo..=hi` (8-aligned) until the first null;
 /// each block is filled with a byte derived from its address, checked on free.
-fn fill(alloc: &impl GlobalAlloc, rng: &mut Rng, lo: usize, hi: usize, blocks: &mut Blocks) {
+/// Returns how many it allocated.
+fn fill(
+    alloc: &impl GlobalAlloc,
+    rng: &mut Rng,
+    lo: usize,
+    hi: usize,
+    blocks: &mut Blocks,
+) -> usize {
+    let before = blocks.len();
     loop {
         let size = lo + rng.below(hi - lo + 1);
         let layout = Layout::from_size_align(size, 8).unwrap();
         // SAFETY: non-zero size.
         let p = unsafe { alloc.alloc(layout) };
         if p.is_null() {
-            return;
+            return blocks.len() - before;
         }
         // SAFETY: the block has `size` bytes.
         unsafe { p.write_bytes(stamp(p), size) };
@@ -59,7 +69,7 @@ fn live_bytes(blocks: &Blocks) -> usize {
 pub fn run(alloc: &impl GlobalAlloc, lo: usize, hi: usize, rounds: usize, seed: u64) -> Filled {
     let mut rng = Rng::new(seed);
     let mut blocks = Blocks::new();
-    fill(alloc, &mut rng, lo, hi, &mut blocks);
+    let mut allocations = fill(alloc, &mut rng, lo, hi, &mut blocks);
     let first = live_bytes(&blocks);
     let mut after_churn = usize::MAX;
     for _ in 0..rounds {
@@ -73,7 +83,7 @@ pub fn run(alloc: &impl GlobalAlloc, lo: usize, hi: usize, rounds: usize, seed: 
             }
         }
         blocks = kept;
-        fill(alloc, &mut rng, lo, hi, &mut blocks);
+        allocations += fill(alloc, &mut rng, lo, hi, &mut blocks);
         after_churn = after_churn.min(live_bytes(&blocks));
     }
     for (p, layout) in blocks {
@@ -83,6 +93,7 @@ pub fn run(alloc: &impl GlobalAlloc, lo: usize, hi: usize, rounds: usize, seed: 
     Filled {
         first,
         after_churn: if rounds == 0 { first } else { after_churn },
+        allocations,
     }
 }
 
