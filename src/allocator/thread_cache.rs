@@ -782,8 +782,8 @@ mod exit {
         // SAFETY: per the contract, a live cache made by `adopt`; its
         // thread is exiting (or, with fibers, is this one).
         unsafe { (*cache).retire() };
-        // Not `SLOT.set(null)` alone: a destructor run after this one must
-        // not make a new cache, which no hook would hand back.
+        // `GONE` too: a destructor run after this one must not make a new
+        // cache, which no hook would hand back.
         SLOT.set(ptr::null());
         GONE.set(true);
         // SAFETY: made by `adopt` with this layout; unlinked from the
