@@ -190,3 +190,34 @@ fn more_allocators_than_the_registry_holds_all_work() {
         assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
     }
 }
+
+#[test]
+fn a_thread_locals_destructor_allocating_at_exit_leaves_nothing_behind() {
+    static HEAP: PyMalloc = PyMalloc::system();
+    /// Churns `HEAP` when its thread exits: before or after the cache is
+    /// handed back, depending on the exit hook and the registration order.
+    struct AtExit;
+    impl Drop for AtExit {
+        fn drop(&mut self) {
+            churn(&HEAP, 300);
+        }
+    }
+    thread_local! {
+        static AT_EXIT: AtExit = const { AtExit };
+    }
+    for first in [true, false] {
+        thread::spawn(move || {
+            if first {
+                AT_EXIT.with(|_| ());
+            }
+            churn(&HEAP, 500);
+            AT_EXIT.with(|_| ());
+        })
+        .join()
+        .unwrap();
+        let stats = HEAP.stats();
+        assert_eq!((stats.live_allocations(), stats.cached_blocks), (0, 0));
+        assert_eq!(stats.requested_bytes, 0);
+        assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
+    }
+}

@@ -121,7 +121,8 @@ compile_error!(
 );
 
 /// Whether this build gives each thread a cache of free blocks in front of
-/// the shared heaps: with `std`, on Linux with glibc, without the `debug`
-/// feature (see `build.rs` for why only there). Without them every
+/// the shared heaps: with `std` on Linux, macOS, FreeBSD, illumos, Solaris
+/// and Windows (MSVC), without the `debug` feature (see `build.rs` for the
+/// thread-exit hook of each, and why the others go without). Without them every
 /// allocation takes a heap's lock, chosen without thread-local storage.
 pub const THREAD_CACHES: bool = cfg!(thread_cache);

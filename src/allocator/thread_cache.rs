@@ -22,18 +22,18 @@
 //!   whenever the generation moved, discarding (never touching) its blocks
 //!   if the owner is gone. The registry also lists, per allocator, the
 //!   caches bound to it, for statistics.
-//! * The cache itself is a thread local without a destructor, so using it
-//!   costs no state check. Binding it registers a second, empty thread
-//!   local whose destructor, at thread exit, hands the cache back: under the
-//!   registry lock, so that the owner cannot be dropped meanwhile, it pushes
-//!   every block to its heap's inbox. It cannot free into the heap: the
-//!   backing lives in the `PyMalloc` value, whose address the cache does not
-//!   know. The next holder of each heap reclaims them. Once that destructor
-//!   has run it cannot be registered again, so the cache never binds again
-//!   and the dying thread's later allocations (other thread locals'
-//!   destructors) take the shared path.
+//! * At thread exit a hook (which one depends on the platform: see
+//!   `build.rs` and `exit` below) hands the cache back: under the registry
+//!   lock, so that the owner cannot be dropped meanwhile, it pushes every
+//!   block to its heap's inbox. It cannot free into the heap: the backing
+//!   lives in the `PyMalloc` value, whose address the cache does not know.
+//!   The next holder of each heap reclaims them. After that the cache never
+//!   binds again, and the dying thread's later allocations (other thread
+//!   locals' destructors, or key destructors run after ours) take the
+//!   shared path.
 //! * Thread start-up needs nothing: a thread's TLS block exists before any
-//!   of its code runs, and the cache starts unbound.
+//!   of its code runs, and the cache starts unbound (with a pthread key or
+//!   FLS, absent until the thread's first small allocation).
 
 use super::backing::Backing;
 use super::config::MAX_HEAPS;
@@ -244,19 +244,6 @@ pub(crate) struct ThreadCache {
     next: Cell<*const ThreadCache>,
 }
 
-std::thread_local! {
-    /// No destructor, so no state to check on each access: the fast path is
-    /// one thread-pointer-relative address.
-    static CACHE: ThreadCache = const { ThreadCache::new() };
-    /// Registered by its first access, in `bind`; its destructor hands the
-    /// cache back at thread exit. Once it has run, `try_with` fails and the
-    /// cache never binds again.
-    static EXIT: ExitGuard = const { ExitGuard };
-}
-
-/// Hands the thread's cache back when the thread exits.
-struct ExitGuard;
-
 impl ThreadCache {
     const fn new() -> Self {
         ThreadCache {
@@ -287,7 +274,7 @@ impl ThreadCache {
     fn bind(&self, alloc: &impl CacheOwner) -> bool {
         // An exiting thread whose cache was handed back stays on the shared
         // path without touching the registry lock on every call.
-        if EXIT.try_with(|_| ()).is_err() {
+        if !exit::arm() {
             return false;
         }
         let set = alloc.heap_set();
@@ -461,15 +448,9 @@ impl Chains {
     }
 }
 
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
-        CACHE.with(ThreadCache::retire);
-    }
-}
-
 impl ThreadCache {
     /// Thread exit: hands every block back (see the module documentation)
-    /// and unbinds, for good: `EXIT` is gone, so `bind` refuses.
+    /// and unbinds, for good: `exit` serves this thread no cache any more.
     fn retire(&self) {
         if self.owner.get() == NO_OWNER {
             return;
@@ -504,28 +485,24 @@ impl ThreadCache {
 /// allocator, or the thread is exiting), `Some(null)` when memory ran out.
 #[inline]
 pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> Option<*mut u8> {
-    // `try_with`, not `with`: it inlines. (It cannot fail: the cache has
-    // no destructor.)
-    CACHE
-        .try_with(|cache| {
-            if !cache.serves(alloc) {
-                return None;
-            }
-            let list = &cache.lists[class];
-            if list.head.get().is_null() && !cache.refill(alloc, class) {
-                return Some(ptr::null_mut());
-            }
-            let block = list.head.get();
-            // SAFETY: a block on the list: free, ours, linked through its
-            // first word.
-            list.head.set(unsafe { FreeBlock::cached_next(block) });
-            list.len
-                .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-            cache.add_requested(requested);
-            Some(block.cast())
-        })
-        .ok()
-        .flatten()
+    exit::with(|cache| {
+        if !cache.serves(alloc) {
+            return None;
+        }
+        let list = &cache.lists[class];
+        if list.head.get().is_null() && !cache.refill(alloc, class) {
+            return Some(ptr::null_mut());
+        }
+        let block = list.head.get();
+        // SAFETY: a block on the list: free, ours, linked through its
+        // first word.
+        list.head.set(unsafe { FreeBlock::cached_next(block) });
+        list.len
+            .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        cache.add_requested(requested);
+        Some(block.cast())
+    })
+    .flatten()
 }
 
 /// Frees `block` of `class` into the calling thread's cache for `alloc`;
@@ -540,30 +517,29 @@ pub(crate) unsafe fn free(
     class: usize,
     requested: usize,
 ) -> bool {
-    CACHE
-        .try_with(|cache| {
-            if !cache.serves(alloc) {
-                return false;
-            }
-            let list = &cache.lists[class];
-            let block = block.cast::<FreeBlock>();
-            // SAFETY: the contract gives us the block: it can hold the link.
-            unsafe { FreeBlock::set_cached_next(block, list.head.get()) };
-            list.head.set(block);
-            let len = list.len.load(Ordering::Relaxed) + 1;
-            list.len.store(len, Ordering::Relaxed);
-            cache.add_requested(requested.wrapping_neg());
-            if len > capacity(class) {
-                cache.flush(alloc, class, len - capacity(class) / 2);
-            }
-            true
-        })
-        .unwrap_or(false)
+    exit::with(|cache| {
+        if !cache.serves(alloc) {
+            return false;
+        }
+        let list = &cache.lists[class];
+        let block = block.cast::<FreeBlock>();
+        // SAFETY: the contract gives us the block: it can hold the link.
+        unsafe { FreeBlock::set_cached_next(block, list.head.get()) };
+        list.head.set(block);
+        let len = list.len.load(Ordering::Relaxed) + 1;
+        list.len.store(len, Ordering::Relaxed);
+        cache.add_requested(requested.wrapping_neg());
+        if len > capacity(class) {
+            cache.flush(alloc, class, len - capacity(class) / 2);
+        }
+        true
+    })
+    .unwrap_or(false)
 }
 
 /// Gives every block the calling thread caches for `alloc` back to its heap.
 pub(crate) fn flush_all(alloc: &impl CacheOwner) {
-    CACHE.with(|cache| {
+    exit::with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
             for class in 0..CLASS_COUNT {
                 let len = cache.lists[class].len.load(Ordering::Relaxed);
@@ -625,29 +601,294 @@ pub(crate) unsafe fn registry_release_after_fork() {
 /// to their allocator's count.
 #[cfg(fork_handlers)]
 pub(crate) fn keep_only_this_thread() {
-    CACHE.with(|me| {
-        let mut registry = REGISTRY.lock();
-        for slot in registry.slots.iter_mut().filter(|slot| slot.id != 0) {
-            let mut cache = core::mem::replace(&mut slot.caches, ptr::null());
-            while !cache.is_null() {
-                // The child has no other thread, so nothing has reused the
-                // copied memory of the caches listed at the fork, and the
-                // registry lock held across it kept their links consistent.
-                // SAFETY: so `cache` is readable; only links and atomics are.
-                let c = unsafe { &*cache };
-                cache = c.next.get();
-                if ptr::eq(c, me) {
-                    me.prev.set(ptr::null());
-                    me.next.set(ptr::null());
-                    slot.caches = me;
-                } else {
-                    // SAFETY: a bound cache's set is its live owner's (the
-                    // owner is registered: this slot).
-                    unsafe { &*c.set.get() }
-                        .requested
-                        .fetch_add(c.requested.load(Ordering::Relaxed), Ordering::Relaxed);
-                }
+    // The calling thread's cache, null if it has none.
+    let me = exit::current();
+    let mut registry = REGISTRY.lock();
+    for slot in registry.slots.iter_mut().filter(|slot| slot.id != 0) {
+        let mut cache = core::mem::replace(&mut slot.caches, ptr::null());
+        while !cache.is_null() {
+            // The child has no other thread, so nothing has reused the
+            // copied memory of the caches listed at the fork, and the
+            // registry lock held across it kept their links consistent.
+            // SAFETY: so `cache` is readable; only links and atomics are.
+            let c = unsafe { &*cache };
+            cache = c.next.get();
+            if ptr::eq(c, me) {
+                c.prev.set(ptr::null());
+                c.next.set(ptr::null());
+                slot.caches = me;
+            } else {
+                // SAFETY: a bound cache's set is its live owner's (the
+                // owner is registered: this slot).
+                unsafe { &*c.set.get() }
+                    .requested
+                    .fetch_add(c.requested.load(Ordering::Relaxed), Ordering::Relaxed);
             }
         }
-    });
+    }
+}
+
+/// Where the calling thread's cache lives and how it is handed back at
+/// thread exit, per `thread_exit` (chosen in `build.rs`). Every variant
+/// keeps the thread locals `const`-initialised with no destructor of their
+/// own, so touching them registers nothing and allocates nothing.
+///
+/// * `with` runs a closure on the thread's cache; `None`
+///   once the thread has handed its cache back (or cannot have one).
+/// * `arm`, at binding: whether the exit hook will run (false:
+///   the thread is past it).
+/// * `current`: the thread's cache, null if it has none.
+#[cfg(thread_exit = "tls_destructor")]
+mod exit {
+    use super::ThreadCache;
+
+    std::thread_local! {
+        /// No destructor, so no state to check on each access: the fast
+        /// path is one thread-pointer-relative address.
+        static CACHE: ThreadCache = const { ThreadCache::new() };
+        /// Registered by its first access, in `arm`; its destructor hands
+        /// the cache back at thread exit. Once it has run, `try_with` fails
+        /// and the cache never binds again.
+        static EXIT: ExitGuard = const { ExitGuard };
+    }
+
+    /// Hands the thread's cache back when the thread exits.
+    struct ExitGuard;
+
+    impl Drop for ExitGuard {
+        fn drop(&mut self) {
+            CACHE.with(ThreadCache::retire);
+        }
+    }
+
+    #[inline]
+    pub(super) fn with<R>(f: impl FnOnce(&ThreadCache) -> R) -> Option<R> {
+        // `try_with`, not `with`: it inlines. (It cannot fail: the cache
+        // has no destructor.)
+        CACHE.try_with(f).ok()
+    }
+
+    pub(super) fn arm() -> bool {
+        EXIT.try_with(|_| ()).is_ok()
+    }
+
+    #[cfg(fork_handlers)]
+    pub(super) fn current() -> *const ThreadCache {
+        CACHE.with(|cache| cache as *const ThreadCache)
+    }
+}
+
+/// The cache is a block from `System` (the C library's allocator, which
+/// never calls the global allocator), made at the thread's first small
+/// allocation; a thread local holds its address, and so does a
+/// thread-exit hook (a pthread key, or FLS on Windows) whose callback gets
+/// that address as its argument and so reads no TLS to find the cache:
+/// macOS frees TLV blocks in key destructors that may run before ours.
+#[cfg(any(thread_exit = "pthread_key", thread_exit = "fls"))]
+mod exit {
+    use super::super::sync::{AtomicUsize, Ordering};
+    use super::ThreadCache;
+    use core::cell::Cell;
+    use core::ffi::c_void;
+    use core::ptr;
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    std::thread_local! {
+        /// The thread's cache; null before the first use and after exit.
+        static SLOT: Cell<*const ThreadCache> = const { Cell::new(ptr::null()) };
+        /// Set once the cache is handed back (or could not be made): later
+        /// calls, from destructors that run after ours, take the shared
+        /// path rather than make a cache no hook would hand back.
+        static GONE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The process's key, plus one; 0 before the first cache, `FAILED` if
+    /// the platform had no key to give.
+    static KEY: AtomicUsize = AtomicUsize::new(0);
+    const FAILED: usize = usize::MAX;
+
+    #[inline]
+    pub(super) fn with<R>(f: impl FnOnce(&ThreadCache) -> R) -> Option<R> {
+        let mut cache = SLOT.get();
+        if cache.is_null() {
+            cache = adopt()?;
+        }
+        // SAFETY: a non-null slot holds this thread's cache, made by `adopt`
+        // and freed only by the exit hook, which clears the slot first.
+        Some(f(unsafe { &*cache }))
+    }
+
+    /// The hook was armed when the cache was made.
+    pub(super) fn arm() -> bool {
+        true
+    }
+
+    #[cfg(fork_handlers)]
+    pub(super) fn current() -> *const ThreadCache {
+        SLOT.get()
+    }
+
+    /// Makes the thread's cache and arms the hook that hands it back; `None`
+    /// if the thread is past its hook, or the key or memory is missing (the
+    /// thread then stays on the shared path).
+    #[cold]
+    fn adopt() -> Option<*const ThreadCache> {
+        if GONE.get() {
+            return None;
+        }
+        let cache = key().and_then(|key| {
+            // SAFETY: a non-zero size.
+            let cache = unsafe { System.alloc(Layout::new::<ThreadCache>()) }.cast::<ThreadCache>();
+            if cache.is_null() {
+                return None;
+            }
+            // SAFETY: fresh memory of the cache's layout.
+            unsafe { cache.write(ThreadCache::new()) };
+            if os::set(key, cache.cast()) {
+                Some(cache.cast_const())
+            } else {
+                // SAFETY: allocated just above, never shared.
+                unsafe { System.dealloc(cache.cast(), Layout::new::<ThreadCache>()) };
+                None
+            }
+        });
+        match cache {
+            Some(cache) => SLOT.set(cache),
+            None => GONE.set(true),
+        }
+        cache
+    }
+
+    /// The process's key, made by the first thread that needs it.
+    fn key() -> Option<usize> {
+        let key = KEY.load(Ordering::Acquire);
+        if key != 0 {
+            return (key != FAILED).then(|| key - 1);
+        }
+        let made = os::create().map_or(FAILED, |key| key + 1);
+        match KEY.compare_exchange(0, made, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => (made != FAILED).then(|| made - 1),
+            Err(winner) => {
+                if made != FAILED {
+                    os::delete(made - 1);
+                }
+                (winner != FAILED).then(|| winner - 1)
+            }
+        }
+    }
+
+    /// The hook: hands back the thread's cache `value` and frees it.
+    ///
+    /// # Safety
+    /// `value` is a cache `adopt` made and armed, run once per arming.
+    unsafe fn on_exit(value: *mut c_void) {
+        let cache = value.cast::<ThreadCache>();
+        #[cfg(thread_exit = "fls")]
+        if SLOT.get() != cache.cast_const() {
+            // Windows also runs FLS callbacks when a fiber is deleted, from
+            // whichever thread deletes it: if this is not that thread's
+            // cache, its thread may still be using it. Leave it (and its
+            // blocks) be.
+            return;
+        }
+        // SAFETY: per the contract, a live cache made by `adopt`; its
+        // thread is exiting (or, with fibers, is this one).
+        unsafe { (*cache).retire() };
+        // `GONE` too: a destructor run after this one must not make a new
+        // cache, which no hook would hand back.
+        SLOT.set(ptr::null());
+        GONE.set(true);
+        // SAFETY: made by `adopt` with this layout; unlinked from the
+        // registry by `retire`, and no longer in the slot.
+        unsafe { System.dealloc(cache.cast(), Layout::new::<ThreadCache>()) };
+    }
+
+    /// POSIX thread-specific data: a key whose destructor runs at thread
+    /// exit for each thread that set a non-null value, in the exiting
+    /// thread. The value is cleared before the call and never set again
+    /// (`GONE`), so the destructor runs once per thread whatever
+    /// `PTHREAD_DESTRUCTOR_ITERATIONS` is.
+    #[cfg(thread_exit = "pthread_key")]
+    mod os {
+        use core::ffi::{c_int, c_void};
+
+        #[cfg(target_vendor = "apple")]
+        type Key = core::ffi::c_ulong;
+        #[cfg(target_os = "freebsd")]
+        type Key = c_int;
+        #[cfg(not(any(target_vendor = "apple", target_os = "freebsd")))]
+        type Key = core::ffi::c_uint;
+
+        extern "C" {
+            fn pthread_key_create(
+                key: *mut Key,
+                destructor: Option<unsafe extern "C" fn(*mut c_void)>,
+            ) -> c_int;
+            fn pthread_key_delete(key: Key) -> c_int;
+            fn pthread_setspecific(key: Key, value: *const c_void) -> c_int;
+        }
+
+        unsafe extern "C" fn destructor(value: *mut c_void) {
+            // SAFETY: the key's values are caches `adopt` armed; the C
+            // library runs this once per value, in the value's thread.
+            unsafe { super::on_exit(value) }
+        }
+
+        pub(super) fn create() -> Option<usize> {
+            let mut key: Key = 0;
+            // SAFETY: `key` is writable; the destructor never unwinds and
+            // lives as long as the program.
+            (unsafe { pthread_key_create(&mut key, Some(destructor)) } == 0).then_some(key as usize)
+        }
+
+        pub(super) fn delete(key: usize) {
+            // SAFETY: a key `create` made, which no thread has set.
+            unsafe { pthread_key_delete(key as Key) };
+        }
+
+        pub(super) fn set(key: usize, value: *const c_void) -> bool {
+            // SAFETY: a key `create` made.
+            unsafe { pthread_setspecific(key as Key, value) == 0 }
+        }
+    }
+
+    /// Fiber-local storage: a callback that runs at thread exit (and when
+    /// a fiber, or the index, is freed) for each non-null value.
+    #[cfg(thread_exit = "fls")]
+    mod os {
+        use core::ffi::c_void;
+
+        /// `FlsAlloc`'s failure.
+        const FLS_OUT_OF_INDEXES: u32 = u32::MAX;
+
+        #[link(name = "kernel32")]
+        extern "system" {
+            fn FlsAlloc(callback: Option<unsafe extern "system" fn(*mut c_void)>) -> u32;
+            fn FlsFree(index: u32) -> i32;
+            fn FlsSetValue(index: u32, value: *const c_void) -> i32;
+        }
+
+        unsafe extern "system" fn callback(value: *mut c_void) {
+            // SAFETY: the index's values are caches `adopt` armed; Windows
+            // runs this once per value (`on_exit` checks the thread).
+            unsafe { super::on_exit(value) }
+        }
+
+        pub(super) fn create() -> Option<usize> {
+            // SAFETY: the callback never unwinds and lives as long as the
+            // program.
+            let index = unsafe { FlsAlloc(Some(callback)) };
+            (index != FLS_OUT_OF_INDEXES).then_some(index as usize)
+        }
+
+        pub(super) fn delete(key: usize) {
+            // SAFETY: an index `create` made, which no thread has set.
+            unsafe { FlsFree(key as u32) };
+        }
+
+        pub(super) fn set(key: usize, value: *const c_void) -> bool {
+            // SAFETY: an index `create` made.
+            unsafe { FlsSetValue(key as u32, value) != 0 }
+        }
+    }
 }
