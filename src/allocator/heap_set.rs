@@ -207,6 +207,10 @@ impl HeapSet {
     /// after it, else waits for the hinted one.
     pub(crate) fn hold<'a, B: Backing>(&'a self, hint: usize, backing: &'a B) -> Held<'a, B> {
         let count = self.count();
+        if count == 1 {
+            // No search, and no division (small regions and firmware).
+            return self.hold_exactly(0, backing);
+        }
         let start = hint % count;
         for step in 0..count {
             let index = (start + step) % count;

@@ -267,7 +267,10 @@ impl ThreadCache {
     /// allocator.
     #[inline]
     fn serves(&self, alloc: &impl CacheOwner) -> bool {
-        self.owner.get() == alloc.cache_id() || self.bind(alloc)
+        let id = alloc.cache_id();
+        // Id 0, an allocator that is not cached (a small region) or has no
+        // heaps yet, is refused here: every one of its calls comes this way.
+        self.owner.get() == id || (id != 0 && self.bind(alloc))
     }
 
     #[cold]
@@ -279,7 +282,7 @@ impl ThreadCache {
         }
         let set = alloc.heap_set();
         let id = alloc.cache_id();
-        if set.is_null() || id == 0 {
+        if set.is_null() {
             return false;
         }
         if self.owner.get() != NO_OWNER && GENERATION.load(Ordering::Acquire) == self.seen.get() {
