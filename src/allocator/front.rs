@@ -328,7 +328,12 @@ impl<B: Backing> PyMalloc<B> {
                         .span_len()
                         .is_none_or(|len| len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES)
                 {
-                    self.id.store(thread_cache::register(), Ordering::Relaxed);
+                    // A full registry (0) leaves it uncached for good.
+                    let id = thread_cache::register();
+                    let id = if id == 0 { thread_cache::UNCACHED } else { id };
+                    self.id.store(id, Ordering::Relaxed);
+                } else {
+                    self.id.store(thread_cache::UNCACHED, Ordering::Relaxed);
                 }
                 set
             }

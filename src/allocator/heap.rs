@@ -93,6 +93,16 @@ impl Heap {
     /// A block of `class`, or null when the backing has no arena to give.
     #[inline]
     pub(crate) fn alloc(&mut self, class: usize, backing: &impl Backing) -> *mut u8 {
+        let pool = self.used_pools[class];
+        if !pool.is_null() {
+            // SAFETY: a pool on a class list is initialised and has a free
+            // block.
+            let (block, full) = unsafe { Pool::take_one(pool) };
+            if full {
+                self.unlink_pool(class, pool);
+            }
+            return block.cast();
+        }
         let mut batch = Batch::new();
         self.alloc_batch(class, 1, &mut batch, backing);
         batch.first.cast()

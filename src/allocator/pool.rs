@@ -199,6 +199,32 @@ impl Pool {
         }
     }
 
+    /// Hands out one block, the head of the free list (the locked path's
+    /// single allocation, CPython's `pymalloc_alloc`), keeping a free block
+    /// on the list while the pool has room. Returns it, and whether the
+    /// pool is now full.
+    ///
+    /// # Safety
+    /// `pool` is an initialised pool whose free list is not empty.
+    #[inline]
+    pub(crate) unsafe fn take_one(pool: *mut Pool) -> (*mut FreeBlock, bool) {
+        // SAFETY: the contract makes `pool` a live header and `free` one of
+        // its blocks no one uses; the bump offset, while within the limit,
+        // names an untouched block of the pool.
+        unsafe {
+            let block = (*pool).free;
+            let mut next = FreeBlock::next(block);
+            if next.is_null() && (*pool).bump <= (*pool).bump_limit {
+                next = pool.cast::<u8>().add((*pool).bump as usize).cast();
+                FreeBlock::set_next(next, ptr::null_mut());
+                (*pool).bump += class_size((*pool).class as usize) as u32;
+            }
+            (*pool).free = next;
+            (*pool).used += 1;
+            (block, next.is_null())
+        }
+    }
+
     /// Hands out up to `n` blocks at once, appended to `batch`: free-list
     /// blocks first, then fresh ones carved from the bump offset. Returns
     /// how many, and whether the pool is now full.

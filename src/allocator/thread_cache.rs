@@ -90,6 +90,10 @@ fn capacity(class: usize) -> usize {
 /// Owner of a cache bound to no allocator: no allocator has this id.
 const NO_OWNER: usize = usize::MAX;
 
+/// The id of an allocator no cache ever binds to (caches are off for its
+/// backing, see `CACHED_SPAN_SHARE`): never registered, never an owner.
+pub(crate) const UNCACHED: usize = usize::MAX - 1;
+
 /// Allocators alive now that caches may bind to, each with the caches
 /// bound to it.
 struct Registry {
@@ -148,7 +152,7 @@ pub(crate) fn register() -> usize {
 /// Removes `id`: from now on no cache touches the blocks of its allocator.
 /// Waits for any thread that is handing its cache back to that allocator.
 pub(crate) fn unregister(id: usize) {
-    if id == 0 {
+    if id == 0 || id == UNCACHED {
         return;
     }
     let mut registry = REGISTRY.lock();
@@ -209,7 +213,8 @@ impl Slot {
 pub(crate) trait CacheOwner {
     /// Where large objects and arenas come from.
     type Backing: Backing;
-    /// The id caches bind to (from [`register`]); 0 if it has none yet.
+    /// The id caches bind to (from [`register`]); 0 if it has none yet,
+    /// [`UNCACHED`] if it never will.
     fn cache_id(&self) -> usize;
     /// The allocator's heaps, made now if this is their first use; null when
     /// the backing has no memory for them.
@@ -268,9 +273,9 @@ impl ThreadCache {
     #[inline]
     fn serves(&self, alloc: &impl CacheOwner) -> bool {
         let id = alloc.cache_id();
-        // Id 0, an allocator that is not cached (a small region) or has no
-        // heaps yet, is refused here: every one of its calls comes this way.
-        self.owner.get() == id || (id != 0 && self.bind(alloc))
+        // An allocator that is never cached is refused here: every one of
+        // its calls comes this way.
+        self.owner.get() == id || (id != UNCACHED && self.bind(alloc))
     }
 
     #[cold]
@@ -282,7 +287,7 @@ impl ThreadCache {
         }
         let set = alloc.heap_set();
         let id = alloc.cache_id();
-        if set.is_null() {
+        if set.is_null() || id == 0 || id == UNCACHED {
             return false;
         }
         if self.owner.get() != NO_OWNER && GENERATION.load(Ordering::Acquire) == self.seen.get() {
