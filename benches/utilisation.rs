@@ -49,33 +49,40 @@ fn measure(which: usize, lo: usize, hi: usize) -> (Filled, f64) {
         (filled, ns)
     }
     let spans = span(which);
-    // SAFETY (every arm): the span is used by the one allocator made over
-    // it here, which lives until the end of this call.
     match which {
+        // SAFETY: the span is used by the one allocator made over it here,
+        // which lives until the end of this call.
         0 => timed(&unsafe { PyMalloc::region(spans) }, lo, hi),
         1 => timed(
+            // SAFETY: as above.
             &unsafe { PyMalloc::<Region>::region_with(spans, Config::SMALL) },
             lo,
             hi,
         ),
         2 => {
             let heap = linked_list_allocator::LockedHeap::empty();
+            // SAFETY: as above.
             unsafe { heap.lock().init(spans.cast(), SPAN) };
             timed(&heap, lo, hi)
         }
         3 => {
-            let heap = talc::TalcLock::<spinning_top::RawSpinlock, _>::new(unsafe {
-                talc::source::Claim::array(spans)
-            });
-            timed(&heap, lo, hi)
+            // SAFETY: as above.
+            let claim = unsafe { talc::source::Claim::array(spans) };
+            timed(
+                &talc::TalcLock::<spinning_top::RawSpinlock, _>::new(claim),
+                lo,
+                hi,
+            )
         }
         4 => {
             let heap = embedded_alloc::LlffHeap::empty();
+            // SAFETY: as above.
             unsafe { heap.init(spans as usize, SPAN) };
             timed(&heap, lo, hi)
         }
         _ => {
             let heap = embedded_alloc::TlsfHeap::empty();
+            // SAFETY: as above.
             unsafe { heap.init(spans as usize, SPAN) };
             timed(&heap, lo, hi)
         }
