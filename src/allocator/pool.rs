@@ -214,14 +214,36 @@ impl Pool {
         unsafe {
             let block = (*pool).free;
             let mut next = FreeBlock::next(block);
-            if next.is_null() && (*pool).bump <= (*pool).bump_limit {
-                next = pool.cast::<u8>().add((*pool).bump as usize).cast();
-                FreeBlock::set_next(next, ptr::null_mut());
-                (*pool).bump += class_size((*pool).class as usize) as u32;
+            if next.is_null() {
+                let mut bump = (*pool).bump;
+                next = Self::carve_free(pool, &mut bump);
+                (*pool).bump = bump;
             }
             (*pool).free = next;
             (*pool).used += 1;
             (block, next.is_null())
+        }
+    }
+
+    /// The pool's invariant on its class list, kept after its free list ran
+    /// out: a fresh block carved at `bump` (advanced past it) as the whole
+    /// free list, or null when the pool is full.
+    ///
+    /// # Safety
+    /// `pool` is a live header and `bump` its bump offset (or beyond, for
+    /// blocks already carved but not yet recorded).
+    #[inline(always)]
+    unsafe fn carve_free(pool: *mut Pool, bump: &mut u32) -> *mut FreeBlock {
+        // SAFETY: the contract makes `pool` live; while within the limit the
+        // bump offset names an untouched block of it, ours to link.
+        unsafe {
+            if *bump > (*pool).bump_limit {
+                return ptr::null_mut();
+            }
+            let free = pool.cast::<u8>().add(*bump as usize).cast();
+            FreeBlock::set_next(free, ptr::null_mut());
+            *bump += class_size((*pool).class as usize) as u32;
+            free
         }
     }
 
@@ -254,12 +276,10 @@ impl Pool {
                 bump += size;
                 taken += 1;
             }
-            if free.is_null() && bump <= (*pool).bump_limit {
+            if free.is_null() {
                 // Keep a free block while there is room: a pool on its
                 // class list always has one (see the module documentation).
-                free = pool.cast::<u8>().add(bump as usize).cast();
-                FreeBlock::set_next(free, ptr::null_mut());
-                bump += size;
+                free = Self::carve_free(pool, &mut bump);
             }
             (*pool).bump = bump;
             (*pool).free = free;
