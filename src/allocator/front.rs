@@ -322,18 +322,17 @@ impl<B: Backing> PyMalloc<B> {
                 // Caches only where they hold a small share of the memory:
                 // a bounded span of at least CACHED_SPAN_SHARE full caches.
                 #[cfg(thread_cache)]
-                if track::thread_caches_allowed()
-                    && self
-                        .backing
-                        .span_len()
-                        .is_none_or(|len| len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES)
                 {
-                    // A full registry (0) leaves it uncached for good.
-                    let id = thread_cache::register();
-                    let id = if id == 0 { thread_cache::UNCACHED } else { id };
+                    let cached = track::thread_caches_allowed()
+                        && self.backing.span_len().is_none_or(|len| {
+                            len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES
+                        });
+                    let id = if cached {
+                        thread_cache::register()
+                    } else {
+                        thread_cache::UNCACHED
+                    };
                     self.id.store(id, Ordering::Relaxed);
-                } else {
-                    self.id.store(thread_cache::UNCACHED, Ordering::Relaxed);
                 }
                 set
             }

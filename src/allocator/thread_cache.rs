@@ -132,8 +132,9 @@ static GENERATION: AtomicUsize = AtomicUsize::new(0);
 /// Hands out ids; 0 means "none yet".
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
-/// A fresh id for a new heap set, registered so caches may bind to it; 0
-/// if the registry is full (the allocator then goes without caches).
+/// A fresh id for a new heap set, registered so caches may bind to it;
+/// [`UNCACHED`] if the registry is full (the allocator then goes without
+/// caches).
 pub(crate) fn register() -> usize {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let mut registry = REGISTRY.lock();
@@ -145,7 +146,7 @@ pub(crate) fn register() -> usize {
             };
             id
         }
-        None => 0,
+        None => UNCACHED,
     }
 }
 
