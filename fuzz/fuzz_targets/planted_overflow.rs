@@ -17,7 +17,9 @@ fn decode(data: &[u8]) -> Vec<u8> {
     let Some((&length, runs)) = data.split_first() else {
         return Vec::new();
     };
-    let mut out: Vec<u8> = Vec::with_capacity(length as usize);
+    // At least one byte: an empty Vec has no block, and a write through its
+    // dangling pointer would be a wild SEGV, not the heap overflow planted.
+    let mut out: Vec<u8> = Vec::with_capacity(usize::from(length).max(1));
     let mut at = out.as_mut_ptr();
     for run in runs.chunks_exact(2) {
         for _ in 0..run[0] {
