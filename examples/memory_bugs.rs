@@ -4,6 +4,9 @@
 //!
 //! ```text
 //! memory_bugs overflow        writes one byte past a 100-byte Vec's capacity
+//! memory_bugs underflow       writes one byte before a 440-byte Vec: the
+//!                             first block of a pool, so the byte is the
+//!                             pool's header
 //! memory_bugs use-after-free  reads a freed Box<u64>
 //! memory_bugs leak            leaks two boxes, of 64 and 200 bytes
 //! memory_bugs clean           the same objects, used correctly, and a
@@ -22,6 +25,17 @@ fn overflow() {
     let end = v.as_mut_ptr().wrapping_add(v.capacity());
     // SAFETY: none: one byte past the allocation, the bug to be reported.
     unsafe { end.write_volatile(1) };
+    black_box(&v);
+}
+
+#[inline(never)]
+fn underflow() {
+    // No block of this class was handed out before, so this one is carved
+    // first from a fresh pool, right after its header.
+    let mut v: Vec<u8> = Vec::with_capacity(440);
+    let before = v.as_mut_ptr().wrapping_sub(1);
+    // SAFETY: none: one byte before the allocation, the bug to be reported.
+    unsafe { before.write_volatile(1) };
     black_box(&v);
 }
 
@@ -65,11 +79,12 @@ fn main() {
     let what = std::env::args().nth(1).unwrap_or_default();
     match what.as_str() {
         "overflow" => overflow(),
+        "underflow" => underflow(),
         "use-after-free" => use_after_free(),
         "leak" => leak(),
         "clean" => clean(),
         _ => {
-            eprintln!("usage: memory_bugs overflow|use-after-free|leak|clean");
+            eprintln!("usage: memory_bugs overflow|underflow|use-after-free|leak|clean");
             std::process::exit(2);
         }
     }

@@ -14,7 +14,7 @@ use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
 use super::heap_set::{stack_hint, HeapSet};
-use super::size_class::class_for;
+use super::size_class::{class_for, CLASS_COUNT};
 use super::stats::Stats;
 #[cfg(feature = "debug")]
 use super::sync::Lock;
@@ -270,6 +270,7 @@ impl<B: Backing> PyMalloc<B> {
         let mut stats = Stats::empty(self.config.pool_size(), self.config.arena_size());
         let set = self.set.load(Ordering::Acquire);
         if !set.is_null() {
+            let _internal = track::internal();
             #[cfg(thread_cache)]
             thread_cache::flush_all(self);
             // SAFETY: a published set lives as long as `self`.
@@ -422,6 +423,7 @@ impl<B: Backing> PyMalloc<B> {
         if set.is_null() {
             return false;
         }
+        let _internal = track::internal();
         #[cfg(thread_cache)]
         thread_cache::flush_all(self);
         // SAFETY: a published set lives as long as `self`.
@@ -439,6 +441,7 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: a published set lives as long as `self`.
         let set = unsafe { &*set };
+        let internal = track::internal();
         let mut block = set
             .hold(stack_hint(), &self.backing)
             .alloc(class, &self.backing);
@@ -449,6 +452,7 @@ impl<B: Backing> PyMalloc<B> {
             thread_cache::flush_all(self);
             block = set.alloc_from_any(class, &self.backing);
         }
+        drop(internal);
         if !block.is_null() {
             set.requested.fetch_add(requested, Ordering::Relaxed);
             // SAFETY: a fresh block of this class: `size` fits.
@@ -466,22 +470,30 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn free_small(&self, ptr: *mut u8, class: usize, requested: usize) {
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        if unsafe { thread_cache::free(self, ptr, class, requested) } {
+        if unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
             return;
         }
-        let _ = class;
         // SAFETY: forwarded contract.
-        unsafe { self.free_shared(ptr, requested) }
+        unsafe { self.free_unbound(ptr, class, requested) }
     }
 
-    /// Frees a small block into its heap, without a thread cache.
+    /// Frees a small block without a cache bound to this allocator: binds
+    /// the thread's cache to it if it can, else frees into the heap. Out of
+    /// line with thread caches, so that the inlined path stays small.
     ///
     /// # Safety
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
-    unsafe fn free_shared(&self, ptr: *mut u8, requested: usize) {
+    unsafe fn free_unbound(&self, ptr: *mut u8, class: usize, requested: usize) {
+        #[cfg(thread_cache)]
+        // SAFETY: forwarded contract.
+        if unsafe { thread_cache::free(self, ptr, class, requested) } {
+            return;
+        }
+        let _ = class;
         // SAFETY: forwarded contract: the block is live, its user done.
         unsafe { track::heap_freed(ptr) };
+        let _internal = track::internal();
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
         // SAFETY: forwarded contract.
@@ -606,6 +618,7 @@ impl<B: Backing> debug::Unchecked for PyMalloc<B> {
         if set.is_null() {
             return BlockStatus::Foreign;
         }
+        let _internal = track::internal();
         // SAFETY: a published set lives as long as `self`.
         unsafe { &*set }.status(block, class, &self.backing)
     }
@@ -644,6 +657,7 @@ impl<B: Backing> Drop for PyMalloc<B> {
         thread_cache::unregister(self.cache_id());
         let set = self.set.load(Ordering::Acquire);
         if !set.is_null() {
+            let _internal = track::internal();
             // SAFETY: `&mut self` means no allocation call is in progress,
             // no thread cache refers to the set any more, and a block must
             // not outlive the allocator that served it.
@@ -661,7 +675,14 @@ pub(crate) fn pool_class<B: Backing>(layout: Layout) -> Option<usize> {
     if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
         return None;
     }
-    class_for(layout.size(), layout.align())
+    let class = class_for(layout.size(), layout.align());
+    if let Some(class) = class {
+        // SAFETY: `class_for` names classes of at most 512 bytes, of which
+        // there are `CLASS_COUNT`. Knowing it, the compiler drops the
+        // bounds checks of the per-class arrays on the fast path.
+        unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
+    }
+    class
 }
 
 /// The layout a large request takes from the backing: a zero-size request
@@ -703,6 +724,37 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
+    }
+
+    /// The free fast path, inlined into every caller: a small block freed
+    /// while tracing is off, to the thread cache or its heap. False, with
+    /// nothing done, for everything else, which the caller sends out of
+    /// line through `front_dealloc`: one cold call site instead of one per
+    /// case keeps `dealloc` small enough for LLVM to inline into drop glue
+    /// (a recursive drop such as a tree's paid a call and a frame per node
+    /// otherwise).
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[inline(always)]
+    pub(crate) unsafe fn quick_dealloc(&self, ptr: *mut u8, layout: Layout) -> bool {
+        #[cfg(all(feature = "std", not(loom)))]
+        if tracemalloc::on() {
+            return false;
+        }
+        if cfg!(feature = "debug") {
+            return false;
+        }
+        let Some(class) = pool_class::<B>(layout) else {
+            return false;
+        };
+        // SAFETY: forwarded contract: the block is live with this size and
+        // its user is done with it.
+        unsafe {
+            track::freed(ptr, layout.size());
+            self.free_small(ptr, class, layout.size());
+        }
+        true
     }
 
     /// # Safety

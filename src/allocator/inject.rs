@@ -12,8 +12,7 @@
 //!   make each one fail in turn.
 //!
 //! Both are off by default, and then cost one load and one predictable
-//! branch per call: the front compares the request's size and alignment
-//! with a bound, a field of the allocator that is one past the largest
+//! branch per call: the front compares the request's size with a bound, a field of the allocator that is one past the largest
 //! small size while nothing is armed and drops to zero while a limit or an
 //! injection is on, sending every call to the out-of-line path here (see
 //! `Gate::passes`). Where the pool path is inlined (`dealloc`), that
@@ -103,7 +102,7 @@ impl<B: Backing> PyMalloc<B> {
         block
     }
 
-    /// `dealloc` off the fast path.
+    /// `dealloc` off the fast path: armed, traced, large or checked.
     ///
     /// # Safety
     /// As for `GlobalAlloc::dealloc`.
@@ -183,12 +182,13 @@ unsafe impl<B: Backing> GlobalAlloc for PyMalloc<B> {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if !self.gate.passes(layout) {
-            // SAFETY: forwarded contract.
-            return unsafe { self.gated_dealloc(ptr, layout) };
+        // SAFETY: forwarded contract; the block is freed once, by the fast
+        // path or, if that declines, by the gated one.
+        unsafe {
+            if !(self.gate.passes(layout) && self.quick_dealloc(ptr, layout)) {
+                self.gated_dealloc(ptr, layout);
+            }
         }
-        // SAFETY: forwarded contract.
-        unsafe { self.front_dealloc(ptr, layout) }
     }
 
     #[inline]

@@ -181,7 +181,8 @@ impl Pool {
         let first_block = unsafe { pool.cast::<u8>().add(first) }.cast::<FreeBlock>();
         // SAFETY: as above; the header fits because every pool is at least
         // 1 KiB (`Config::new`). The block area is closed to memory tools
-        // before the first link goes in.
+        // before the first link goes in, the header once written (the
+        // heaps, our only callers, touch it inside `track::internal`).
         unsafe {
             track::fresh(first_block.cast(), pool_size - first);
             FreeBlock::set_next(first_block, ptr::null_mut());
@@ -196,6 +197,7 @@ impl Pool {
                 bump: (first + size) as u32,
                 bump_limit: (pool_size - size) as u32,
             });
+            track::closed_header(pool.cast(), first);
         }
     }
 

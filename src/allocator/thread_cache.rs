@@ -329,6 +329,27 @@ impl ThreadCache {
         self.set.set(ptr::null());
     }
 
+    /// Puts freed `block` of `class` on its list, sending half the list
+    /// back to the heap when it is over capacity.
+    ///
+    /// # Safety
+    /// `block` is a live block of `alloc` of class `class`, freed once, and
+    /// this cache serves `alloc`.
+    #[inline(always)]
+    unsafe fn push(&self, alloc: &impl CacheOwner, block: *mut u8, class: usize, requested: usize) {
+        let list = &self.lists[class];
+        let block = block.cast::<FreeBlock>();
+        // SAFETY: the contract gives us the block: it can hold the link.
+        unsafe { FreeBlock::set_cached_next(block, list.head.get()) };
+        list.head.set(block);
+        let len = list.len.load(Ordering::Relaxed) + 1;
+        list.len.store(len, Ordering::Relaxed);
+        self.add_requested(requested.wrapping_neg());
+        if len > capacity(class) {
+            self.flush(alloc, class, len - capacity(class) / 2);
+        }
+    }
+
     #[inline]
     fn add_requested(&self, bytes: usize) {
         let requested = self.requested.load(Ordering::Relaxed);
@@ -527,21 +548,34 @@ pub(crate) unsafe fn free(
     requested: usize,
 ) -> bool {
     exit::with(|cache| {
-        if !cache.serves(alloc) {
-            return false;
+        cache.serves(alloc) && {
+            // SAFETY: forwarded contract; the cache serves `alloc`.
+            unsafe { cache.push(alloc, block, class, requested) };
+            true
         }
-        let list = &cache.lists[class];
-        let block = block.cast::<FreeBlock>();
-        // SAFETY: the contract gives us the block: it can hold the link.
-        unsafe { FreeBlock::set_cached_next(block, list.head.get()) };
-        list.head.set(block);
-        let len = list.len.load(Ordering::Relaxed) + 1;
-        list.len.store(len, Ordering::Relaxed);
-        cache.add_requested(requested.wrapping_neg());
-        if len > capacity(class) {
-            cache.flush(alloc, class, len - capacity(class) / 2);
+    })
+    .unwrap_or(false)
+}
+
+/// As [`free`], for the inlined fast path: only if the calling thread's
+/// cache is bound to `alloc` already (false, nothing done, otherwise), so
+/// that binding stays out of line.
+///
+/// # Safety
+/// As for [`free`].
+#[inline(always)]
+pub(crate) unsafe fn free_bound(
+    alloc: &impl CacheOwner,
+    block: *mut u8,
+    class: usize,
+    requested: usize,
+) -> bool {
+    exit::with(|cache| {
+        cache.owner.get() == alloc.cache_id() && {
+            // SAFETY: forwarded contract; the cache serves `alloc`.
+            unsafe { cache.push(alloc, block, class, requested) };
+            true
         }
-        true
     })
     .unwrap_or(false)
 }

@@ -14,7 +14,14 @@
 //! * an arena going back to the backing is plain memory again
 //!   ([`released`]).
 //!
-//! Pool headers stay open: the allocator reads them on every call.
+//! * under valgrind, a pool's header is no access too ([`closed_header`]):
+//!   an overflow from the last block of one pool into the next pool's
+//!   header, or before a pool's first block, is reported like any other.
+//!   The allocator's own reads and writes of headers are not reported,
+//!   because every call that reaches the heaps runs inside [`internal`],
+//!   which turns memcheck's error reporting off for the calling thread.
+//!   Under AddressSanitizer headers stay open: ASan has no such switch, and
+//!   poisoning them would need every header access wrapped.
 //!
 //! The tools are AddressSanitizer's manual poisoning (`cfg(asan)`, see
 //! `build.rs`) and valgrind's client requests (the `valgrind` feature; the
@@ -110,6 +117,50 @@ pub(crate) unsafe fn fresh(start: *mut u8, len: usize) {
     #[cfg(feature = "valgrind")]
     valgrind::tell(valgrind::MAKE_MEM_NOACCESS, start, len, 0, 0);
     let _ = (start, len);
+}
+
+/// `pool..pool + len`, a pool's header (and the padding after it), was
+/// just written: under valgrind it is no access from now on.
+///
+/// # Safety
+/// The span is the header of a pool of the caller's, which the allocator
+/// then touches only inside [`internal`].
+#[inline(always)]
+pub(crate) unsafe fn closed_header(pool: *mut u8, len: usize) {
+    #[cfg(feature = "valgrind")]
+    valgrind::tell(valgrind::MAKE_MEM_NOACCESS, pool, len, 0, 0);
+    let _ = (pool, len);
+}
+
+/// Marks a stretch of the allocator's own work on the heaps (where it reads
+/// and writes pool headers that memory tools see as closed): under
+/// valgrind, memcheck reports no error on this thread until the guard
+/// drops. Taken after the request that tells the tool about the user's
+/// block, so that a bad free is still reported.
+#[inline(always)]
+pub(crate) fn internal() -> Internal {
+    Internal {
+        #[cfg(feature = "valgrind")]
+        disabled: valgrind::disable_errors(1),
+    }
+}
+
+/// See [`internal`].
+#[must_use]
+pub(crate) struct Internal {
+    /// Whether the guard turned reporting off (only under valgrind).
+    #[cfg(feature = "valgrind")]
+    disabled: bool,
+}
+
+#[cfg(feature = "valgrind")]
+impl Drop for Internal {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if self.disabled {
+            valgrind::disable_errors(-1);
+        }
+    }
 }
 
 /// `start..start + len` is a new arena.
@@ -298,6 +349,7 @@ mod valgrind {
     pub(super) const MALLOCLIKE_BLOCK: usize = 0x1301;
     pub(super) const FREELIKE_BLOCK: usize = 0x1302;
     pub(super) const RESIZEINPLACE_BLOCK: usize = 0x130b;
+    const CHANGE_ERR_DISABLEMENT: usize = 0x1801;
     /// memcheck.h's: its tool base, `'M' << 24 | 'C' << 16`, plus 0, 1, 2.
     pub(super) const MAKE_MEM_NOACCESS: usize = 0x4d43_0000;
     pub(super) const MAKE_MEM_UNDEFINED: usize = 0x4d43_0001;
@@ -340,6 +392,18 @@ mod valgrind {
         if active() {
             request([code, a as usize, b, c, d, 0]);
         }
+    }
+
+    /// Adds `delta` to the calling thread's count of reasons not to report
+    /// errors (memcheck reports while it is 0), if under valgrind; whether
+    /// it did.
+    #[inline(always)]
+    pub(super) fn disable_errors(delta: isize) -> bool {
+        let active = active();
+        if active {
+            request([CHANGE_ERR_DISABLEMENT, delta as usize, 0, 0, 0, 0]);
+        }
+        active
     }
 
     pub(super) fn detect() {
