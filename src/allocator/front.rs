@@ -742,7 +742,7 @@ impl<B: Backing> PyMalloc<B> {
     #[cfg(all(feature = "std", not(loom)))]
     #[inline(never)]
     unsafe fn sampled_dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if tracemalloc::may_be_traced(ptr) {
+        if tracemalloc::may_be_traced(ptr, self.trace_place(layout)) {
             // SAFETY: forwarded contract.
             return unsafe { self.traced_dealloc(ptr, layout) };
         }
@@ -788,6 +788,21 @@ impl<B: Backing> PyMalloc<B> {
         }
     }
 
+    /// Where tracemalloc keeps the trace of a block of `layout`: in its
+    /// pool's side array, or (large blocks, and the `debug` feature's
+    /// wrapped ones) by address.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[inline]
+    fn trace_place(&self, layout: Layout) -> tracemalloc::Place {
+        match pool_class::<B>(layout) {
+            Some(class) if !cfg!(feature = "debug") => tracemalloc::Place::pool(
+                self.config.pool_size(),
+                super::size_class::class_size(class),
+            ),
+            _ => tracemalloc::Place::ELSEWHERE,
+        }
+    }
+
     /// Allocates and records the block with tracemalloc; if the trace
     /// cannot be stored, frees it and fails, as CPython does.
     #[cfg(all(feature = "std", not(loom)))]
@@ -795,7 +810,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(never)]
     fn traced_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let block = self.untraced_alloc(layout, zeroed);
-        if block.is_null() || tracemalloc::record(block, layout.size()) {
+        if block.is_null() || tracemalloc::record(block, layout.size(), self.trace_place(layout)) {
             return block;
         }
         // SAFETY: a live block of `layout`, just allocated, freed once.
@@ -813,7 +828,7 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn traced_dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Before the free: once freed, another thread may be given the
         // address and record its own trace there.
-        tracemalloc::forget(ptr);
+        tracemalloc::forget(ptr, self.trace_place(layout));
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
     }
@@ -827,17 +842,21 @@ impl<B: Backing> PyMalloc<B> {
     #[cold]
     unsafe fn traced_realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // Taken off first, as in `dealloc`: the old address may be freed.
-        let removed = tracemalloc::forget(ptr);
+        let place = self.trace_place(layout);
+        let removed = tracemalloc::forget(ptr, place);
         // SAFETY: forwarded contract.
         let block = unsafe { self.untraced_realloc(ptr, layout, new_size) };
         if block.is_null() {
             if let Some(removed) = removed {
-                tracemalloc::restore(ptr, removed);
+                tracemalloc::restore(ptr, place, removed);
             }
         } else if tracemalloc::wants(new_size) {
             // The user's old block may be gone: the new one cannot be
             // failed, so a trace that cannot be stored is just not kept.
-            tracemalloc::record(block, new_size);
+            // (The new layout is valid: the block was allocated with it.)
+            let new_place = Layout::from_size_align(new_size, layout.align())
+                .map_or(tracemalloc::Place::ELSEWHERE, |new| self.trace_place(new));
+            tracemalloc::record(block, new_size, new_place);
         }
         block
     }
