@@ -681,13 +681,15 @@ fn large_layout(layout: Layout) -> Layout {
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
 /// not. Each hook costs one relaxed load and a branch while tracing is off;
-/// what tracing does is out of line, to keep the fast path small.
+/// while it is on, a call to a small out-of-line test (sample this
+/// allocation? may this block be traced?), after which an untraced call
+/// goes on down the same inline fast path.
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() {
-            return self.sampled_alloc(layout, zeroed);
+        if tracemalloc::on() && tracemalloc::sample(layout.size()) {
+            return self.traced_alloc(layout, zeroed);
         }
         self.untraced_alloc(layout, zeroed)
     }
@@ -697,9 +699,9 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() {
+        if tracemalloc::on() && tracemalloc::freeing_traced(ptr) {
             // SAFETY: forwarded contract.
-            return unsafe { self.sampled_dealloc(ptr, layout) };
+            return unsafe { self.traced_dealloc(ptr, layout) };
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
@@ -721,33 +723,6 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_realloc(ptr, layout, new_size) }
-    }
-
-    /// `alloc` while tracing, out of line: the hooks cost the untraced fast
-    /// path one load and a branch each, and keep it small enough to be
-    /// inlined into its callers.
-    #[cfg(all(feature = "std", not(loom)))]
-    #[inline(never)]
-    fn sampled_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if tracemalloc::wants(layout.size()) {
-            return self.traced_alloc(layout, zeroed);
-        }
-        self.untraced_alloc(layout, zeroed)
-    }
-
-    /// `dealloc` while tracing: as `sampled_alloc`.
-    ///
-    /// # Safety
-    /// As for `GlobalAlloc::dealloc`.
-    #[cfg(all(feature = "std", not(loom)))]
-    #[inline(never)]
-    unsafe fn sampled_dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if tracemalloc::may_be_traced(ptr, self.trace_place(layout)) {
-            // SAFETY: forwarded contract.
-            return unsafe { self.traced_dealloc(ptr, layout) };
-        }
-        // SAFETY: forwarded contract.
-        unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
     #[inline(always)]
@@ -850,7 +825,7 @@ impl<B: Backing> PyMalloc<B> {
             if let Some(removed) = removed {
                 tracemalloc::restore(ptr, place, removed);
             }
-        } else if tracemalloc::wants(new_size) {
+        } else if tracemalloc::sample(new_size) {
             // The user's old block may be gone: the new one cannot be
             // failed, so a trace that cannot be stored is just not kept.
             // (The new layout is valid: the block was allocated with it.)

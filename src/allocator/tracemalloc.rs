@@ -113,20 +113,22 @@ const SHARDS: usize = 16;
 static TRACES: [Lock<Shard>; SHARDS] = [const { Lock::new(Shard::new()) }; SHARDS];
 static TRACEBACKS: Lock<Tracebacks> = Lock::new(Tracebacks::new());
 
-/// How many live traces hash to each slot: a free whose slot reads zero
-/// has no trace, and skips the locks (most frees, when sampling). Each
-/// shard has its part, changed only under its lock.
+/// How many live traces there are in each slot, by address bits 3 to 16:
+/// a free whose slot reads zero has no trace, and skips the locks (most
+/// frees, when sampling). No hash: the test is inline in the sampled free.
+/// Changed only under the lock of the trace's shard.
 const FILTER_SLOTS: usize = 1 << 14;
-const FILTER_PART: usize = FILTER_SLOTS / SHARDS;
 static FILTER: [AtomicU32; FILTER_SLOTS] = [const { AtomicU32::new(0) }; FILTER_SLOTS];
 
 std::thread_local! {
     /// Set while this thread records a trace or runs tracemalloc's own
     /// code: allocations made meanwhile are not traced.
     static BUSY: Cell<bool> = const { Cell::new(false) };
-    /// The sampler: random state (0: not seeded yet) and bytes left until
-    /// the next sample.
-    static SAMPLER: Cell<(u64, i64)> = const { Cell::new((0, 0)) };
+    /// Bytes left until this thread's next sample (0: not wound yet), apart
+    /// from the sampler's random state (0: not seeded yet), so that the
+    /// countdown alone is touched on most allocations.
+    static LEFT: Cell<i64> = const { Cell::new(0) };
+    static RNG: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Holds this thread's busy flag; `None` if it was held already.
@@ -1102,8 +1104,9 @@ fn shard_of(addr: usize, place: Place) -> usize {
     (hash_addr(home) >> 60) as usize % SHARDS
 }
 
-fn filter_slot(shard: usize, addr: usize) -> &'static AtomicU32 {
-    &FILTER[shard * FILTER_PART + (hash_addr(addr) >> 32) as usize % FILTER_PART]
+#[inline(always)]
+fn filter_slot(addr: usize) -> &'static AtomicU32 {
+    &FILTER[(addr >> 3) % FILTER_SLOTS]
 }
 
 /// The bytes one trace of `size` stands for: its size, or when sampling
@@ -1122,31 +1125,35 @@ fn sample_probability(size: usize, mean: usize) -> f64 {
 }
 
 /// Whether an allocation of `size` bytes is to be recorded: always when
-/// tracing exactly; when sampling, if this thread's countdown crosses zero.
-/// Inline: with sampling, most allocations end here (tcmalloc's fast path,
-/// subtract and test).
-#[inline(always)]
-pub(crate) fn wants(size: usize) -> bool {
-    let mean = MEAN.load(Ordering::Relaxed);
-    mean == 0
-        || SAMPLER.with(|sampler| {
-            let (rng, left) = sampler.get();
-            // `left` is at least 1 and `size` at most `isize::MAX`.
-            let left = left - size as i64;
-            if left > 0 && rng != 0 {
-                sampler.set((rng, left));
-                false
-            } else {
-                sample_point(sampler, size, mean)
-            }
-        })
+/// tracing exactly; when sampling, if this thread's countdown crosses zero
+/// (tcmalloc's fast path, subtract and test). Out of line, for the front
+/// while tracing is on: an allocation not sampled then goes on down the
+/// inline fast path, which has only this call in it.
+#[inline(never)]
+pub(crate) fn sample(size: usize) -> bool {
+    if MEAN.load(Ordering::Relaxed) == 0 {
+        return true;
+    }
+    // `size` is at most `isize::MAX`, and `left` at least 0.
+    let left = LEFT.get() - size as i64;
+    if left > 0 {
+        LEFT.set(left);
+        return false;
+    }
+    sample_point(size)
 }
 
 /// The countdown ran out (or was never wound): whether this block is
 /// sampled, and the next countdown.
 #[cold]
-fn sample_point(sampler: &Cell<(u64, i64)>, size: usize, mean: usize) -> bool {
-    let (mut rng, mut left) = sampler.get();
+#[inline(never)]
+fn sample_point(size: usize) -> bool {
+    let mean = MEAN.load(Ordering::Relaxed);
+    if mean == 0 {
+        // Exact tracing started since the caller looked.
+        return true;
+    }
+    let (mut rng, mut left) = (RNG.get(), LEFT.get());
     if rng == 0 {
         static SEEDS: AtomicU64 = AtomicU64::new(0);
         rng = splitmix(SEEDS.fetch_add(1, Ordering::Relaxed)) | 1;
@@ -1157,16 +1164,21 @@ fn sample_point(sampler: &Cell<(u64, i64)>, size: usize, mean: usize) -> bool {
     if hit {
         left = draw(&mut rng, mean);
     }
-    sampler.set((rng, left));
+    RNG.set(rng);
+    LEFT.set(left);
     hit
 }
 
-/// Whether `ptr`, a block in `place`, may have a trace: false for most
-/// blocks when sampling.
+/// [`may_be_traced`] out of line, for the front's dealloc as [`sample`].
+#[inline(never)]
+pub(crate) fn freeing_traced(ptr: *mut u8) -> bool {
+    may_be_traced(ptr)
+}
+
+/// Whether `ptr` may have a trace: false for most blocks when sampling.
 #[inline(always)]
-pub(crate) fn may_be_traced(ptr: *mut u8, place: Place) -> bool {
-    let addr = ptr as usize;
-    filter_slot(shard_of(addr, place), addr).load(Ordering::Relaxed) != 0
+pub(crate) fn may_be_traced(ptr: *mut u8) -> bool {
+    filter_slot(ptr as usize).load(Ordering::Relaxed) != 0
 }
 
 fn splitmix(seed: u64) -> u64 {
@@ -1192,7 +1204,7 @@ fn add_current(bytes: usize) {
 }
 
 /// Records the block `ptr` of `size` bytes in `place` just allocated (that
-/// [`wants`] chose); `false` if the trace could not be stored (the front
+/// [`sample`] chose); `false` if the trace could not be stored (the front
 /// then fails the allocation).
 #[cold]
 #[inline(never)]
@@ -1221,7 +1233,7 @@ fn store(addr: usize, place: Place, size: usize, traceback: u32, epoch: usize) -
     match table.insert(addr, place, size, traceback) {
         Ok(old) => {
             if old.is_none() {
-                filter_slot(shard, addr).fetch_add(1, Ordering::Relaxed);
+                filter_slot(addr).fetch_add(1, Ordering::Relaxed);
             }
             drop(table);
             add_current(weight(size, MEAN.load(Ordering::Relaxed)) as usize);
@@ -1244,7 +1256,7 @@ pub(crate) struct Removed {
 #[inline(never)]
 pub(crate) fn forget(ptr: *mut u8, place: Place) -> Option<Removed> {
     let addr = ptr as usize;
-    if !may_be_traced(ptr, place) {
+    if !may_be_traced(ptr) {
         return None;
     }
     let shard = shard_of(addr, place);
@@ -1252,7 +1264,7 @@ pub(crate) fn forget(ptr: *mut u8, place: Place) -> Option<Removed> {
     let (size, traceback) = {
         let mut table = TRACES[shard].lock();
         let found = table.remove(addr, place)?;
-        filter_slot(shard, addr).fetch_sub(1, Ordering::Relaxed);
+        filter_slot(addr).fetch_sub(1, Ordering::Relaxed);
         found
     };
     let bytes = weight(size, MEAN.load(Ordering::Relaxed)) as usize;
@@ -1354,13 +1366,15 @@ pub fn clear_traces() {
 fn clear_locked() {
     // A trace being recorded now belongs to the old session and is dropped.
     EPOCH.fetch_add(1, Ordering::SeqCst);
-    for (shard, table) in TRACES.iter().enumerate() {
-        let mut table = table.lock();
-        for slot in &FILTER[shard * FILTER_PART..][..FILTER_PART] {
-            slot.store(0, Ordering::Relaxed);
-        }
-        table.clear();
+    // Every shard at once: a filter slot counts traces of several shards.
+    let mut shards: [_; SHARDS] = core::array::from_fn(|shard| TRACES[shard].lock());
+    for slot in &FILTER {
+        slot.store(0, Ordering::Relaxed);
     }
+    for shard in &mut shards {
+        shard.clear();
+    }
+    drop(shards);
     TRACEBACKS.lock().clear();
     CURRENT.store(0, Ordering::Relaxed);
     PEAK.store(0, Ordering::Relaxed);
