@@ -681,9 +681,9 @@ fn large_layout(layout: Layout) -> Layout {
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
 /// not. Each hook costs one relaxed load and a branch while tracing is off;
-/// while it is on, a call to a small out-of-line test (sample this
-/// allocation? may this block be traced?), after which an untraced call
-/// goes on down the same inline fast path.
+/// while it is on, a small test (a call to the sampler's countdown in
+/// `alloc`, a filter load in `dealloc`), after which an untraced call goes
+/// on down the same inline fast path.
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
@@ -699,7 +699,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() && tracemalloc::freeing_traced(ptr) {
+        if tracemalloc::on() && tracemalloc::may_be_traced(ptr) {
             // SAFETY: forwarded contract.
             return unsafe { self.traced_dealloc(ptr, layout) };
         }

@@ -23,13 +23,32 @@
 //! # How it works, and what it costs
 //! * Off, the front pays one relaxed load of a global flag and a branch that
 //!   is never taken, in `alloc`, `dealloc` and `realloc`; everything tracing
-//!   does, even deciding not to sample, is out of line, so the untraced fast
-//!   path stays small enough for the compiler to inline into drop glue.
-//! * On, each allocation captures the return addresses on the stack (no
-//!   symbols: those come later), interns them once in a traceback table, and
-//!   inserts `(address, size, traceback)` into a table of traces, sharded by
-//!   address under sixteen spin locks. A free removes its trace; `realloc`
-//!   moves it. Allocations made before `start` are not traced, as in CPython.
+//!   does is out of line, so the untraced fast path stays small.
+//! * On, `alloc` first calls one small out-of-line test, `sample` (exact
+//!   tracing: yes; sampling: this thread's countdown), and `dealloc` tests
+//!   a count of live traces by address bits (no hash, inline). A call they
+//!   pass over goes on down the same inline fast path as when tracing is
+//!   off: sampling at 512 KiB costs +7.5 % instructions on the bench's
+//!   workloads, where a second, out-of-line copy of the fast path for each
+//!   call cost +24 %.
+//! * A traced allocation captures the return addresses on the stack (no
+//!   symbols: those come later), interns them once in a traceback table,
+//!   and records its size and traceback in one of sixteen shards, each
+//!   under a spin lock. A free removes its trace; `realloc` moves it.
+//!   Allocations made before `start` are not traced, as in CPython.
+//! * A pool block's trace is 4 bytes, `traceback << 10 | (size + 1)` (0: no
+//!   trace), in a side array of its pool indexed by block number
+//!   (`(address - pool) / block size`, whatever the pool header); the
+//!   front passes the pool size and class it knows anyway. Arrays are
+//!   found by pool address in a small hash table (one array per run of
+//!   1024 blocks, for pools over 4 KiB), carved from chunks of OS memory
+//!   by power-of-two size and given back to a free list when their last
+//!   trace goes; a shard is chosen by pool, so a pool's arrays share a
+//!   lock. Large blocks, the `debug` feature's wrapped ones and any trace
+//!   whose traceback id does not fit 22 bits go to a table by address (16
+//!   bytes a slot, open addressing). Measured on binary trees (16-byte
+//!   nodes): exact tracing with one frame takes +16 % RSS this way, +55 %
+//!   with every trace in the address table.
 //! * The tables live in memory mapped from the OS (through the
 //!   [`System`] backing's arena calls), never in the global
 //!   allocator; nothing is allocated and no lock is held while the stack is
@@ -1169,13 +1188,10 @@ fn sample_point(size: usize) -> bool {
     hit
 }
 
-/// [`may_be_traced`] out of line, for the front's dealloc as [`sample`].
-#[inline(never)]
-pub(crate) fn freeing_traced(ptr: *mut u8) -> bool {
-    may_be_traced(ptr)
-}
-
 /// Whether `ptr` may have a trace: false for most blocks when sampling.
+/// Inline in the front's dealloc while tracing is on: a shift, a mask and
+/// a load. (Out of line, sampled mode took +9.6 % instructions instead of
+/// +7.5 %; `sample` inline as well made the untraced churn +23 %.)
 #[inline(always)]
 pub(crate) fn may_be_traced(ptr: *mut u8) -> bool {
     filter_slot(ptr as usize).load(Ordering::Relaxed) != 0
