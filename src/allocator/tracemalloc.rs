@@ -340,8 +340,9 @@ impl<S: Keyed> OpenTable<S> {
     }
 
     fn grow(&mut self) -> Result<(), OutOfMemory> {
-        let len = (self.slots.len * 2).max(PAGE / core::mem::size_of::<S>().max(1));
-        let len = len.next_power_of_two();
+        // At first as many slots as fit a page: a few traces, a page.
+        let first = 1 << (PAGE / core::mem::size_of::<S>()).ilog2();
+        let len = (self.slots.len * 2).max(first);
         let old = core::mem::replace(&mut self.slots, OsArray::zeroed(len).ok_or(OutOfMemory)?);
         for slot in old.as_slice().iter().filter(|s| s.key() != 0) {
             let i = self.find(slot.key());
@@ -597,7 +598,7 @@ const ARRAY_CLASSES: usize = 7;
 const MIN_ARRAY_BYTES: usize = 64;
 /// Chunks of side arrays come from the OS doubling from this, up to
 /// `MAX_CHUNK`: a few pools traced cost a few pages.
-const MIN_CHUNK: usize = 16 << 10;
+const MIN_CHUNK: usize = PAGE;
 const MAX_CHUNK: usize = 256 << 10;
 /// A chunk begins with the previous chunk's address and its own size.
 const CHUNK_HEADER: usize = 64;
@@ -648,7 +649,10 @@ impl ArrayHeap {
         }
         let bytes = MIN_ARRAY_BYTES << class;
         if (self.end as usize - self.bump as usize) < bytes {
-            let chunk_bytes = self.mapped.clamp(MIN_CHUNK, MAX_CHUNK);
+            let chunk_bytes = self
+                .mapped
+                .clamp(MIN_CHUNK, MAX_CHUNK)
+                .max((bytes + CHUNK_HEADER).next_power_of_two());
             let chunk = os_map(chunk_bytes);
             if chunk.is_null() {
                 return None;
@@ -2147,8 +2151,8 @@ mod tests {
             }
             assert_eq!(shard.len(), 64 * per_pool);
             assert_eq!(shard.traces.len(), 0);
-            // 64 side arrays of 256 entries: 64 KiB, in chunks of 16, 16 and
-            // 32 KiB (less their headers and the tail the last array left).
+            // 64 side arrays of 256 entries (1 KiB): 64 KiB, in chunks
+            // doubling from a page, less their headers: 128 KiB mapped.
             assert!(shard.arrays.mapped <= 128 << 10, "{}", shard.arrays.mapped);
             let mapped = shard.arrays.mapped;
             for (size, tb) in shard.iter() {
