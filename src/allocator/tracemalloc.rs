@@ -512,12 +512,12 @@ const ENTRY_SIZE_BITS: u32 = 10;
 const ENTRY_MAX_TRACEBACK: u32 = u32::MAX >> ENTRY_SIZE_BITS;
 
 /// The side-array coordinates of a pool block: the key of its array, the
-/// block's entry there, and the array's length.
+/// block's entry there, and which run of `ARRAY_ENTRIES` blocks that is.
 #[derive(Clone, Copy)]
 struct Entry {
     key: usize,
     index: usize,
-    len: usize,
+    run: usize,
 }
 
 impl Entry {
@@ -531,13 +531,18 @@ impl Entry {
         }
         let pool = addr & !(place.pool_size - 1);
         let block = (addr - pool) / place.block_size;
-        let blocks = (place.pool_size - 1) / place.block_size + 1;
         let run = block / ARRAY_ENTRIES;
         Some(Entry {
             key: pool + run,
             index: block % ARRAY_ENTRIES,
-            len: (blocks - run * ARRAY_ENTRIES).min(ARRAY_ENTRIES),
+            run,
         })
+    }
+
+    /// Entries of this entry's array, made when its first trace comes.
+    fn array_len(&self, place: Place) -> usize {
+        let blocks = (place.pool_size - 1) / place.block_size + 1;
+        (blocks - self.run * ARRAY_ENTRIES).min(ARRAY_ENTRIES)
     }
 }
 
@@ -706,6 +711,8 @@ pub(crate) struct Shard {
     arrays: ArrayHeap,
     /// Traces in side arrays.
     pooled: usize,
+    /// Traces of pool blocks in the address table.
+    unpacked: usize,
 }
 
 impl Shard {
@@ -715,6 +722,7 @@ impl Shard {
             pools: OpenTable::new(),
             arrays: ArrayHeap::new(),
             pooled: 0,
+            unpacked: 0,
         }
     }
 
@@ -735,32 +743,49 @@ impl Shard {
         size: usize,
         traceback: u32,
     ) -> Result<Option<(usize, u32)>, OutOfMemory> {
-        // Wherever an old trace is (a side array, or the address table if
-        // its traceback id did not pack), it goes.
+        let Some(at) = Entry::of(addr, place) else {
+            return self.traces.insert(addr, size, traceback);
+        };
+        if let Some(packed) = pack_entry(size, traceback) {
+            let arrays = &mut self.arrays;
+            let (slot, _) = self.pools.find_or_insert(at.key, || {
+                let len = at.array_len(place);
+                Some(PoolSlot {
+                    key: at.key,
+                    entries: arrays.take(len)?,
+                    len: len as u32,
+                    count: 0,
+                })
+            })?;
+            // (No entry: an array sized for another class, which cannot be
+            // while it holds a trace, for a pool changes class only once
+            // all its blocks are free. The address table takes it then.)
+            if let Some(entry) = slot.entries().get_mut(at.index) {
+                let old = core::mem::replace(entry, packed);
+                if old != 0 {
+                    return Ok(Some(unpack_entry(old)));
+                }
+                slot.count += 1;
+                self.pooled += 1;
+                // An old trace whose id did not pack is in the address table.
+                return Ok(if self.unpacked == 0 {
+                    None
+                } else {
+                    self.take_unpacked(addr)
+                });
+            }
+        }
         let old = self.remove(addr, place);
-        let (Some(at), Some(packed)) = (Entry::of(addr, place), pack_entry(size, traceback)) else {
-            self.traces.insert(addr, size, traceback)?;
-            return Ok(old);
-        };
-        let arrays = &mut self.arrays;
-        let (slot, _) = self.pools.find_or_insert(at.key, || {
-            Some(PoolSlot {
-                key: at.key,
-                entries: arrays.take(at.len)?,
-                len: at.len as u32,
-                count: 0,
-            })
-        })?;
-        let Some(entry) = slot.entries().get_mut(at.index) else {
-            // An array sized for another class: cannot be while it holds a
-            // trace (a pool changes class only once all its blocks are free).
-            self.traces.insert(addr, size, traceback)?;
-            return Ok(old);
-        };
-        *entry = packed;
-        slot.count += 1;
-        self.pooled += 1;
+        self.traces.insert(addr, size, traceback)?;
+        self.unpacked += 1;
         Ok(old)
+    }
+
+    /// Takes the trace of the pool block at `addr` out of the address table.
+    fn take_unpacked(&mut self, addr: usize) -> Option<(usize, u32)> {
+        let found = self.traces.remove(addr);
+        self.unpacked -= usize::from(found.is_some());
+        found
     }
 
     /// Forgets the block at `addr` in `place`; returns its size and
@@ -781,6 +806,11 @@ impl Shard {
                     return Some(found);
                 }
             }
+            return if self.unpacked == 0 {
+                None
+            } else {
+                self.take_unpacked(addr)
+            };
         }
         self.traces.remove(addr)
     }
@@ -2128,7 +2158,10 @@ mod tests {
         for addr in live.drain(..) {
             assert_eq!(shard.remove(addr, places[&addr]), model.remove(&addr));
         }
-        assert_eq!((shard.len(), shard.pools.len, shard.pooled), (0, 0, 0));
+        assert_eq!(
+            (shard.len(), shard.pools.len, shard.pooled, shard.unpacked),
+            (0, 0, 0, 0)
+        );
         let mapped = shard.arrays.mapped;
         assert!(mapped > 0);
         shard.clear();
