@@ -44,11 +44,13 @@
 //!   1024 blocks, for pools over 4 KiB), carved from chunks of OS memory
 //!   by power-of-two size and given back to a free list when their last
 //!   trace goes; a shard is chosen by pool, so a pool's arrays share a
-//!   lock. Large blocks, the `debug` feature's wrapped ones and any trace
-//!   whose traceback id does not fit 22 bits go to a table by address (16
-//!   bytes a slot, open addressing). Measured on binary trees (16-byte
-//!   nodes): exact tracing with one frame takes +16 % RSS this way, +55 %
-//!   with every trace in the address table.
+//!   lock. Large blocks, the `debug` feature's wrapped ones, any trace
+//!   whose traceback id does not fit 22 bits and, when sampling, every
+//!   trace (a pool then holds a trace or two, for which an array would
+//!   cost a page) go to a table by address (16 bytes a slot, open
+//!   addressing). Measured on binary trees (16-byte nodes): exact tracing
+//!   with one frame takes under +20 % RSS this way, +55 % with every trace
+//!   in the address table.
 //! * The tables live in memory mapped from the OS (through the
 //!   [`System`] backing's arena calls), never in the global
 //!   allocator; nothing is allocated and no lock is held while the stack is
@@ -427,8 +429,8 @@ fn unpack(packed: u64) -> (usize, u32) {
     )
 }
 
-/// Traces by block address (16 bytes a slot): large blocks, and all blocks
-/// under passthrough or the `debug` feature.
+/// Traces by block address (16 bytes a slot): large blocks, all blocks
+/// under passthrough or the `debug` feature, and sampled ones.
 struct TraceTable(OpenTable<Slot>);
 
 impl TraceTable {
@@ -704,7 +706,8 @@ impl Drop for ArrayHeap {
 }
 
 /// One shard of the traces: pool blocks in side arrays, the rest (and
-/// pool blocks whose traceback id is too big for an entry) by address.
+/// pool blocks whose traceback id is too big for an entry, or traced
+/// sparsely) by address.
 pub(crate) struct Shard {
     traces: TraceTable,
     pools: OpenTable<PoolSlot>,
@@ -735,18 +738,21 @@ impl Shard {
     }
 
     /// Records the block at `addr` in `place`; returns the trace it
-    /// replaces, if there was one.
+    /// replaces, if there was one. `sparse`: by address even in a pool,
+    /// as when sampling, where a pool has a trace or two and a side array
+    /// would cost a page for them.
     pub(crate) fn insert(
         &mut self,
         addr: usize,
         place: Place,
         size: usize,
         traceback: u32,
+        sparse: bool,
     ) -> Result<Option<(usize, u32)>, OutOfMemory> {
         let Some(at) = Entry::of(addr, place) else {
             return self.traces.insert(addr, size, traceback);
         };
-        if let Some(packed) = pack_entry(size, traceback) {
+        if let Some(packed) = pack_entry(size, traceback).filter(|_| !sparse) {
             let arrays = &mut self.arrays;
             let (slot, _) = self.pools.find_or_insert(at.key, || {
                 let len = at.array_len(place);
@@ -1280,7 +1286,8 @@ fn store(addr: usize, place: Place, size: usize, traceback: u32, epoch: usize) -
     if EPOCH.load(Ordering::Relaxed) != epoch {
         return true;
     }
-    match table.insert(addr, place, size, traceback) {
+    let sparse = MEAN.load(Ordering::Relaxed) != 0;
+    match table.insert(addr, place, size, traceback, sparse) {
         Ok(old) => {
             if old.is_none() {
                 filter_slot(addr).fetch_add(1, Ordering::Relaxed);
@@ -2076,7 +2083,8 @@ mod tests {
     /// removes and moves (realloc), for pool blocks of several classes and
     /// pool sizes (side arrays) and large blocks (the address table),
     /// through many growths; blocks freed are traced again with new
-    /// tracebacks, some of them too big for a side-array entry.
+    /// tracebacks, some of them too big for a side-array entry, and some
+    /// pool blocks traced by address (sparse, as when sampling).
     #[test]
     fn shard_matches_a_model() {
         let mut next = xorshift(0x1234_5678_9abc_def1);
@@ -2108,7 +2116,7 @@ mod tests {
                     let (addr, place) = pick(r);
                     places.insert(addr, place);
                     let size = size_for(place, r);
-                    let old = shard.insert(addr, place, size, tb).unwrap();
+                    let old = shard.insert(addr, place, size, tb, r % 13 == 0).unwrap();
                     assert_eq!(old, model.insert(addr, (size, tb)));
                     if old.is_none() {
                         live.push(addr);
@@ -2127,7 +2135,12 @@ mod tests {
                     let (addr, place) = pick(r.rotate_left(17));
                     places.insert(addr, place);
                     let size = size_for(place, r);
-                    if shard.insert(addr, place, size, moved.1).unwrap().is_none() {
+                    let sparse = r % 11 == 0;
+                    if shard
+                        .insert(addr, place, size, moved.1, sparse)
+                        .unwrap()
+                        .is_none()
+                    {
                         live.push(addr);
                     }
                     model.insert(addr, (size, moved.1));
@@ -2179,7 +2192,8 @@ mod tests {
             for pool in 0..64 {
                 for n in 0..per_pool {
                     let (addr, place) = block(1, pool, n);
-                    assert_eq!(shard.insert(addr, place, 16, round + 1).unwrap(), None);
+                    let old = shard.insert(addr, place, 16, round + 1, false).unwrap();
+                    assert_eq!(old, None);
                 }
             }
             assert_eq!(shard.len(), 64 * per_pool);
