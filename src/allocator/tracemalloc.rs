@@ -681,10 +681,15 @@ impl ArrayHeap {
         Some(array.cast())
     }
 
-    /// Takes back an array of `len` entries from `take`, all zero.
-    fn give(&mut self, array: *mut u32, len: usize) {
+    /// Takes back an array of `len` entries.
+    ///
+    /// # Safety
+    /// `array` came from `take(len)` on this heap, is all zero, and is not
+    /// used any more.
+    unsafe fn give(&mut self, array: *mut u32, len: usize) {
         let class = array_class(len);
-        // SAFETY: an array of at least 64 bytes from `take`, no longer used.
+        // SAFETY: per the contract, an array of at least 64 bytes (8-byte
+        // aligned) of ours, no longer used.
         unsafe { array.cast::<*mut u32>().write(self.free[class]) };
         self.free[class] = array;
     }
@@ -807,7 +812,9 @@ impl Shard {
                     if slot.count == 0 {
                         let (entries, len) = (slot.entries, slot.len as usize);
                         self.pools.remove(at.key);
-                        self.arrays.give(entries, len);
+                        // SAFETY: the slot's array, from `take(len)`, now
+                        // all zero, and the slot that used it is gone.
+                        unsafe { self.arrays.give(entries, len) };
                     }
                     return Some(found);
                 }
