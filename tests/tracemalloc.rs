@@ -8,7 +8,8 @@ mod common;
 
 use common::rng::Rng;
 use pymalloc::tracemalloc::{self, Filter, KeyType, Snapshot, Statistic, StatisticDiff};
-use pymalloc::PyMalloc;
+use pymalloc::{Config, PyMalloc};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
@@ -392,4 +393,102 @@ fn start_and_stop_while_threads_allocate() {
     assert_eq!(tracemalloc::get_traced_memory(), (0, 0));
     tracemalloc::stop();
     assert_eq!(tracemalloc::take_snapshot().traces().len(), 0);
+}
+
+/// An allocator of 64 KiB pools beside the global one (4 KiB pools): its
+/// pools have more blocks than one side array holds.
+static WIDE: PyMalloc = PyMalloc::system_with(Config::new(64 << 10, 4));
+
+#[test]
+fn pool_blocks_of_every_class_and_pool_size_are_traced() {
+    let _turn = serial();
+    tracemalloc::stop();
+    let idle = tracemalloc::get_tracemalloc_memory();
+    tracemalloc::start(1);
+    let layouts: Vec<Layout> = [
+        (1, 1),
+        (8, 8),
+        (24, 8),
+        (100, 4),
+        (264, 8),
+        (512, 8),
+        (48, 16),
+    ]
+    .iter()
+    .map(|&(size, align)| Layout::from_size_align(size, align).unwrap())
+    .collect();
+    let total: usize = layouts.iter().map(|l| l.size()).sum();
+    let mut blocks = Vec::with_capacity(7 * 500);
+    let line = line!() + 4;
+    for _ in 0..500 {
+        for &layout in &layouts {
+            // SAFETY: a nonzero size; freed below with the same layout.
+            blocks.push((unsafe { ALLOC.alloc(layout) }, layout));
+        }
+    }
+    let wide = Layout::new::<u64>();
+    let mut small = Vec::with_capacity(10_000);
+    let wide_line = line!() + 3;
+    for _ in 0..10_000 {
+        // SAFETY: a nonzero size; freed below with the same layout.
+        small.push(unsafe { WIDE.alloc(wide) });
+    }
+    let snapshot = tracemalloc::take_snapshot();
+    let stats = snapshot.statistics(KeyType::Lineno);
+    let global = stat_at(&stats, line).expect("the global allocator's blocks");
+    assert_eq!((global.count, global.size), (3500, 500 * total));
+    let wide_stat = stat_at(&stats, wide_line).expect("the wide pools' blocks");
+    assert_eq!((wide_stat.count, wide_stat.size), (10_000, 80_000));
+    let tables = tracemalloc::get_tracemalloc_memory();
+    assert!(tables > idle);
+
+    // Every other block freed; the freed ones allocated again at another
+    // line, most at the same addresses, which get the new traceback.
+    for block in small.iter_mut().step_by(2) {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { WIDE.dealloc(*block, wide) };
+        *block = std::ptr::null_mut();
+    }
+    assert_eq!(count_at(&tracemalloc::take_snapshot(), wide_line), 5000);
+    let again = line!() + 3;
+    for block in small.iter_mut().step_by(2) {
+        // SAFETY: a nonzero size; freed below with the same layout.
+        *block = unsafe { WIDE.alloc(wide) };
+    }
+    // Resized in place within its class, then moved to another class.
+    let (moved, layout) = blocks[2];
+    // SAFETY: a live block of `layout`, 24 bytes; 20 fits its class.
+    let same = unsafe { ALLOC.realloc(moved, layout, 20) };
+    assert_eq!(same, moved);
+    let resized = line!() + 2;
+    // SAFETY: now a live block of 20 bytes.
+    let grown = unsafe { ALLOC.realloc(same, Layout::from_size_align(20, 8).unwrap(), 300) };
+    blocks[2] = (grown, Layout::from_size_align(300, 8).unwrap());
+    let snapshot = tracemalloc::take_snapshot();
+    assert_eq!(count_at(&snapshot, wide_line), 5000);
+    assert_eq!(count_at(&snapshot, again), 5000);
+    let stats = snapshot.statistics(KeyType::Lineno);
+    assert_eq!(
+        stat_at(&stats, line).map(|s| (s.count, s.size)),
+        Some((3499, 500 * total - 24))
+    );
+    assert_eq!(
+        stat_at(&stats, resized).map(|s| (s.count, s.size)),
+        Some((1, 300))
+    );
+
+    for (block, layout) in blocks {
+        // SAFETY: live blocks of these layouts, each freed once.
+        unsafe { ALLOC.dealloc(block, layout) };
+    }
+    for block in small {
+        // SAFETY: live blocks of `wide`, each freed once.
+        unsafe { WIDE.dealloc(block, wide) };
+    }
+    let empty = tracemalloc::take_snapshot();
+    assert_eq!(count_at(&empty, line) + count_at(&empty, wide_line), 0);
+    assert_eq!(count_at(&empty, again) + count_at(&empty, resized), 0);
+    tracemalloc::stop();
+    // Stopping gives the side arrays back.
+    assert_eq!(tracemalloc::get_tracemalloc_memory(), idle);
 }

@@ -14,7 +14,7 @@ use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
 use super::heap_set::{stack_hint, HeapSet};
-use super::size_class::{class_for, CLASS_COUNT};
+use super::size_class::{class_for, CLASS_COUNT, CLASS_STEP};
 use super::stats::Stats;
 #[cfg(feature = "debug")]
 use super::sync::Lock;
@@ -461,30 +461,72 @@ impl<B: Backing> PyMalloc<B> {
         block
     }
 
-    /// Frees a small block of `class`.
+    /// Frees a small block of `class`; first forgets its trace if
+    /// `tracing` (tracemalloc was on when the caller looked, and has not
+    /// dealt with the block).
     ///
     /// # Safety
     /// `ptr` came from `allocate` with a layout of class `class` and
     /// `requested` bytes, and has not been freed since.
     #[inline]
-    unsafe fn free_small(&self, ptr: *mut u8, class: usize, requested: usize) {
+    unsafe fn free_small(&self, ptr: *mut u8, class: usize, requested: usize, tracing: bool) {
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        if unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
+        if !tracing && unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
             return;
         }
         // SAFETY: forwarded contract.
-        unsafe { self.free_unbound(ptr, class, requested) }
+        unsafe { self.free_slow(ptr, class, requested, tracing) }
     }
 
-    /// Frees a small block without a cache bound to this allocator: binds
-    /// the thread's cache to it if it can, else frees into the heap. Out of
-    /// line with thread caches, so that the inlined path stays small.
+    /// The rest of `free_small`, out of line with thread caches so that
+    /// the inlined path has one call for all of it: tracemalloc's filter
+    /// (a block it may trace goes to `free_traced`), the bound cache if
+    /// the inlined path skipped it for tracing, else `free_binding`. It
+    /// only tail-calls, so it keeps no frame: tracemalloc's sampled mode
+    /// passes through here on every free.
     ///
     /// # Safety
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
-    unsafe fn free_unbound(&self, ptr: *mut u8, class: usize, requested: usize) {
+    unsafe fn free_slow(&self, ptr: *mut u8, class: usize, requested: usize, tracing: bool) {
+        #[cfg(all(feature = "std", not(loom)))]
+        if tracing && tracemalloc::may_be_traced(ptr) {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_traced(ptr, class, requested) };
+        }
+        #[cfg(thread_cache)]
+        // SAFETY: forwarded contract.
+        if tracing && unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
+            return;
+        }
+        let _ = tracing;
+        // SAFETY: forwarded contract.
+        unsafe { self.free_binding(ptr, class, requested) }
+    }
+
+    /// `free_slow` for a block tracemalloc may trace: the trace goes first
+    /// (once freed, another thread may be given the address and record its
+    /// own trace there).
+    ///
+    /// # Safety
+    /// As for `free_small`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_traced(&self, ptr: *mut u8, class: usize, requested: usize) {
+        tracemalloc::forget(ptr, self.pool_place(class));
+        // SAFETY: forwarded contract.
+        unsafe { self.free_binding(ptr, class, requested) }
+    }
+
+    /// Frees a small block through a cache not yet bound to this
+    /// allocator, bound here if it can be, or else into its heap.
+    ///
+    /// # Safety
+    /// As for `free_small`.
+    #[cfg_attr(thread_cache, inline(never))]
+    unsafe fn free_binding(&self, ptr: *mut u8, class: usize, requested: usize) {
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
         if unsafe { thread_cache::free(self, ptr, class, requested) } {
@@ -512,7 +554,7 @@ impl<B: Backing> PyMalloc<B> {
             // and its user is done with it.
             unsafe {
                 track::freed(ptr, layout.size());
-                self.free_small(ptr, class, requested)
+                self.free_small(ptr, class, requested, false)
             }
         } else {
             // SAFETY: forwarded contract.
@@ -702,13 +744,15 @@ fn large_layout(layout: Layout) -> Layout {
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
 /// not. Each hook costs one relaxed load and a branch while tracing is off;
-/// what tracing does is out of line, to keep the fast path small.
+/// while it is on, a small test (a call to the sampler's countdown in
+/// `alloc`, a filter load in `dealloc`), after which an untraced call goes
+/// on down the same inline fast path.
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() {
-            return self.sampled_alloc(layout, zeroed);
+        if tracemalloc::on() && tracemalloc::sample(layout.size()) {
+            return self.traced_alloc(layout, zeroed);
         }
         self.untraced_alloc(layout, zeroed)
     }
@@ -718,16 +762,16 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() {
+        if tracemalloc::on() && tracemalloc::may_be_traced(ptr) {
             // SAFETY: forwarded contract.
-            return unsafe { self.sampled_dealloc(ptr, layout) };
+            return unsafe { self.traced_dealloc(ptr, layout) };
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
-    /// The free fast path, inlined into every caller: a small block freed
-    /// while tracing is off, to the thread cache or its heap. False, with
+    /// The free fast path, inlined into every caller: a small block that
+    /// tracemalloc does not trace, to the thread cache or its heap. False, with
     /// nothing done, for everything else, which the caller sends out of
     /// line through `front_dealloc`: one cold call site instead of one per
     /// case keeps `dealloc` small enough for LLVM to inline into drop glue
@@ -738,21 +782,23 @@ impl<B: Backing> PyMalloc<B> {
     /// As for `GlobalAlloc::dealloc`.
     #[inline(always)]
     pub(crate) unsafe fn quick_dealloc(&self, ptr: *mut u8, layout: Layout) -> bool {
-        #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() {
-            return false;
-        }
-        if cfg!(feature = "debug") {
+        // Alignments above a class step need rounding: rare, so they take
+        // the long way and the inlined path has none of that code.
+        if cfg!(feature = "debug") || layout.align() > CLASS_STEP {
             return false;
         }
         let Some(class) = pool_class::<B>(layout) else {
             return false;
         };
+        #[cfg(all(feature = "std", not(loom)))]
+        let tracing = tracemalloc::on();
+        #[cfg(not(all(feature = "std", not(loom))))]
+        let tracing = false;
         // SAFETY: forwarded contract: the block is live with this size and
         // its user is done with it.
         unsafe {
             track::freed(ptr, layout.size());
-            self.free_small(ptr, class, layout.size());
+            self.free_small(ptr, class, layout.size(), tracing);
         }
         true
     }
@@ -773,33 +819,6 @@ impl<B: Backing> PyMalloc<B> {
         }
         // SAFETY: forwarded contract.
         unsafe { self.untraced_realloc(ptr, layout, new_size) }
-    }
-
-    /// `alloc` while tracing, out of line: the hooks cost the untraced fast
-    /// path one load and a branch each, and keep it small enough to be
-    /// inlined into its callers.
-    #[cfg(all(feature = "std", not(loom)))]
-    #[inline(never)]
-    fn sampled_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
-        if tracemalloc::wants(layout.size()) {
-            return self.traced_alloc(layout, zeroed);
-        }
-        self.untraced_alloc(layout, zeroed)
-    }
-
-    /// `dealloc` while tracing: as `sampled_alloc`.
-    ///
-    /// # Safety
-    /// As for `GlobalAlloc::dealloc`.
-    #[cfg(all(feature = "std", not(loom)))]
-    #[inline(never)]
-    unsafe fn sampled_dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if tracemalloc::may_be_traced(ptr) {
-            // SAFETY: forwarded contract.
-            return unsafe { self.traced_dealloc(ptr, layout) };
-        }
-        // SAFETY: forwarded contract.
-        unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
     #[inline(always)]
@@ -840,6 +859,28 @@ impl<B: Backing> PyMalloc<B> {
         }
     }
 
+    /// Where tracemalloc keeps the trace of a block of `layout`: in its
+    /// pool's side array, or (large blocks, and the `debug` feature's
+    /// wrapped ones) by address.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[inline]
+    fn trace_place(&self, layout: Layout) -> tracemalloc::Place {
+        match pool_class::<B>(layout) {
+            Some(class) if !cfg!(feature = "debug") => self.pool_place(class),
+            _ => tracemalloc::Place::ELSEWHERE,
+        }
+    }
+
+    /// Where tracemalloc keeps the trace of a pool block of `class`.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[inline]
+    fn pool_place(&self, class: usize) -> tracemalloc::Place {
+        tracemalloc::Place::pool(
+            self.config.pool_size(),
+            super::size_class::class_size(class),
+        )
+    }
+
     /// Allocates and records the block with tracemalloc; if the trace
     /// cannot be stored, frees it and fails, as CPython does.
     #[cfg(all(feature = "std", not(loom)))]
@@ -847,7 +888,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(never)]
     fn traced_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         let block = self.untraced_alloc(layout, zeroed);
-        if block.is_null() || tracemalloc::record(block, layout.size()) {
+        if block.is_null() || tracemalloc::record(block, layout.size(), self.trace_place(layout)) {
             return block;
         }
         // SAFETY: a live block of `layout`, just allocated, freed once.
@@ -865,7 +906,7 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn traced_dealloc(&self, ptr: *mut u8, layout: Layout) {
         // Before the free: once freed, another thread may be given the
         // address and record its own trace there.
-        tracemalloc::forget(ptr);
+        tracemalloc::forget(ptr, self.trace_place(layout));
         // SAFETY: forwarded contract.
         unsafe { self.untraced_dealloc(ptr, layout) }
     }
@@ -879,17 +920,21 @@ impl<B: Backing> PyMalloc<B> {
     #[cold]
     unsafe fn traced_realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // Taken off first, as in `dealloc`: the old address may be freed.
-        let removed = tracemalloc::forget(ptr);
+        let place = self.trace_place(layout);
+        let removed = tracemalloc::forget(ptr, place);
         // SAFETY: forwarded contract.
         let block = unsafe { self.untraced_realloc(ptr, layout, new_size) };
         if block.is_null() {
             if let Some(removed) = removed {
-                tracemalloc::restore(ptr, removed);
+                tracemalloc::restore(ptr, place, removed);
             }
-        } else if tracemalloc::wants(new_size) {
+        } else if tracemalloc::sample(new_size) {
             // The user's old block may be gone: the new one cannot be
             // failed, so a trace that cannot be stored is just not kept.
-            tracemalloc::record(block, new_size);
+            // (The new layout is valid: the block was allocated with it.)
+            let new_place = Layout::from_size_align(new_size, layout.align())
+                .map_or(tracemalloc::Place::ELSEWHERE, |new| self.trace_place(new));
+            tracemalloc::record(block, new_size, new_place);
         }
         block
     }
