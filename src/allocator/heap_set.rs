@@ -60,6 +60,9 @@ pub(crate) struct HeapSet {
     /// Wrapping: only its sum with the heaps' and caches' counts means
     /// anything.
     pub(crate) requested: AtomicUsize,
+    /// Wholly free arenas its heaps keep, at most `MAX_SPARE_ARENAS` in
+    /// all (see `heap.rs`).
+    spare_arenas: AtomicUsize,
     /// Its place among all sets, for the fork handlers.
     #[cfg(fork_handlers)]
     pub(crate) fork: SetLinks,
@@ -111,13 +114,15 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
+                spare_arenas: AtomicUsize::new(0),
                 #[cfg(fork_handlers)]
                 fork: SetLinks::new(),
             });
+            let spares = &raw const (*set).spare_arenas;
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
                 slots.add(index).write(Slot {
-                    heap: Lock::new(Heap::new(config, index)),
+                    heap: Lock::new(Heap::new(config, index, spares)),
                     inbox: AtomicPtr::new(ptr::null_mut()),
                 });
             }
