@@ -310,6 +310,9 @@ impl<B: Backing> PyMalloc<B> {
     pub fn stats(&self) -> Stats {
         let config = self.config();
         let mut stats = Stats::empty(config.pool_size(), config.arena_size());
+        if B::BOUNDED {
+            stats.small_threshold = config.pool_limit();
+        }
         let set = self.set.load(Ordering::Acquire);
         if !set.is_null() {
             #[cfg(thread_cache)]
