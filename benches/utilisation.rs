@@ -120,7 +120,10 @@ fn main() {
     }
     header();
     shares.iter().for_each(|row| println!("{row}"));
-    println!("first fill (lowest after 20 rounds of churn), share of the 64 KiB span\n");
+    println!(
+        "first fill (lowest after 20 rounds of churn), share of the 64 KiB span; \
+         the same with and without std (a region under 32 MiB has no thread caches)\n"
+    );
     header();
     times.iter().for_each(|row| println!("{row}"));
     println!("ns per allocation (and its free) over the same workload, minimum of {REPS} interleaved runs");

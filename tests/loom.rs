@@ -101,7 +101,7 @@ fn two_threads_share_a_region_store() {
     model(None, 10, || {
         let memory: &'static mut [u8] =
             Box::leak(vec![0u8; Region::min_len(Config::SMALL) + 8192].into_boxed_slice());
-        let heap = Arc::new(PyMalloc::region_uninit(Config::SMALL));
+        let heap = Arc::new(PyMalloc::region_uninit_with(Config::SMALL));
         // SAFETY: leaked memory, used by this heap alone.
         unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
         let other = heap.clone();

@@ -49,7 +49,7 @@ fn system_heap_matches_the_model() {
 #[test]
 fn small_region_heap_matches_the_model_and_runs_out_cleanly() {
     let mut memory = vec![0u8; 256 * 1024];
-    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let heap = PyMalloc::region_uninit_with(Config::SMALL);
     // SAFETY: `memory` outlives `heap` and nothing else touches it.
     unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
     let mut model = Model::new(&heap, true);

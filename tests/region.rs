@@ -63,7 +63,7 @@ fn a_64_kib_region_fills_to_null_empties_and_fills_again() {
 
 #[test]
 fn allocation_before_init_returns_null_and_init_makes_it_work() {
-    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let heap = PyMalloc::region_uninit_with(Config::SMALL);
     let layout = Layout::from_size_align(32, 8).unwrap();
     // SAFETY: non-zero size.
     assert!(unsafe { heap.alloc(layout) }.is_null());
@@ -83,18 +83,18 @@ fn allocation_before_init_returns_null_and_init_makes_it_work() {
 }
 
 #[test]
-#[should_panic(expected = "cannot hold one 16384-byte arena")]
+#[should_panic(expected = "its Config needs")]
 fn a_region_too_small_for_one_arena_is_refused_at_init() {
-    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let heap = PyMalloc::region_uninit_with(Config::SMALL);
     let mut memory = vec![0u8; 8 * KIB];
     // SAFETY: refused before anything is written.
     unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
 }
 
 #[test]
-#[should_panic(expected = "cannot hold one")]
+#[should_panic(expected = "its Config needs")]
 fn an_empty_region_is_refused_at_init() {
-    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let heap = PyMalloc::region_uninit_with(Config::SMALL);
     // SAFETY: refused before anything is written.
     unsafe { heap.init(std::ptr::NonNull::dangling().as_ptr(), 0) };
 }
@@ -102,7 +102,7 @@ fn an_empty_region_is_refused_at_init() {
 #[test]
 #[should_panic(expected = "already has memory")]
 fn a_region_is_given_memory_once() {
-    let heap = PyMalloc::region_uninit(Config::SMALL);
+    let heap = PyMalloc::region_uninit_with(Config::SMALL);
     let mut memory = vec![0u8; 64 * KIB];
     // SAFETY: the second call panics before touching anything.
     unsafe {
@@ -117,7 +117,7 @@ fn a_misaligned_region_never_writes_outside_its_span() {
     let mut memory = vec![0xA5u8; 80 * KIB];
     let (start, len) = (4 * KIB + 5, 64 * KIB - 9);
     {
-        let heap = PyMalloc::region_uninit(Config::SMALL);
+        let heap = PyMalloc::region_uninit_with(Config::SMALL);
         // SAFETY: the span lies inside `memory`, which outlives `heap`.
         unsafe { heap.init(memory.as_mut_ptr().add(start), len) };
         let blocks = fill_until_null(&heap, &[16, 48, 512, 1500]);
@@ -129,11 +129,16 @@ fn a_misaligned_region_never_writes_outside_its_span() {
 
 #[test]
 fn a_region_of_min_len_after_trimming_serves_a_small_block() {
-    for config in [
+    let mut configs = vec![
         Config::SMALL,
         Config::DEFAULT,
         Config::DEFAULT.with_heaps(32),
-    ] {
+    ];
+    // The debug feature's header and guards outgrow the smallest store.
+    if !cfg!(feature = "debug") {
+        configs.push(Region::config_for(Region::MIN_LEN).unwrap());
+    }
+    for config in configs {
         let len = Region::min_len(config);
         for misalignment in [0, 1, 7, 15] {
             let mut memory = vec![0u8; len + 64];
@@ -141,11 +146,13 @@ fn a_region_of_min_len_after_trimming_serves_a_small_block() {
             // `len` remain once the start is trimmed to 16 bytes.
             let offset = memory.as_ptr().align_offset(64) + misalignment;
             let given = len + (16 - misalignment) % 16;
-            let heap = PyMalloc::region_uninit(config);
+            let heap = PyMalloc::region_uninit_with(config);
             // SAFETY: `memory` outlives `heap` and nothing else uses it; the
             // span lies within it.
             unsafe { heap.init(memory.as_mut_ptr().add(offset), given) };
-            let layout = Layout::from_size_align(512, 8).unwrap();
+            // The store-only geometry's minimum holds one smallest block.
+            let size = if config.pool_limit() == 0 { 16 } else { 512 };
+            let layout = Layout::from_size_align(size, 8).unwrap();
             // SAFETY: non-zero size; freed below.
             let block = unsafe { heap.alloc(layout) };
             assert!(!block.is_null(), "{config:?} +{misalignment}");
@@ -159,14 +166,14 @@ fn a_region_of_min_len_after_trimming_serves_a_small_block() {
 
 #[test]
 fn the_default_constructor_picks_a_geometry_for_any_span() {
-    // One heap's bookkeeping, one arena record chunk, one 1 KiB pool and
-    // its alignment slack: 4432 bytes on 64-bit.
-    const { assert!(Region::MIN_LEN <= 5 * KIB) };
+    // One smallest block of the store after trimming a misaligned start.
+    assert_eq!(Region::MIN_LEN, 32);
     assert_eq!(Region::config_for(Region::MIN_LEN - 1), None);
     let mut len = Region::MIN_LEN;
     while len <= 1 << 30 {
         let config = Region::config_for(len).unwrap();
         assert!(Region::min_len(config) <= len, "{len}: {config:?}");
+        assert_eq!(config.pool_limit(), Region::pool_limit_for(len));
         if len < Region::DEFAULT_SPAN {
             assert_eq!(config.heaps(), 1);
         } else {
@@ -174,19 +181,71 @@ fn the_default_constructor_picks_a_geometry_for_any_span() {
         }
         len = len * 3 / 2;
     }
-    assert_eq!(
-        Region::config_for(64 * KIB),
-        Some(Config::new(1024, 4).with_heaps(1))
-    );
+    // Under 128 KiB the store serves everything; from 2 MiB the pools
+    // serve every small request, as over the system allocator.
+    assert_eq!(Region::config_for(64 * KIB).unwrap().pool_limit(), 0);
+    assert_eq!(Region::config_for(256 * KIB).unwrap().pool_limit(), 128);
+    assert_eq!(Region::config_for(2 << 20).unwrap().pool_limit(), 512);
 }
 
 #[test]
-fn an_8_kib_region_from_the_default_constructor_serves_blocks() {
-    static mut HEAP: [u8; 8 * KIB] = [0; 8 * KIB];
+fn a_4_kib_array_works_with_the_default_constructor() {
+    static mut HEAP: [u8; 4 * KIB] = [0; 4 * KIB];
     // SAFETY: HEAP is used by this heap alone.
     let heap = unsafe { PyMalloc::region(&raw mut HEAP) };
-    let blocks = fill_until_null(&heap, &[8, 64, 300]);
-    assert!(blocks.len() >= 4, "{} blocks", blocks.len());
+    for _ in 0..2 {
+        let blocks = fill_until_null(&heap, &[8, 64, 300, 1000]);
+        let bytes: usize = blocks.iter().map(|(_, l)| l.size()).sum();
+        assert!(bytes >= 3 * KIB, "{bytes} bytes in live blocks");
+        free_checked(&heap, blocks);
+        assert_eq!(heap.stats().live_allocations(), 0);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    feature = "debug",
+    ignore = "the debug header and guards outgrow a 32-byte region"
+)]
+fn a_tiny_array_at_min_len_serves_one_small_block() {
+    static mut HEAP: [u8; Region::MIN_LEN] = [0; Region::MIN_LEN];
+    // SAFETY: HEAP is used by this heap alone.
+    let heap = unsafe { PyMalloc::region(&raw mut HEAP) };
+    let blocks = fill_until_null(&heap, &[16]);
+    assert!(!blocks.is_empty());
     free_checked(&heap, blocks);
-    assert_eq!(heap.stats().live_allocations(), 0);
+}
+
+#[test]
+fn init_picks_the_geometry_from_the_span_as_the_default_constructor_does() {
+    for len in [4 * KIB, 64 * KIB, 200 * KIB, 3 << 20, 40 << 20] {
+        let heap = PyMalloc::region_uninit();
+        let mut memory = vec![0u8; len + 16];
+        let offset = memory.as_ptr().align_offset(16);
+        // SAFETY: the span lies in `memory`, which outlives `heap` and
+        // nothing else uses; no other thread calls `heap`.
+        unsafe { heap.init(memory.as_mut_ptr().add(offset), len) };
+        assert_eq!(Some(heap.config()), Region::config_for(len), "{len}");
+        // Filling the largest span to null would only take time.
+        let sizes: &[usize] = if len < Region::DEFAULT_SPAN {
+            &[8, 100, 512, 3000]
+        } else {
+            &[1 << 20]
+        };
+        let blocks = fill_until_null(&heap, sizes);
+        let bytes: usize = blocks.iter().map(|(_, l)| l.size()).sum();
+        assert!(bytes > len / 2, "{len}: {bytes} bytes in live blocks");
+        free_checked(&heap, blocks);
+        assert_eq!(heap.stats().live_allocations(), 0);
+        drop(heap);
+    }
+}
+
+#[test]
+#[should_panic(expected = "below Region::MIN_LEN")]
+fn init_without_a_geometry_refuses_a_span_below_min_len() {
+    let heap = PyMalloc::region_uninit();
+    let mut memory = [0u8; 16];
+    // SAFETY: refused before anything is written.
+    unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
 }

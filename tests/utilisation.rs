@@ -95,9 +95,12 @@ fn fill_with_threads(heap: &PyMalloc<Region>, threads: usize, size: usize) -> us
     let stats = heap.stats();
     assert_eq!(stats.live_allocations(), 0);
     assert_eq!(stats.blocks_in_use(), 0);
-    // At most one spare arena per heap (an allocator-wide spare count is
-    // still to come).
-    assert!(stats.arenas_current <= heap.config().heaps());
+    // One spare arena for the whole allocator, not one per heap.
+    assert!(
+        stats.arenas_current <= 1,
+        "{} arenas left",
+        stats.arenas_current
+    );
     count
 }
 
@@ -121,7 +124,9 @@ fn a_region_filled_by_eight_threads_holds_as_much_as_one_thread_fills() {
 /// The four mixes in a region of the default constructor's geometry:
 /// prints the shares (`--nocapture`) and holds them to a floor, percent of
 /// the span after the first fill and after churn, per mix. (The issue's
-/// target is 85 %; these floors are what the design reaches today.)
+/// target, 85 % on every mix in 64 KiB, holds: there, as in 16 KiB, the
+/// region's store serves every request; 256 KiB pools requests up to
+/// 128 B for speed, and pays for it on the small mixes.)
 fn mixes<const N: usize>(heap: *mut [u8; N], floors: [(usize, usize); 4]) {
     for ((lo, hi), (first, churned)) in MIXES.into_iter().zip(floors) {
         // SAFETY: the caller's array, used by one heap at a time.
@@ -151,7 +156,7 @@ fn the_four_mixes_in_16_kib() {
     // SAFETY: only its address is taken.
     mixes(
         unsafe { &raw mut HEAP.0 },
-        [(10, 8), (40, 30), (25, 15), (55, 40)],
+        [(97, 85), (90, 88), (98, 84), (93, 65)],
     );
 }
 
@@ -161,7 +166,7 @@ fn the_four_mixes_in_64_kib() {
     // SAFETY: only its address is taken.
     mixes(
         unsafe { &raw mut HEAP.0 },
-        [(54, 41), (71, 61), (39, 34), (70, 50)],
+        [(97, 91), (90, 90), (98, 89), (97, 86)],
     );
 }
 
@@ -171,6 +176,6 @@ fn the_four_mixes_in_256_kib() {
     // SAFETY: only its address is taken.
     mixes(
         unsafe { &raw mut HEAP.0 },
-        [(68, 61), (74, 68), (60, 54), (80, 50)],
+        [(89, 80), (78, 72), (89, 84), (91, 84)],
     );
 }

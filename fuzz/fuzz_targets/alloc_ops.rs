@@ -17,7 +17,7 @@ fuzz_target!(|ops: &[u8]| {
         _ => (Config::SMALL, 128 << 10),
     };
     let mut memory = vec![0u8; len];
-    let heap = PyMalloc::region_uninit(config);
+    let heap = PyMalloc::region_uninit_with(config);
     // SAFETY: `memory` outlives `heap` and nothing else touches it.
     unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
     let mut model = Model::new(&heap, true);

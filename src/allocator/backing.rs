@@ -7,7 +7,6 @@
 //! * [`Region`]: a fixed span of memory given by the user (firmware, no OS).
 //!   Arenas and large objects are carved from it by `linked_list_allocator`.
 
-use super::config::Config;
 #[cfg(fork_handlers)]
 use super::sync::ForkGate;
 use super::sync::Lock;
@@ -27,6 +26,11 @@ pub unsafe trait Backing {
     /// checkers watch. Under AddressSanitizer (without the `asan-pools`
     /// feature) a `PyMalloc` over such a backing hands it every request.
     const SYSTEM_ALLOCATOR: bool = false;
+
+    /// Whether the backing is a fixed span, whose heaps honour
+    /// [`Config::pool_limit`](crate::Config::pool_limit): a compile-time answer, so that a heap over
+    /// an unbounded backing has no compare for it on the fast path.
+    const BOUNDED: bool = false;
 
     /// The bytes a bounded backing holds in all (a region's span), `None`
     /// for one that grows on demand. Thread caches are sized by it.
@@ -309,6 +313,9 @@ pub(crate) static REGION_GATE: ForkGate = ForkGate::new();
 /// returns null.
 pub struct Region {
     store: Lock<RegionStore>,
+    /// Whether `PyMalloc::init` picks the geometry from the span it gives
+    /// (`PyMalloc::region_uninit`) rather than keep the one chosen.
+    pub(crate) picks_config: bool,
 }
 
 struct RegionStore {
@@ -339,26 +346,34 @@ impl Region {
                     pending: start,
                     pending_len: len,
                 }),
+                picks_config: false,
             }
         }
     }
 
-    /// Gives the region its span.
+    super::sync::loom_const_fn! {
+        /// A region without a span until `set_span`; `picks_config` as the
+        /// field says.
+        pub(crate) fn awaiting_span(picks_config: bool) -> Self {
+            // SAFETY: an empty span promises nothing.
+            let region = unsafe { Region::new(ptr::null_mut(), 0) };
+            Region {
+                picks_config,
+                ..region
+            }
+        }
+    }
+
+    /// Gives the region its span, once `accept` (called under the
+    /// region's lock with the span's length trimmed to `REGION_ALIGN`) has
+    /// checked it and chosen the heaps' geometry for it.
     ///
     /// # Safety
     /// As for `new`.
     ///
     /// # Panics
-    /// If the region already has a span, or the span (trimmed to
-    /// `REGION_ALIGN`) is shorter than `min_len`, what the heaps of `config`
-    /// need ([`Region::min_len`]).
-    pub(crate) unsafe fn set_span(
-        &self,
-        start: *mut u8,
-        len: usize,
-        config: Config,
-        min_len: usize,
-    ) {
+    /// If the region already has a span, or `accept` panics.
+    pub(crate) unsafe fn set_span(&self, start: *mut u8, len: usize, accept: impl FnOnce(usize)) {
         #[cfg(fork_handlers)]
         let _pass = REGION_GATE.enter();
         let mut store = self.store.lock();
@@ -367,12 +382,7 @@ impl Region {
             "pymalloc: Region::init called on a region that already has memory"
         );
         let (start, len) = trim(start, len);
-        assert!(
-            len >= min_len,
-            "pymalloc: a region of {len} usable bytes cannot hold one {}-byte arena; \
-             give at least {min_len} bytes or choose a smaller Config",
-            config.arena_size(),
-        );
+        accept(len);
         store.pending = start;
         store.pending_len = len;
     }
@@ -404,6 +414,8 @@ fn trim(start: *mut u8, len: usize) -> (*mut u8, usize) {
 // SAFETY: every block comes from the list allocator, which hands out
 // non-overlapping, aligned parts of the region we own exclusively.
 unsafe impl Backing for Region {
+    const BOUNDED: bool = true;
+
     fn span_len(&self) -> Option<usize> {
         #[cfg(fork_handlers)]
         let _pass = REGION_GATE.enter();

@@ -1,6 +1,8 @@
 //! The geometry of a heap: how big a pool is, how many pools an arena holds,
 //! and how many independent heaps share the work of several threads.
 
+use super::sync::{loom_const_fn, AtomicUsize, Ordering};
+
 /// Most pools one arena may hold. CPython uses 64 in every configuration; the
 /// arena index (`Heap::last_with_free`) is an array of this size plus one.
 pub const MAX_ARENA_POOLS: usize = 64;
@@ -13,6 +15,10 @@ pub const MAX_POOL_SIZE: usize = 1 << 24;
 
 /// Most heaps one allocator may hold.
 pub const MAX_HEAPS: usize = 32;
+
+/// Largest request a heap can serve from its pools (its largest size
+/// class), and what [`Config::pool_limit`] is unless lowered.
+pub const MAX_POOL_LIMIT: usize = 512;
 
 /// Heaps in [`Config::DEFAULT`]: enough that up to eight threads each find
 /// a heap of their own, few enough that the spare arena and partly used
@@ -30,6 +36,7 @@ pub struct Config {
     pool_size: usize,
     arena_pools: usize,
     heaps: usize,
+    pool_limit: usize,
 }
 
 impl Config {
@@ -59,6 +66,7 @@ impl Config {
             pool_size,
             arena_pools,
             heaps: DEFAULT_HEAPS,
+            pool_limit: MAX_POOL_LIMIT,
         }
     }
 
@@ -75,6 +83,38 @@ impl Config {
             "pymalloc: an allocator holds from 1 to 32 heaps"
         );
         Config { heaps, ..self }
+    }
+
+    /// This geometry with requests of more than `bytes` bytes sent to the
+    /// region's own store, beside the arenas, instead of to the pools (0:
+    /// every request). Only a bounded backing ([`Region`]) honours it: over
+    /// the system allocator every request up to [`MAX_POOL_LIMIT`] bytes
+    /// is pooled, so that the fast path there has no compare for it.
+    ///
+    /// In a small span, pools cost bytes (each size class in use strands a
+    /// partly used pool, every pool has a header) where the store packs
+    /// blocks tightly, and memory moves freely between the store's blocks
+    /// and the arenas as the load changes.
+    ///
+    /// [`Region`]: crate::Region
+    ///
+    /// # Panics
+    /// If `bytes` is over [`MAX_POOL_LIMIT`].
+    pub const fn with_pool_limit(self, bytes: usize) -> Self {
+        assert!(
+            bytes <= MAX_POOL_LIMIT,
+            "pymalloc: pools serve requests of at most 512 bytes"
+        );
+        Config {
+            pool_limit: bytes,
+            ..self
+        }
+    }
+
+    /// Largest request a region serves from its pools (see
+    /// [`Config::with_pool_limit`]).
+    pub const fn pool_limit(&self) -> usize {
+        self.pool_limit
     }
 
     /// Independent heaps, each with its own lock, pools and arenas.
@@ -101,5 +141,49 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         Config::DEFAULT
+    }
+}
+
+/// An allocator's [`Config`], which a region given its span at run time
+/// ([`PyMalloc::init`](crate::PyMalloc::init)) may still choose: written
+/// there, before the span (so before any block exists), read everywhere
+/// else. Atomics rather than a lock: `pool_limit` is read on the fast path
+/// of a heap over a region, and a plain load is all that costs.
+pub(crate) struct ConfigCell {
+    pool_size: AtomicUsize,
+    arena_pools: AtomicUsize,
+    heaps: AtomicUsize,
+    pub(crate) pool_limit: AtomicUsize,
+}
+
+impl ConfigCell {
+    loom_const_fn! {
+        pub(crate) fn new(config: Config) -> Self {
+            ConfigCell {
+                pool_size: AtomicUsize::new(config.pool_size),
+                arena_pools: AtomicUsize::new(config.arena_pools),
+                heaps: AtomicUsize::new(config.heaps),
+                pool_limit: AtomicUsize::new(config.pool_limit),
+            }
+        }
+    }
+
+    pub(crate) fn get(&self) -> Config {
+        Config {
+            pool_size: self.pool_size.load(Ordering::Relaxed),
+            arena_pools: self.arena_pools.load(Ordering::Relaxed),
+            heaps: self.heaps.load(Ordering::Relaxed),
+            pool_limit: self.pool_limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ordered before any use by the region's lock, which the span is given
+    /// under and every block is carved under.
+    pub(crate) fn set(&self, config: Config) {
+        self.pool_size.store(config.pool_size, Ordering::Relaxed);
+        self.arena_pools
+            .store(config.arena_pools, Ordering::Relaxed);
+        self.heaps.store(config.heaps, Ordering::Relaxed);
+        self.pool_limit.store(config.pool_limit, Ordering::Relaxed);
     }
 }

@@ -5,7 +5,7 @@ use super::backing::Backing;
 use super::backing::Region;
 #[cfg(feature = "std")]
 use super::backing::System;
-use super::config::Config;
+use super::config::{Config, ConfigCell};
 #[cfg(feature = "debug")]
 use super::debug;
 #[cfg(fork_handlers)]
@@ -78,7 +78,9 @@ pub struct PyMalloc<B: Backing = DefaultBacking> {
     /// What thread caches call this allocator (0: not yet, or not cached).
     #[cfg(thread_cache)]
     id: AtomicUsize,
-    config: Config,
+    /// Fixed, except that `init` may choose it for a region made without
+    /// one (`region_uninit`).
+    config: ConfigCell,
     backing: B,
     large: LargeCounters,
     /// The fast path's bound and the limit: see `inject.rs`.
@@ -131,16 +133,17 @@ impl PyMalloc<Region> {
     loom_const_fn! {
         /// A heap over the `static` array at `heap`, claimed on first use,
         /// with the geometry [`Region::config_for`] picks for `N` bytes
-        /// (1 KiB pools, small arenas and one heap for tens of KiB, CPython's
+        /// (under 128 KiB the region's store serves every request; then
+        /// pools for more and more sizes, one heap, up to CPython's
         /// default from 32 MiB).
         ///
         /// ```
-        /// use pymalloc::{Config, PyMalloc, Region};
+        /// use pymalloc::{PyMalloc, Region};
         ///
         /// static mut HEAP: [u8; 64 * 1024] = [0; 64 * 1024];
         /// // SAFETY: HEAP is used by nothing but this allocator.
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
-        /// assert_eq!(ALLOC.config(), Config::new(1024, 4).with_heaps(1));
+        /// assert_eq!(ALLOC.config().pool_limit(), 0);
         /// ```
         ///
         /// # Safety
@@ -155,12 +158,12 @@ impl PyMalloc<Region> {
         /// ```compile_fail
         /// use pymalloc::{PyMalloc, Region};
         ///
-        /// static mut HEAP: [u8; 2048] = [0; 2048];
+        /// static mut HEAP: [u8; 16] = [0; 16];
         /// static ALLOC: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
         /// ```
         pub unsafe fn region<const N: usize>(heap: *mut [u8; N]) -> Self {
             let Some(config) = Region::config_for(N) else {
-                panic!("pymalloc: the region is smaller than Region::MIN_LEN, one 1 KiB pool and one heap")
+                panic!("pymalloc: the region is smaller than Region::MIN_LEN, 32 bytes")
             };
             // SAFETY: forwarded contract.
             unsafe { Self::region_with(heap, config) }
@@ -197,11 +200,30 @@ impl PyMalloc<Region> {
     }
 
     loom_const_fn! {
-        /// A heap whose region is given later by [`PyMalloc::init`]; until
-        /// then every allocation returns null.
-        pub fn region_uninit(config: Config) -> Self {
-            // SAFETY: an empty span promises nothing.
-            Self::with_backing(unsafe { Region::new(ptr::null_mut(), 0) }, config)
+        /// A heap whose region is given later by [`PyMalloc::init`], which
+        /// picks the geometry from the span's length as
+        /// [`PyMalloc::region`] does from the array's ([`Region::config_for`]);
+        /// until then every allocation returns null.
+        ///
+        #[cfg_attr(feature = "std", doc = "```")]
+        #[cfg_attr(not(feature = "std"), doc = "```ignore")]
+        /// use pymalloc::{PyMalloc, Region};
+        ///
+        /// static ALLOC: PyMalloc<Region> = PyMalloc::region_uninit();
+        /// let span = Box::leak(vec![0u8; 64 * 1024].into_boxed_slice());
+        /// // SAFETY: the span is leaked, so ours alone for good.
+        /// unsafe { ALLOC.init(span.as_mut_ptr(), span.len()) };
+        /// assert_eq!(Some(ALLOC.config()), Region::config_for(64 * 1024));
+        /// ```
+        pub fn region_uninit() -> Self {
+            Self::with_backing(Region::awaiting_span(true), Config::DEFAULT)
+        }
+    }
+
+    loom_const_fn! {
+        /// As [`PyMalloc::region_uninit`], with the geometry `config`.
+        pub fn region_uninit_with(config: Config) -> Self {
+            Self::with_backing(Region::awaiting_span(false), config)
         }
     }
 
@@ -211,19 +233,38 @@ impl PyMalloc<Region> {
     ///
     /// # Safety
     /// The span is valid for reads and writes and used by nothing else while
-    /// the allocator lives.
+    /// the allocator lives; no other thread calls the allocator while
+    /// `init` runs (it may choose the geometry, which every call reads).
     ///
     /// # Panics
     /// If the heap already has memory, or the trimmed span is shorter than
-    /// [`Region::min_len`].
+    /// [`Region::min_len`] of the heap's geometry (for `region_uninit`,
+    /// shorter than [`Region::MIN_LEN`]).
     pub unsafe fn init(&self, start: *mut u8, len: usize) {
         #[cfg(fork_handlers)]
         fork::ensure_handlers();
+        let accept = |len| {
+            let config = if self.backing.picks_config {
+                let Some(config) = Region::config_for(len) else {
+                    panic!(
+                        "pymalloc: a region of {len} usable bytes is below Region::MIN_LEN ({})",
+                        Region::MIN_LEN
+                    )
+                };
+                config
+            } else {
+                self.config()
+            };
+            let min_len = Region::min_len(config);
+            assert!(
+                len >= min_len,
+                "pymalloc: a region of {len} usable bytes is below the {min_len} bytes \
+                 its Config needs (Region::min_len); give more or choose a smaller Config"
+            );
+            self.config.set(config);
+        };
         // SAFETY: forwarded contract.
-        unsafe {
-            self.backing
-                .set_span(start, len, self.config, Region::min_len(self.config))
-        }
+        unsafe { self.backing.set_span(start, len, accept) }
     }
 }
 
@@ -235,7 +276,7 @@ impl<B: Backing> PyMalloc<B> {
                 set: AtomicPtr::new(ptr::null_mut()),
                 #[cfg(thread_cache)]
                 id: AtomicUsize::new(0),
-                config,
+                config: ConfigCell::new(config),
                 backing,
                 large: LargeCounters {
                     objects: AtomicUsize::new(0),
@@ -251,7 +292,7 @@ impl<B: Backing> PyMalloc<B> {
 
     /// The heap's geometry.
     pub fn config(&self) -> Config {
-        self.config
+        self.config.get()
     }
 
     /// The backing the heap draws from.
@@ -267,7 +308,11 @@ impl<B: Backing> PyMalloc<B> {
     /// threads cache count as free ([`Stats::cached_blocks`]). Every heap's
     /// inbox of remotely freed blocks is emptied on the way.
     pub fn stats(&self) -> Stats {
-        let mut stats = Stats::empty(self.config.pool_size(), self.config.arena_size());
+        let config = self.config();
+        let mut stats = Stats::empty(config.pool_size(), config.arena_size());
+        if B::BOUNDED {
+            stats.small_threshold = config.pool_limit();
+        }
         let set = self.set.load(Ordering::Acquire);
         if !set.is_null() {
             let _internal = track::internal();
@@ -311,7 +356,7 @@ impl<B: Backing> PyMalloc<B> {
         // Before the first lock the handlers take can be held.
         #[cfg(fork_handlers)]
         fork::ensure_handlers();
-        let set = HeapSet::create(self.config, &self.backing);
+        let set = HeapSet::create(self.config(), &self.backing);
         if set.is_null() {
             return set;
         }
@@ -362,11 +407,35 @@ impl<B: Backing> PyMalloc<B> {
         unsafe { &*self.set.load(Ordering::Acquire) }
     }
 
+    /// The size class that serves `layout` from the pools; `None` sends
+    /// it to the backing. Under AddressSanitizer's passthrough mode (see
+    /// `build.rs`) a heap over the system allocator sends it every
+    /// request, so the sanitizer sees each block; over a bounded backing,
+    /// requests above `Config::pool_limit` go there too (one compare, and
+    /// none over an unbounded backing: `B::BOUNDED` is a constant).
+    #[inline(always)]
+    pub(crate) fn pool_class(&self, layout: Layout) -> Option<usize> {
+        if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
+            return None;
+        }
+        if B::BOUNDED && layout.size() > self.config.pool_limit.load(Ordering::Relaxed) {
+            return None;
+        }
+        let class = class_for(layout.size(), layout.align());
+        if let Some(class) = class {
+            // SAFETY: `class_for` names classes of at most 512 bytes, of
+            // which there are `CLASS_COUNT`. Knowing it, the compiler drops
+            // the bounds checks of the per-class arrays on the fast path.
+            unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
+        }
+        class
+    }
+
     /// Allocates `layout`, counting `requested` bytes as asked for, with
     /// its first `layout.size()` bytes zeroed if `zeroed`.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        let Some(class) = pool_class::<B>(layout) else {
+        let Some(class) = self.pool_class(layout) else {
             return self.allocate_large(layout, requested, zeroed);
         };
         #[cfg(thread_cache)]
@@ -549,7 +618,7 @@ impl<B: Backing> PyMalloc<B> {
     /// not been freed since.
     #[inline]
     pub(crate) unsafe fn deallocate(&self, ptr: *mut u8, layout: Layout, requested: usize) {
-        if let Some(class) = pool_class::<B>(layout) {
+        if let Some(class) = self.pool_class(layout) {
             // SAFETY: forwarded contract: the block is live with this size
             // and its user is done with it.
             unsafe {
@@ -590,8 +659,8 @@ impl<B: Backing> PyMalloc<B> {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return ptr::null_mut();
         };
-        let old_class = pool_class::<B>(layout);
-        let new_class = pool_class::<B>(new_layout);
+        let old_class = self.pool_class(layout);
+        let new_class = self.pool_class(new_layout);
         if old_class.is_some() && old_class == new_class {
             // SAFETY: forwarded contract: the block is live, and `new_size`
             // fits its class.
@@ -652,7 +721,7 @@ impl<B: Backing> debug::Unchecked for PyMalloc<B> {
     }
 
     fn pool_class(&self, layout: Layout) -> Option<usize> {
-        pool_class::<B>(layout)
+        PyMalloc::pool_class(self, layout)
     }
 
     fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus {
@@ -706,25 +775,6 @@ impl<B: Backing> Drop for PyMalloc<B> {
             unsafe { HeapSet::destroy(set, &self.backing) }
         }
     }
-}
-
-/// The size class that serves `layout` from the pools of a heap over `B`;
-/// `None` sends it to the backing. Under AddressSanitizer's passthrough
-/// mode (see `build.rs`) a heap over the system allocator sends it every
-/// request, so the sanitizer sees each block.
-#[inline(always)]
-pub(crate) fn pool_class<B: Backing>(layout: Layout) -> Option<usize> {
-    if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
-        return None;
-    }
-    let class = class_for(layout.size(), layout.align());
-    if let Some(class) = class {
-        // SAFETY: `class_for` names classes of at most 512 bytes, of which
-        // there are `CLASS_COUNT`. Knowing it, the compiler drops the
-        // bounds checks of the per-class arrays on the fast path.
-        unsafe { core::hint::assert_unchecked(class < CLASS_COUNT) };
-    }
-    class
 }
 
 /// The layout a large request takes from the backing: a zero-size request
@@ -787,7 +837,7 @@ impl<B: Backing> PyMalloc<B> {
         if cfg!(feature = "debug") || layout.align() > CLASS_STEP {
             return false;
         }
-        let Some(class) = pool_class::<B>(layout) else {
+        let Some(class) = self.pool_class(layout) else {
             return false;
         };
         #[cfg(all(feature = "std", not(loom)))]
@@ -865,7 +915,7 @@ impl<B: Backing> PyMalloc<B> {
     #[cfg(all(feature = "std", not(loom)))]
     #[inline]
     fn trace_place(&self, layout: Layout) -> tracemalloc::Place {
-        match pool_class::<B>(layout) {
+        match self.pool_class(layout) {
             Some(class) if !cfg!(feature = "debug") => self.pool_place(class),
             _ => tracemalloc::Place::ELSEWHERE,
         }
@@ -876,7 +926,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline]
     fn pool_place(&self, class: usize) -> tracemalloc::Place {
         tracemalloc::Place::pool(
-            self.config.pool_size(),
+            self.config().pool_size(),
             super::size_class::class_size(class),
         )
     }

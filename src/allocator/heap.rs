@@ -9,12 +9,15 @@
 //! mass frees went quadratic, bpo-37029).
 //!
 //! A wholly free arena goes back to the backing at once, unless it is the
-//! only usable arena: then it stays as the single spare, so that a program
-//! allocating and freeing one block across an arena boundary does not map
-//! and unmap an arena every time (bpo-37257). The spare goes back as soon as
-//! another arena has room again. This is stricter than CPython's rule (keep
-//! it if it is last in the list), which can keep an empty arena beside
-//! others with room, so one live block could pin two arenas.
+//! only usable arena and no heap of the allocator keeps a spare yet: then
+//! it stays as the allocator's one spare, so that a program allocating and
+//! freeing one block across an arena boundary does not map and unmap an
+//! arena every time (bpo-37257). The spare goes back as soon as another
+//! arena of its heap has room again. This is stricter than CPython's rule
+//! (keep it if it is last in the list), which can keep an empty arena
+//! beside others with room, so one live block could pin two arenas; and
+//! counting spares across heaps (`MAX_SPARE_ARENAS`) keeps eight heaps
+//! from holding eight empty arenas between them.
 
 use super::arena::{Arena, ArenaTable};
 use super::backing::Backing;
@@ -23,7 +26,13 @@ use super::list;
 use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
 use super::size_class::{class_alignment, class_size, CLASS_COUNT};
 use super::stats::Stats;
+use super::sync::{AtomicUsize, Ordering};
 use core::ptr;
+
+/// Most wholly free arenas one allocator keeps, over all its heaps: one
+/// spares the boundary loop its map and unmap; more would only hold
+/// memory back from the backing (and, in a region, from large objects).
+pub(crate) const MAX_SPARE_ARENAS: usize = 1;
 
 /// One heap: everything behind one lock.
 pub(crate) struct Heap {
@@ -42,6 +51,12 @@ pub(crate) struct Heap {
     arenas_reclaimed: usize,
     arenas_highwater: usize,
     arenas_current: usize,
+    /// The allocator's count of spare arenas, kept by its heap set, which
+    /// outlives the heap.
+    spares: *const AtomicUsize,
+    /// Whether this heap's only usable arena is wholly free and counted in
+    /// `spares`.
+    spare: bool,
     /// Bytes requested by small blocks allocated through this heap, minus
     /// those freed into it, without a thread cache (wrapping: blocks move
     /// between heaps and caches, so only the sum over all counts means
@@ -69,7 +84,9 @@ pub(crate) enum BlockStatus {
 }
 
 impl Heap {
-    pub(crate) const fn new(config: Config, index: usize) -> Self {
+    /// A heap of `config`, the `index`th of its allocator, whose spare
+    /// arenas are counted in `*spares` (which must outlive it).
+    pub(crate) const fn new(config: Config, index: usize, spares: *const AtomicUsize) -> Self {
         Heap {
             config,
             index,
@@ -81,6 +98,8 @@ impl Heap {
             arenas_reclaimed: 0,
             arenas_highwater: 0,
             arenas_current: 0,
+            spares,
+            spare: false,
             requested: 0,
         }
     }
@@ -275,6 +294,10 @@ impl Heap {
     /// Bookkeeping after the head of the usable list gave up a pool.
     fn arena_lost_pool(&mut self, arena: *mut Arena) {
         debug_assert_eq!(arena, self.usable);
+        if self.spare {
+            // In use again: no longer the spare.
+            self.uncount_spare();
+        }
         // SAFETY: `arena` is the live head of the usable list.
         let arena_ref = unsafe { &mut *arena };
         let free = arena_ref.free_count as usize;
@@ -335,6 +358,32 @@ impl Heap {
         if self.last_with_free[free].is_null() {
             self.last_with_free[free] = arena;
         }
+        if wholly_free {
+            // The only usable arena (the others with room were let go).
+            self.keep_spare(backing);
+        }
+    }
+
+    /// The heap's only usable arena just became wholly free: it stays as
+    /// the allocator's spare if fewer than `MAX_SPARE_ARENAS` are kept,
+    /// else it goes back.
+    fn keep_spare(&mut self, backing: &impl Backing) {
+        // SAFETY: the count outlives the heap (`Heap::new`).
+        let spares = unsafe { &*self.spares };
+        let counted = spares.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < MAX_SPARE_ARENAS).then_some(n + 1)
+        });
+        if counted.is_ok() {
+            self.spare = true;
+        } else {
+            self.release_spare(backing);
+        }
+    }
+
+    fn uncount_spare(&mut self) {
+        self.spare = false;
+        // SAFETY: as in `keep_spare`.
+        unsafe { &*self.spares }.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Gives back the spare, if there is one: a wholly free arena is kept
@@ -351,6 +400,9 @@ impl Heap {
         debug_assert!(unsafe { (*spare).next.is_null() } && self.last_with_free[free] == spare);
         self.last_with_free[free] = ptr::null_mut();
         self.usable = ptr::null_mut();
+        if self.spare {
+            self.uncount_spare();
+        }
         self.release_arena(spare, backing);
     }
 
@@ -392,7 +444,10 @@ impl Heap {
         }
         // SAFETY: the records are no longer needed: the heap is reset below.
         unsafe { self.table.free_chunks(backing) };
-        *self = Heap::new(self.config, self.index);
+        if self.spare {
+            self.uncount_spare();
+        }
+        *self = Heap::new(self.config, self.index, self.spares);
     }
 
     /// Adds this heap's arenas and pools to `stats`. (The high-water mark
@@ -564,7 +619,8 @@ mod tests {
     #[test]
     fn freeing_everything_gives_back_all_arenas_but_one_spare() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let blocks = fill(&mut heap, &backing, 8);
         for block in blocks {
             // SAFETY: each block came from this heap and is freed once.
@@ -585,10 +641,43 @@ mod tests {
     }
 
     #[test]
+    fn heaps_of_one_allocator_keep_one_spare_arena_between_them() {
+        // One backing per heap, so that `fill` counts each heap's arenas.
+        let backings = [Counting::default(), Counting::default()];
+        let out = || backings.iter().map(|b| b.arenas_out.get()).sum::<usize>();
+        let spares = AtomicUsize::new(0);
+        let mut heaps = [0, 1].map(|index| Heap::new(Config::SMALL, index, &spares));
+        let blocks = [0, 1].map(|i| fill(&mut heaps[i], &backings[i], 2));
+        assert_eq!(out(), 4);
+        for (i, blocks) in blocks.into_iter().enumerate() {
+            for block in blocks {
+                // SAFETY: each block came from this heap and is freed once.
+                unsafe { heaps[i].free(block, &backings[i]) };
+            }
+            heaps[i].check_invariants();
+        }
+        assert_eq!(out(), 1, "one spare in all");
+        assert_eq!(spares.load(Ordering::Relaxed), 1);
+        // The spare taken back into use frees the count for the other heap.
+        let block = heaps[0].alloc(BIG, &backings[0]);
+        assert_eq!(spares.load(Ordering::Relaxed), 0);
+        // SAFETY: just allocated from heap 0.
+        unsafe { heaps[0].free(block, &backings[0]) };
+        assert_eq!(spares.load(Ordering::Relaxed), 1);
+        for (heap, backing) in heaps.iter_mut().zip(&backings) {
+            // SAFETY: no block of the heaps is used again.
+            unsafe { heap.release_all(backing) };
+        }
+        assert_eq!(spares.load(Ordering::Relaxed), 0);
+        assert_eq!(out(), 0);
+    }
+
+    #[test]
     fn one_live_block_pins_its_arena_and_only_its_arena() {
         for pinned_arena in [0, 3, 7] {
             let backing = Counting::default();
-            let mut heap = Heap::new(Config::SMALL, 0);
+            let spares = AtomicUsize::new(0);
+            let mut heap = Heap::new(Config::SMALL, 0, &spares);
             let blocks = fill(&mut heap, &backing, 8);
             let per_arena = blocks.len() / 8;
             let pinned = blocks[pinned_arena * per_arena + 5];
@@ -609,7 +698,8 @@ mod tests {
     #[test]
     fn new_pools_come_from_the_fullest_arena() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         // Arena 0 gets 4 free pools, arena 1 gets 1, arena 2 gets 2.
@@ -639,7 +729,8 @@ mod tests {
     #[test]
     fn a_loop_at_an_arena_boundary_does_not_open_an_arena_each_time() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let _full = fill(&mut heap, &backing, 2);
         for _ in 0..1000 {
             let block = heap.alloc(BIG, &backing);
@@ -653,7 +744,8 @@ mod tests {
     #[test]
     fn the_spare_goes_back_once_another_arena_has_room() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         for &block in &blocks[..per_arena] {
@@ -674,7 +766,8 @@ mod tests {
     #[test]
     fn ten_thousand_arenas_freed_in_reverse_order() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let blocks = fill(&mut heap, &backing, 10_000);
         for &block in blocks.iter().rev() {
             // SAFETY: freed once. Each free is O(1): no step of
@@ -688,7 +781,8 @@ mod tests {
     #[test]
     fn random_frees_keep_the_list_sorted_and_indexed() {
         let backing = Counting::default();
-        let mut heap = Heap::new(Config::SMALL, 0);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares);
         let mut live: Vec<*mut u8> = Vec::new();
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for step in 0..200_000 {

@@ -31,7 +31,7 @@
 
 use super::arena::CHUNK_BYTES;
 use super::backing::{Backing, Region, REGION_ALIGN};
-use super::config::{Config, MAX_ARENA_POOLS, MAX_HEAPS, MIN_POOL_SIZE};
+use super::config::{Config, MAX_ARENA_POOLS, MAX_HEAPS, MAX_POOL_LIMIT, MIN_POOL_SIZE};
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
 use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
@@ -60,6 +60,9 @@ pub(crate) struct HeapSet {
     /// Wrapping: only its sum with the heaps' and caches' counts means
     /// anything.
     pub(crate) requested: AtomicUsize,
+    /// Wholly free arenas its heaps keep, at most `MAX_SPARE_ARENAS` in
+    /// all (see `heap.rs`).
+    spare_arenas: AtomicUsize,
     /// Its place among all sets, for the fork handlers.
     #[cfg(fork_handlers)]
     pub(crate) fork: SetLinks,
@@ -111,13 +114,15 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
+                spare_arenas: AtomicUsize::new(0),
                 #[cfg(fork_handlers)]
                 fork: SetLinks::new(),
             });
+            let spares = &raw const (*set).spare_arenas;
             let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..config.heaps() {
                 slots.add(index).write(Slot {
-                    heap: Lock::new(Heap::new(config, index)),
+                    heap: Lock::new(Heap::new(config, index, spares)),
                     inbox: AtomicPtr::new(ptr::null_mut()),
                 });
             }
@@ -539,8 +544,13 @@ pub(crate) use set_list::{for_each_set, SetLinks, SETS};
 impl Region {
     /// The fewest bytes a region needs for `config`: the heaps themselves,
     /// one chunk of arena records, one arena, the padding to align each,
-    /// and the worst-case trim of a misaligned start.
+    /// and the worst-case trim of a misaligned start. With a
+    /// [`Config::pool_limit`] of 0 no heap is ever made, and one
+    /// smallest block of the store after that trim is enough.
     pub const fn min_len(config: Config) -> usize {
+        if config.pool_limit() == 0 {
+            return 2 * REGION_ALIGN;
+        }
         (HeapSet::max_bytes(config.heaps())
             + CHUNK_BYTES
             + config.arena_size()
@@ -555,28 +565,47 @@ impl Region {
     /// share.
     pub const DEFAULT_SPAN: usize = 32 << 20;
 
-    /// The fewest bytes any region needs: one heap of one 1 KiB pool.
-    pub const MIN_LEN: usize = Region::min_len(Config::new(MIN_POOL_SIZE, 1).with_heaps(1));
+    /// The fewest bytes any region needs (32): one block of the store,
+    /// whatever the alignment of the span's start.
+    pub const MIN_LEN: usize = Region::min_len(Config::new(MIN_POOL_SIZE, 1).with_pool_limit(0));
+
+    /// The largest request [`Region::config_for`] lets the pools serve in
+    /// a span of `len` bytes; larger ones go to the region's store. The
+    /// store packs blocks tightly but its first-fit search grows with the
+    /// number of free gaps, so with the span; the pools are fast but strand
+    /// a partly used pool per class, which weighs less the larger the span.
+    /// (Measured on `tests/utilisation.rs`'s mixes: see the design notes in
+    /// `src/allocator/mod.rs`.)
+    pub const fn pool_limit_for(len: usize) -> usize {
+        match len {
+            0..0x2_0000 => 0,
+            0x2_0000..0x8_0000 => 128,
+            0x8_0000..0x20_0000 => 256,
+            _ => MAX_POOL_LIMIT,
+        }
+    }
 
     /// The geometry [`PyMalloc::region`](crate::PyMalloc::region) picks for
     /// a span of `len` bytes:
     /// * from [`Region::DEFAULT_SPAN`] up, [`Config::DEFAULT`] (CPython's
-    ///   4 KiB pools and 256 KiB arenas, several heaps);
-    /// * below it, one heap, 4 KiB pools from 1 MiB and 1 KiB pools under
-    ///   that, and arenas of a sixteenth of the span (1 to 64 pools),
-    ///   halved until one fits beside the heap's own bookkeeping: a 64 KiB
-    ///   span gets arenas of four 1 KiB pools. Pools partly used by each
-    ///   size class are what a small span cannot afford many of, hence
-    ///   small pools; small arenas leave little of the span outside every
-    ///   arena, and let an emptied one go back for large objects. (In a
-    ///   64 KiB region on the random-size mixes of `tests/utilisation.rs`,
-    ///   four-pool arenas put 60 % of the bytes in live blocks on 8–300 B
-    ///   where [`Config::SMALL`]'s sixteen-pool ones put 39 %.)
+    ///   4 KiB pools and 256 KiB arenas, several heaps, every request up to
+    ///   512 bytes pooled);
+    /// * below it, one heap, requests up to [`Region::pool_limit_for`]
+    ///   pooled (none under 128 KiB: there the region's store serves
+    ///   everything), 4 KiB pools from 1 MiB and 1 KiB pools under that,
+    ///   and arenas of a sixteenth of the span (1 to 64 pools), halved
+    ///   until one fits beside the heap's own bookkeeping. Pools partly
+    ///   used by each size class are what a small span cannot afford many
+    ///   of, hence small pools; small arenas leave little of the span
+    ///   outside every arena, and let an emptied one go back to the store.
     ///
     /// `None` below [`Region::MIN_LEN`].
     pub const fn config_for(len: usize) -> Option<Config> {
         if len >= Region::DEFAULT_SPAN {
             return Some(Config::DEFAULT);
+        }
+        if len < Region::MIN_LEN {
+            return None;
         }
         let pool_size = if len >= 1 << 20 { 4096 } else { MIN_POOL_SIZE };
         let mut pools = len / 16 / pool_size;
@@ -587,7 +616,9 @@ impl Region {
             pools = 1;
         }
         loop {
-            let config = Config::new(pool_size, pools).with_heaps(1);
+            let config = Config::new(pool_size, pools)
+                .with_heaps(1)
+                .with_pool_limit(Region::pool_limit_for(len));
             if Region::min_len(config) <= len {
                 return Some(config);
             }
@@ -599,11 +630,15 @@ impl Region {
     }
 }
 
-// The geometry chosen for the firmware-sized span the README shows.
+// The geometry chosen for the firmware-sized span the README shows: the
+// store serves every request.
 static_assertions::const_assert!(matches!(
     Region::config_for(64 * 1024),
-    Some(config) if config.pool_size() == 1024 && config.arena_pools() == 4
+    Some(config) if config.pool_limit() == 0
 ));
+// From 2 MiB, and so in the default geometry, every small request is
+// pooled.
+static_assertions::const_assert!(Region::pool_limit_for(Region::DEFAULT_SPAN) == MAX_POOL_LIMIT);
 
 /// loom models of the paths where threads meet between heaps. Run with
 /// `RUSTFLAGS="--cfg loom" cargo test --release -p pymalloc --lib loom_models`.

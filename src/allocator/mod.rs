@@ -62,18 +62,58 @@
 //! * **Small regions spend bytes, not speed.** In a region of tens of KiB
 //!   what decides how much of it ends up in live blocks is how much sits
 //!   outside any arena and how many partly used pools the size classes
-//!   strand. Measured on `tests/utilisation.rs`'s random-size mixes in
-//!   64 KiB: arenas of four 1 KiB pools instead of sixteen took 8–300 B
-//!   from 39 % to 59 % of the span on the first fill (so
+//!   strand. Arenas of four 1 KiB pools instead of sixteen took 8–300 B
+//!   from 39 % to 59 % of a 64 KiB span on the first fill (so
 //!   `Region::config_for` picks arenas of a sixteenth of the span); lending
 //!   a larger class's free block when no pool is left gained up to 4
-//!   points after churn and costs nothing on the hot path (it runs only
-//!   where null was about to be returned); a null comes only after the
-//!   thread's cache, every heap and every spare arena were tried; and
-//!   thread caches are off under 32 MiB, where a cache could hold more than
-//!   1/64 of the span. The issue's 85 % needs more (smaller pool headers,
-//!   coarser classes for small spans, large objects carved from pools);
-//!   not done yet.
+//!   points after churn at no cost to the hot path; a null comes only after
+//!   the thread's cache, every heap and the spare arena were tried; thread
+//!   caches are off under 32 MiB, where a cache could hold more than 1/64
+//!   of the span; and one allocator keeps one spare arena, not one per
+//!   heap. That still left 59 / 76 / 44 / 74 % on the four mixes of
+//!   `tests/utilisation.rs`. Pools cannot reach 85 % on 8–64 B at all:
+//!   rounding to 8-byte classes alone costs 9 % of those requests, headers
+//!   5 % of each pool. So a region routes requests above
+//!   `Config::pool_limit` to its own store, the first-fit list that
+//!   already serves large blocks and arenas from the same span, so bytes
+//!   move between pools and store blocks as the load changes. Measured
+//!   (percent of the span in live blocks, first fill / lowest after churn,
+//!   then ns per allocation and free in a debug-free test build, for the
+//!   mixes 8–300, 8–64, 16–512, 100–2000 B):
+//!
+//!   ```text
+//!   span    limit  8-300    8-64     16-512   100-2000  ns (4 mixes)
+//!   64 KiB    0    97/91    90/90    98/89    97/86     236 424 254 392
+//!   64 KiB   32    89/83    78/74    88/80    97/86     194 167 221 390
+//!   64 KiB   64    86/79    76/66    84/76    97/86     201  61 238 390
+//!   64 KiB  128    79/62    76/66    73/73    89/68     161  60 207 544
+//!   64 KiB  512    59/46    76/66    44/39    74/57     136  59 240 591
+//!   256 KiB   0    97/94    91/90    98/94    99/91     532 2611 410 483
+//!   256 KiB  64    89/88    79/73    92/88    99/91     461  58 387 800
+//!   256 KiB 128    90/81    79/73    90/85    92/85     351  81 309 448
+//!   256 KiB 512    73/66    79/73    65/59    85/58     104  59 162 421
+//!   1 MiB     0    97/95    90/90    98/95    99/95     9146 19010 4574 2038
+//!   1 MiB   256    90/78    83/81    90/83    88/84     202 118 1218 1385
+//!   1 MiB   512    81/74    83/81    78/67    80/74     188 134 286 1414
+//!   ```
+//!
+//!   Only the store alone reaches 85 % on every mix in 64 KiB, and it is
+//!   as fast there as the pools on three mixes; but its search walks the
+//!   free gaps, whose number grows with the span, while the pools' waste
+//!   stays a few KiB whatever the span. Hence `Region::pool_limit_for`:
+//!   the store serves everything under 128 KiB, the pools take requests up
+//!   to 128 B from 128 KiB, 256 B from 512 KiB and every small request from
+//!   2 MiB (so large regions keep CPython's geometry and speed). The limit
+//!   costs a heap over the system allocator nothing (`Backing::BOUNDED` is
+//!   a constant) and one compare on a region's fast path. Smaller pool
+//!   headers and coarser classes were not tried: the first is bounded by
+//!   the 5 % a header costs, the second makes rounding worse, and neither
+//!   closes the gap to the store on 8–64 B. What is left is the store's
+//!   own fit: after churn on 100–2000 B first fit keeps 82–89 % over the
+//!   seeds 1–8 of the workload (86 % on the seed the tables use, where
+//!   embedded-alloc's TLSF keeps 88 %; TLSF ranges 80–89 %). A simulation
+//!   of best fit over the same sequences gains 1 to 5 points on average on
+//!   every mix after churn, but loses 3 on that seed; not tried in code.
 //!
 //! The debug checks wrap the front's unchecked paths the same way: they ask
 //! for them through the `debug::Unchecked` trait, so they sit

@@ -25,6 +25,7 @@ pub const CLASS_STEP: usize = 8;
 pub const CLASS_COUNT: usize = SMALL_REQUEST_THRESHOLD / CLASS_STEP;
 
 const_assert!(CLASS_STEP.is_power_of_two());
+const_assert!(SMALL_REQUEST_THRESHOLD == super::config::MAX_POOL_LIMIT);
 const_assert!(SMALL_REQUEST_THRESHOLD.is_power_of_two());
 const_assert!(SMALL_REQUEST_THRESHOLD % CLASS_STEP == 0);
 // A free block stores the free-list link in place, so it must hold an

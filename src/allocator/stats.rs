@@ -33,6 +33,9 @@ pub struct Stats {
     pub pool_size: usize,
     /// Bytes in an arena.
     pub arena_size: usize,
+    /// Largest request served from pools: 512, or a region's
+    /// [`Config::pool_limit`](crate::Config::pool_limit).
+    pub small_threshold: usize,
     /// Per size class, smallest first.
     pub classes: [ClassStats; CLASS_COUNT],
     /// Arenas ever taken from the backing.
@@ -58,7 +61,8 @@ pub struct Stats {
     /// Free blocks held in other threads' caches (counted in
     /// `blocks_free`): ready for those threads, not yet back in their pools.
     pub cached_blocks: usize,
-    /// Live objects served by the fallback (over 512 bytes or over-aligned).
+    /// Live objects served by the fallback (over `small_threshold` bytes
+    /// or over-aligned).
     pub large_objects: usize,
     /// Bytes of those objects.
     pub large_bytes: usize,
@@ -77,6 +81,7 @@ impl Stats {
         Stats {
             pool_size,
             arena_size,
+            small_threshold: SMALL_REQUEST_THRESHOLD,
             classes,
             arenas_allocated_total: 0,
             arenas_reclaimed: 0,
@@ -267,7 +272,8 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "Small block threshold = {SMALL_REQUEST_THRESHOLD}, in {CLASS_COUNT} size classes.\n"
+            "Small block threshold = {}, in {CLASS_COUNT} size classes.\n",
+            self.small_threshold
         )?;
         writeln!(f, "class   size   num pools   blocks in use  avail blocks")?;
         writeln!(f, "-----   ----   ---------   -------------  ------------")?;
