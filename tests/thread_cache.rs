@@ -170,28 +170,6 @@ fn a_moved_allocator_keeps_its_thread_cache() {
 }
 
 #[test]
-fn more_allocators_than_the_registry_holds_all_work() {
-    // The registry of allocators caches may serve holds 64; the rest take
-    // the shared path, and every one must still be exact.
-    let heaps: Vec<PyMalloc> = (0..80).map(|_| PyMalloc::system()).collect();
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                for heap in heaps.iter().rev() {
-                    churn(heap, 200);
-                }
-            })
-            .join()
-            .unwrap();
-    });
-    for heap in &heaps {
-        let stats = heap.stats();
-        assert_eq!((stats.live_allocations(), stats.requested_bytes), (0, 0));
-        assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
-    }
-}
-
-#[test]
 fn a_thread_locals_destructor_allocating_at_exit_leaves_nothing_behind() {
     static HEAP: PyMalloc = PyMalloc::system();
     /// Churns `HEAP` when its thread exits: before or after the cache is
