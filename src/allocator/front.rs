@@ -541,7 +541,7 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn free_small(&self, ptr: *mut u8, class: usize, requested: usize, tracing: bool) {
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        if !tracing && unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
+        if !tracing && unsafe { thread_cache::free(self, ptr, class, requested, false) } {
             return;
         }
         // SAFETY: forwarded contract.
@@ -566,7 +566,7 @@ impl<B: Backing> PyMalloc<B> {
         }
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        if tracing && unsafe { thread_cache::free_bound(self, ptr, class, requested) } {
+        if tracing && unsafe { thread_cache::free(self, ptr, class, requested, false) } {
             return;
         }
         let _ = tracing;
@@ -598,7 +598,7 @@ impl<B: Backing> PyMalloc<B> {
     unsafe fn free_binding(&self, ptr: *mut u8, class: usize, requested: usize) {
         #[cfg(thread_cache)]
         // SAFETY: forwarded contract.
-        if unsafe { thread_cache::free(self, ptr, class, requested) } {
+        if unsafe { thread_cache::free(self, ptr, class, requested, true) } {
             return;
         }
         let _ = class;

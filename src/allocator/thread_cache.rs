@@ -537,41 +537,26 @@ pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> 
 
 /// Frees `block` of `class` into the calling thread's cache for `alloc`;
 /// false when the cache cannot take it (the caller frees it to its heap).
+/// Unless `may_bind`, only a cache bound to `alloc` already takes it: the
+/// inlined fast path leaves binding to its out-of-line call.
 ///
 /// # Safety
 /// `block` is a live block of `alloc` of class `class`, freed once.
-#[inline]
+#[inline(always)]
 pub(crate) unsafe fn free(
     alloc: &impl CacheOwner,
     block: *mut u8,
     class: usize,
     requested: usize,
+    may_bind: bool,
 ) -> bool {
     exit::with(|cache| {
-        cache.serves(alloc) && {
-            // SAFETY: forwarded contract; the cache serves `alloc`.
-            unsafe { cache.push(alloc, block, class, requested) };
-            true
-        }
-    })
-    .unwrap_or(false)
-}
-
-/// As [`free`], for the inlined fast path: only if the calling thread's
-/// cache is bound to `alloc` already (false, nothing done, otherwise), so
-/// that binding stays out of line.
-///
-/// # Safety
-/// As for [`free`].
-#[inline(always)]
-pub(crate) unsafe fn free_bound(
-    alloc: &impl CacheOwner,
-    block: *mut u8,
-    class: usize,
-    requested: usize,
-) -> bool {
-    exit::with(|cache| {
-        cache.owner.get() == alloc.cache_id() && {
+        let serves = if may_bind {
+            cache.serves(alloc)
+        } else {
+            cache.owner.get() == alloc.cache_id()
+        };
+        serves && {
             // SAFETY: forwarded contract; the cache serves `alloc`.
             unsafe { cache.push(alloc, block, class, requested) };
             true
