@@ -1,4 +1,4 @@
-//! Three classic heap bugs on small objects, one per argument, with
+//! Four classic heap bugs on small objects, one per argument, with
 //! `PyMalloc` as the global allocator: what `.ci/memory-tools` checks that
 //! AddressSanitizer, LeakSanitizer and valgrind's memcheck report.
 //!
