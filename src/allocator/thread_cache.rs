@@ -550,7 +550,7 @@ pub(crate) unsafe fn free(
     requested: usize,
     may_bind: bool,
 ) -> bool {
-    exit::with(|cache| {
+    let push = |cache: &ThreadCache| {
         let serves = if may_bind {
             cache.serves(alloc)
         } else {
@@ -561,7 +561,12 @@ pub(crate) unsafe fn free(
             unsafe { cache.push(alloc, block, class, requested) };
             true
         }
-    })
+    };
+    if may_bind {
+        exit::with(push)
+    } else {
+        exit::with_made(push)
+    }
     .unwrap_or(false)
 }
 
@@ -663,6 +668,10 @@ pub(crate) fn keep_only_this_thread() {
 ///
 /// * `with` runs a closure on the thread's cache; `None`
 ///   once the thread has handed its cache back (or cannot have one).
+/// * `with_made`: as `with`, but `None` too if the thread has not made its
+///   cache yet, for the inlined free path, which leaves making it to its
+///   out-of-line call (a free seldom comes before the thread's first
+///   allocation).
 /// * `arm`, at binding: whether the exit hook will run (false:
 ///   the thread is past it).
 /// * `current`: the thread's cache, null if it has none.
@@ -694,6 +703,12 @@ mod exit {
         // `try_with`, not `with`: it inlines. (It cannot fail: the cache
         // has no destructor.)
         CACHE.try_with(f).ok()
+    }
+
+    /// Here the cache is made with the thread: as `with`.
+    #[inline]
+    pub(super) fn with_made<R>(f: impl FnOnce(&ThreadCache) -> R) -> Option<R> {
+        with(f)
     }
 
     pub(super) fn arm() -> bool {
@@ -744,6 +759,13 @@ mod exit {
         // SAFETY: a non-null slot holds this thread's cache, made by `adopt`
         // and freed only by the exit hook, which clears the slot first.
         Some(f(unsafe { &*cache }))
+    }
+
+    #[inline]
+    pub(super) fn with_made<R>(f: impl FnOnce(&ThreadCache) -> R) -> Option<R> {
+        let cache = SLOT.get();
+        // SAFETY: as in `with`.
+        (!cache.is_null()).then(|| f(unsafe { &*cache }))
     }
 
     /// The hook was armed when the cache was made.
