@@ -794,9 +794,9 @@ fn large_layout(layout: Layout) -> Layout {
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
 /// not. Each hook costs one relaxed load and a branch while tracing is off;
-/// while it is on, a small test (a call to the sampler's countdown in
-/// `alloc`, a filter load in `dealloc`), after which an untraced call goes
-/// on down the same inline fast path.
+/// while it is on, `alloc` calls the sampler's countdown and an unsampled
+/// call goes on down the same inline fast path, and `dealloc` (see
+/// `quick_dealloc`) tests the address filter out of line.
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
@@ -820,13 +820,15 @@ impl<B: Backing> PyMalloc<B> {
         unsafe { self.untraced_dealloc(ptr, layout) }
     }
 
-    /// The free fast path, inlined into every caller: a small block that
-    /// tracemalloc does not trace, to the thread cache or its heap. False, with
-    /// nothing done, for everything else, which the caller sends out of
-    /// line through `front_dealloc`: one cold call site instead of one per
-    /// case keeps `dealloc` small enough for LLVM to inline into drop glue
-    /// (a recursive drop such as a tree's paid a call and a frame per node
-    /// otherwise).
+    /// The free fast path, inlined into every caller: a small block of a
+    /// class-step alignment, to the bound thread cache or, through one
+    /// out-of-line call (`free_slow`), to tracemalloc's filter, a cache
+    /// still to bind or its heap. False, with nothing done, for everything
+    /// else (debug checks, large blocks, large alignments), which the
+    /// caller sends to the gated path: one cold call site instead of one
+    /// per case keeps `dealloc` small enough for LLVM to inline into drop
+    /// glue (a recursive drop such as a tree's paid a call and a frame per
+    /// node otherwise).
     ///
     /// # Safety
     /// As for `GlobalAlloc::dealloc`.

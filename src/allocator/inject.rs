@@ -12,10 +12,10 @@
 //!   make each one fail in turn.
 //!
 //! Both are off by default, and then cost one load and one predictable
-//! branch per call: the front compares the request's size with a bound, a field of the allocator that is one past the largest
-//! small size while nothing is armed and drops to zero while a limit or an
-//! injection is on, sending every call to the out-of-line path here (see
-//! `Gate::passes`). Where the pool path is inlined (`dealloc`), that
+//! branch per call: the front compares the request's size with a bound, a
+//! field of the allocator that is one past the largest small size while
+//! nothing is armed and drops to zero while a limit or an injection is on,
+//! sending every call to the out-of-line path here (see `Gate::passes`). Where the pool path is inlined (`dealloc`), that
 //! compare replaces the small-size test it would make anyway.
 //!
 //! Only allocations count (`alloc`, `alloc_zeroed`, `realloc`); frees always
