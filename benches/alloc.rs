@@ -27,6 +27,10 @@ const REGION: usize = 1 << 30;
 static mut HEAP: [u8; REGION] = [0; REGION];
 
 static PYMALLOC: PyMalloc = PyMalloc::system();
+/// The locked path every call of a build without thread caches takes (no
+/// `std`, the `debug` feature, targets without a thread-exit hook).
+static PYMALLOC_LOCKED: PyMalloc =
+    PyMalloc::system_with(pymalloc::Config::DEFAULT.with_thread_caches(false));
 // SAFETY: HEAP is used by one region contender per process only.
 static PYMALLOC_REGION: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,7 +42,7 @@ static LLA: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHea
 
 /// The contenders in table order; a child's number indexes this, and the
 /// constants in [`id`] name the positions.
-const CONTENDERS: [&str; 7] = [
+const CONTENDERS: [&str; 8] = [
     "system",
     "pymalloc",
     "mimalloc",
@@ -46,6 +50,7 @@ const CONTENDERS: [&str; 7] = [
     "pymalloc-region",
     "talc",
     "linked_list",
+    "pymalloc-locked",
 ];
 
 /// Positions in [`CONTENDERS`], so that the dispatch, the skipped rows and
@@ -58,6 +63,7 @@ mod id {
     pub const PYMALLOC_REGION: u8 = 4;
     pub const TALC: u8 = 5;
     pub const LINKED_LIST: u8 = 6;
+    pub const PYMALLOC_LOCKED: u8 = 7;
 }
 
 /// Which allocator this process uses: read from `BENCH_CONTENDER` at the
@@ -91,7 +97,7 @@ fn choose() -> u8 {
 /// predictable branch and one direct call to an out-of-line function of its
 /// own, as a `#[global_allocator]` is reached through `__rust_alloc`: none
 /// has its code inlined into the dispatcher, where it would share the
-/// registers (and the prologue) of six others.
+/// registers (and the prologue) of seven others.
 struct Dispatch;
 
 macro_rules! dispatch {
@@ -103,6 +109,7 @@ macro_rules! dispatch {
             id::PYMALLOC_REGION => OutOfLine::$method(&PYMALLOC_REGION, $($arg),*),
             id::TALC => OutOfLine::$method(&TALC, $($arg),*),
             id::LINKED_LIST => OutOfLine::$method(&LLA, $($arg),*),
+            id::PYMALLOC_LOCKED => OutOfLine::$method(&PYMALLOC_LOCKED, $($arg),*),
             _ => OutOfLine::$method(&System, $($arg),*),
         }
     };
@@ -370,6 +377,7 @@ fn print_table(best: &driver::Best) {
             "pymalloc/mimalloc",
             "pymalloc/jemalloc",
             "region: linked_list/pymalloc-region",
+            "locked/pymalloc",
         ],
         |at| {
             let at = |c: u8| at(c as usize);
@@ -379,6 +387,7 @@ fn print_table(best: &driver::Best) {
                 format!("{:.2}", py / at(id::MIMALLOC)),
                 format!("{:.2}", py / at(id::JEMALLOC)),
                 format!("{:.1}", at(id::LINKED_LIST) / at(id::PYMALLOC_REGION)),
+                format!("{:.2}", at(id::PYMALLOC_LOCKED) / py),
             ]
         },
     );

@@ -5,7 +5,7 @@
 //! same programs must give the same answers, less the cached counts.
 #![cfg(feature = "std")]
 
-use pymalloc::{PyMalloc, THREAD_CACHES};
+use pymalloc::{Config, PyMalloc, THREAD_CACHES};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::mpsc;
 use std::thread;
@@ -50,6 +50,35 @@ fn a_live_threads_cached_blocks_count_as_free_and_go_back_when_it_exits() {
         "every pool of the class is empty"
     );
     assert!(stats.arenas_current <= 1, "{stats}");
+}
+
+#[test]
+fn an_allocator_configured_without_caches_keeps_every_free_block_in_its_pools() {
+    let uncached = PyMalloc::system_with(Config::DEFAULT.with_thread_caches(false));
+    let cached = PyMalloc::system();
+    assert!(!uncached.config().thread_caches());
+    let (done, wait) = mpsc::channel::<()>();
+    let (ready, is_ready) = mpsc::channel::<()>();
+    let (uncached, cached) = (&uncached, &cached);
+    // Read while the thread lives (its cache holds what it holds), checked
+    // once it has gone, so that a failed check cannot leave it waiting.
+    let (without, with) = thread::scope(|scope| {
+        scope.spawn(move || {
+            churn(uncached, 1000);
+            churn(cached, 1000);
+            ready.send(()).unwrap();
+            let _ = wait.recv();
+        });
+        is_ready.recv().unwrap();
+        let seen = (uncached.stats(), cached.stats());
+        done.send(()).unwrap();
+        seen
+    });
+    assert_eq!((without.live_allocations(), without.cached_blocks), (0, 0));
+    assert_eq!(without.accounted_arena_bytes(), without.arena_bytes());
+    // The same calls on the default configuration leave blocks cached:
+    // the switch, not the workload, made the difference.
+    assert_eq!(with.cached_blocks > 0, THREAD_CACHES, "{with}");
 }
 
 /// A thread caches blocks of a fresh allocator, then waits while the

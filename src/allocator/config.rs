@@ -1,7 +1,7 @@
 //! The geometry of a heap: how big a pool is, how many pools an arena holds,
 //! and how many independent heaps share the work of several threads.
 
-use super::sync::{loom_const_fn, AtomicUsize, Ordering};
+use super::sync::{loom_const_fn, AtomicBool, AtomicUsize, Ordering};
 
 /// Most pools one arena may hold. CPython uses 64 in every configuration; the
 /// arena index (`Heap::last_with_free`) is an array of this size plus one.
@@ -37,6 +37,7 @@ pub struct Config {
     arena_pools: usize,
     heaps: usize,
     pool_limit: usize,
+    thread_caches: bool,
 }
 
 impl Config {
@@ -67,6 +68,7 @@ impl Config {
             arena_pools,
             heaps: DEFAULT_HEAPS,
             pool_limit: MAX_POOL_LIMIT,
+            thread_caches: true,
         }
     }
 
@@ -109,6 +111,26 @@ impl Config {
             pool_limit: bytes,
             ..self
         }
+    }
+
+    /// This geometry with thread caches (where the build has them, see
+    /// [`THREAD_CACHES`](crate::THREAD_CACHES)) allowed or not. Off, every
+    /// small allocation and free takes a heap's lock, as in a build without
+    /// `std`: no block sits in a cache where another thread cannot reach
+    /// it, and each free is back in its pool when the call returns. A
+    /// region smaller than 32 MiB goes without them either way (a cache
+    /// could hold more than 1/64 of it).
+    pub const fn with_thread_caches(self, on: bool) -> Self {
+        Config {
+            thread_caches: on,
+            ..self
+        }
+    }
+
+    /// Whether thread caches are allowed (see
+    /// [`Config::with_thread_caches`]).
+    pub const fn thread_caches(&self) -> bool {
+        self.thread_caches
     }
 
     /// Largest request a region serves from its pools (see
@@ -154,6 +176,7 @@ pub(crate) struct ConfigCell {
     arena_pools: AtomicUsize,
     heaps: AtomicUsize,
     pub(crate) pool_limit: AtomicUsize,
+    thread_caches: AtomicBool,
 }
 
 impl ConfigCell {
@@ -164,6 +187,7 @@ impl ConfigCell {
                 arena_pools: AtomicUsize::new(config.arena_pools),
                 heaps: AtomicUsize::new(config.heaps),
                 pool_limit: AtomicUsize::new(config.pool_limit),
+                thread_caches: AtomicBool::new(config.thread_caches),
             }
         }
     }
@@ -174,6 +198,7 @@ impl ConfigCell {
             arena_pools: self.arena_pools.load(Ordering::Relaxed),
             heaps: self.heaps.load(Ordering::Relaxed),
             pool_limit: self.pool_limit.load(Ordering::Relaxed),
+            thread_caches: self.thread_caches.load(Ordering::Relaxed),
         }
     }
 
@@ -185,5 +210,7 @@ impl ConfigCell {
             .store(config.arena_pools, Ordering::Relaxed);
         self.heaps.store(config.heaps, Ordering::Relaxed);
         self.pool_limit.store(config.pool_limit, Ordering::Relaxed);
+        self.thread_caches
+            .store(config.thread_caches, Ordering::Relaxed);
     }
 }

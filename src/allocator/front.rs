@@ -369,7 +369,8 @@ impl<B: Backing> PyMalloc<B> {
                 // a bounded span of at least CACHED_SPAN_SHARE full caches.
                 #[cfg(thread_cache)]
                 {
-                    let cached = track::thread_caches_allowed()
+                    let cached = self.config().thread_caches()
+                        && track::thread_caches_allowed()
                         && self.backing.span_len().is_none_or(|len| {
                             len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES
                         });

@@ -3,9 +3,9 @@
 //! lock for a critical section.
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 /// Declares a `const fn`, except under `cfg(loom)`, where loom's types cannot
 /// be built in a `const` and the same function is declared plain.
