@@ -332,6 +332,7 @@ impl<B: Backing> PyMalloc<B> {
         }
         stats.large_objects = self.large.objects.load(Ordering::Relaxed);
         stats.large_bytes = self.large.bytes.load(Ordering::Relaxed);
+        stats.retained_arena_bytes = self.backing.retained_arena_bytes();
         stats.requested_bytes = stats
             .requested_bytes
             .wrapping_add(self.large.requested.load(Ordering::Relaxed));

@@ -69,6 +69,11 @@ pub struct Stats {
     /// Bytes callers asked for and still hold, small and large (with the
     /// `debug` feature: without the debug header and guards).
     pub requested_bytes: usize,
+    /// Bytes of arenas given back that the backing keeps mapped for the
+    /// next one (for [`System`](crate::System), process-wide, at most
+    /// [`RETAINED_ARENAS`](crate::backing::RETAINED_ARENAS) arenas): freed,
+    /// still resident, not part of this allocator's totals.
+    pub retained_arena_bytes: usize,
 }
 
 impl Stats {
@@ -96,6 +101,7 @@ impl Stats {
             large_objects: 0,
             large_bytes: 0,
             requested_bytes: 0,
+            retained_arena_bytes: 0,
         }
     }
 
@@ -331,7 +337,12 @@ impl fmt::Display for Stats {
         line(f, "# bytes in large objects", self.large_bytes)?;
         line(f, "# bytes of arena bookkeeping", self.bookkeeping_bytes)?;
         line(f, "# bytes held from the backing", self.held_bytes())?;
-        line(f, "# bytes requested by live blocks", self.requested_bytes)
+        line(f, "# bytes requested by live blocks", self.requested_bytes)?;
+        line(
+            f,
+            "# bytes of freed arenas kept mapped",
+            self.retained_arena_bytes,
+        )
     }
 }
 

@@ -51,9 +51,9 @@
 //!   addressing). Measured on binary trees (16-byte nodes): exact tracing
 //!   with one frame takes under +20 % RSS this way, +55 % with every trace
 //!   in the address table.
-//! * The tables live in memory mapped from the OS (through the
-//!   [`System`] backing's arena calls), never in the global
-//!   allocator; nothing is allocated and no lock is held while the stack is
+//! * The tables live in memory mapped from the OS (`backing::os_pages`:
+//!   zeroed pages, never one of the arenas `System` keeps for reuse), never
+//!   in the global allocator; nothing is allocated and no lock is held while the stack is
 //!   walked. A per-thread flag leaves untraced the allocations tracemalloc
 //!   makes itself (symbolising, snapshots). If a trace cannot be recorded
 //!   (the tables cannot grow) the allocation fails, as in CPython.
@@ -94,7 +94,6 @@ use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::collections::HashMap;
 
-use super::backing::{Backing, System};
 use super::sync::Lock;
 
 /// The most frames a traceback keeps ([`start`]'s limit).
@@ -175,15 +174,10 @@ impl Drop for Busy {
 
 const PAGE: usize = 4096;
 
-/// `bytes` (a multiple of the page size) zeroed, from the `System` backing's
-/// arena calls (anonymous mappings on Linux); null when the OS has none.
+/// `bytes` (a multiple of the page size) zeroed, straight from the OS
+/// (anonymous mappings on Linux); null when the OS has none.
 fn os_map(bytes: usize) -> *mut u8 {
-    let ptr = System.alloc_arena(bytes, PAGE);
-    if !ptr.is_null() && !cfg!(mmap_arenas) {
-        // SAFETY: a fresh block of `bytes` bytes.
-        unsafe { ptr.write_bytes(0, bytes) };
-    }
-    ptr
+    super::backing::os_pages(bytes)
 }
 
 /// Gives back what `os_map(bytes)` returned.
@@ -191,8 +185,8 @@ fn os_map(bytes: usize) -> *mut u8 {
 /// # Safety
 /// `ptr` came from `os_map(bytes)`, and nothing uses it any more.
 unsafe fn os_unmap(ptr: *mut u8, bytes: usize) {
-    // SAFETY: per the contract, `alloc_arena` gave exactly this.
-    unsafe { System.dealloc_arena(ptr, bytes, PAGE) };
+    // SAFETY: forwarded contract.
+    unsafe { super::backing::free_os_pages(ptr, bytes) };
 }
 
 /// An array of `T` in memory from [`os_map`], zeroed; all-zero bytes must
