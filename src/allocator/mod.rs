@@ -27,6 +27,7 @@
 //! stats         the _debugmallocstats snapshot, filled in by the layers above
 //! size_class    8-byte classes, alignment folded into the size
 //! backing       System (mmap'd arenas) or Region (your span), large objects
+//! store         a region's free spans: best fit, merged on free
 //! config, list  geometry; intrusive lists
 //! track         memory-tool hooks: ASan poisoning, valgrind client requests
 //! sync          locks, atomics, the fork gate (loom under cfg(loom))
@@ -141,6 +142,7 @@ pub(crate) mod list;
 pub(crate) mod pool;
 pub mod size_class;
 pub mod stats;
+pub(crate) mod store;
 pub(crate) mod sync;
 #[cfg(thread_cache)]
 pub(crate) mod thread_cache;
