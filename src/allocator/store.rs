@@ -1,11 +1,12 @@
 //! A region's store: the free spans ("holes") of the span in one list by
-//! address, each hole's header written in the hole itself. A request takes
-//! the smallest hole that fits it (best fit, the lowest such on a tie), and
-//! a freed block merges with the holes beside it.
+//! address, each hole's header written in the hole itself. In a span under
+//! [`FIRST_FIT_SPAN`] a request takes the smallest hole that fits it (best
+//! fit, the lowest such on a tie), from there the lowest (first fit); a
+//! freed block merges with the holes beside it.
 //!
-//! Why best fit, and why a hole must leave either nothing or a whole hole
-//! on each side: see "Small regions spend bytes, not speed" in the
-//! allocator's design notes (`mod.rs`).
+//! Why best fit, why not in large spans, and why a hole must leave either
+//! nothing or a whole hole on each side: see "Small regions spend bytes,
+//! not speed" in the allocator's design notes (`mod.rs`).
 
 use core::alloc::Layout;
 use core::ptr;
@@ -16,6 +17,13 @@ const GRAIN: usize = 8;
 
 /// The smallest block, and the smallest hole: one header.
 const MIN_BLOCK: usize = 16;
+
+/// Spans from which the store takes the first hole that fits rather than
+/// the smallest: there the pools serve every small request
+/// (`Region::pool_limit_for`, which asserts it), so the store holds arenas
+/// and large blocks, and a search of every hole would cost more than its
+/// packing gains.
+pub(crate) const FIRST_FIT_SPAN: usize = 2 << 20;
 
 /// The header at the start of every hole.
 #[repr(C)]
@@ -61,6 +69,8 @@ pub(crate) struct Store {
     span: usize,
     /// Bytes in holes.
     free: usize,
+    /// Whether a search stops at the first hole that fits.
+    first_fit: bool,
 }
 
 /// The hole a request will be carved from.
@@ -79,6 +89,7 @@ impl Store {
             first: ptr::null_mut(),
             span: 0,
             free: 0,
+            first_fit: false,
         }
     }
 
@@ -90,6 +101,7 @@ impl Store {
     /// and `len` are multiples of 8.
     pub(crate) unsafe fn init(&mut self, start: *mut u8, len: usize) {
         self.span = len;
+        self.first_fit = len >= FIRST_FIT_SPAN;
         if len < MIN_BLOCK {
             // No room for a header: the store stays empty.
             return;
@@ -112,7 +124,8 @@ impl Store {
         self.span
     }
 
-    /// A block for `layout` from the smallest hole that fits it, or null.
+    /// A block for `layout` from the smallest (or, in a large span, the
+    /// lowest) hole that fits it, or null.
     pub(crate) fn alloc(&mut self, layout: Layout) -> *mut u8 {
         let size = block_size(layout.size());
         let align = layout.align().max(GRAIN);
@@ -135,8 +148,8 @@ impl Store {
                         len,
                         pad,
                     });
-                    if len == size {
-                        // Nothing smaller fits.
+                    if len == size || self.first_fit {
+                        // Nothing smaller fits, or no smaller is wanted.
                         break;
                     }
                 }
@@ -234,10 +247,14 @@ mod tests {
         }
     }
 
-    const SPAN: usize = 16 * 1024;
+    /// A span served best fit, and the smallest served first fit.
+    const SMALL: usize = 16 * 1024;
+    const LARGE: usize = FIRST_FIT_SPAN;
 
-    #[repr(C, align(4096))]
-    struct Span([u8; SPAN]);
+    /// `len` bytes for a store, 8-aligned.
+    fn span(len: usize) -> Vec<u64> {
+        std::vec![0; len / 8]
+    }
 
     /// The holes, as (address, size) from the lowest.
     fn holes(store: &Store) -> Vec<(usize, usize)> {
@@ -265,11 +282,16 @@ mod tests {
     /// leaves the one hole of the whole span.
     #[test]
     fn random_traffic_matches_the_model() {
-        let mut span = std::boxed::Box::new(Span([0; SPAN]));
-        let start = span.0.as_mut_ptr();
+        traffic(SMALL);
+        traffic(LARGE);
+    }
+
+    fn traffic(len: usize) {
+        let mut span = span(len);
+        let start = span.as_mut_ptr().cast::<u8>();
         let mut store = Store::empty();
-        // SAFETY: the boxed span is the store's alone for this test.
-        unsafe { store.init(start, SPAN) };
+        // SAFETY: the span is the store's alone for this test.
+        unsafe { store.init(start, len) };
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         // address -> (block, layout); the stamp follows from the address.
         let mut live: BTreeMap<usize, (*mut u8, Layout)> = BTreeMap::new();
@@ -278,7 +300,8 @@ mod tests {
             let size = match rng.below(4) {
                 0 => rng.below(24),
                 1 => rng.below(300),
-                _ => rng.below(2000),
+                2 => rng.below(2000),
+                _ => rng.below(len / 16),
             };
             let shifts = if rng.below(10) == 0 { 11 } else { 4 };
             let align = 1 << rng.below(shifts);
@@ -328,18 +351,18 @@ mod tests {
                     refused += 1;
                 }
             }
-            check(&store, start.addr(), &live);
+            check(&store, start.addr(), len, &live);
         }
         assert!(served > 5_000 && refused > 1_000, "{served} {refused}");
         for (_, (p, layout)) in std::mem::take(&mut live) {
             // SAFETY: each live block freed once.
             unsafe { store.dealloc(p, layout) };
         }
-        assert_eq!(holes(&store), [(start.addr(), SPAN)]);
-        assert_eq!(store.free, SPAN);
+        assert_eq!(holes(&store), [(start.addr(), len)]);
+        assert_eq!(store.free, len);
     }
 
-    fn check(store: &Store, start: usize, live: &BTreeMap<usize, (*mut u8, Layout)>) {
+    fn check(store: &Store, start: usize, len: usize, live: &BTreeMap<usize, (*mut u8, Layout)>) {
         let mut spans: Vec<(usize, usize, bool)> = live
             .iter()
             .map(|(&a, &(_, l))| (a, block_size(l.size()), false))
@@ -356,29 +379,56 @@ mod tests {
             assert!(s % GRAIN == 0 && *s >= MIN_BLOCK);
             at = a + s;
         }
-        assert!(at <= start + SPAN);
+        assert!(at <= start + len);
         let free: usize = holes.iter().map(|h| h.1).sum();
         let used: usize = live.values().map(|(_, l)| block_size(l.size())).sum();
         assert_eq!(free, store.free);
         // Every byte is in a block, a hole, or an alignment gap that is
         // itself a hole: the two add up to the span.
-        assert_eq!(free + used, SPAN);
+        assert_eq!(free + used, len);
+    }
+
+    /// Holes of 64 B and then of 32 B: a 32-byte request takes the second
+    /// in a small span (best fit), the first in a large one (first fit).
+    #[test]
+    fn small_spans_take_the_smallest_hole_large_ones_the_lowest() {
+        for (len, takes_lowest) in [(SMALL, false), (LARGE, true)] {
+            let mut span = span(len);
+            let mut store = Store::empty();
+            // SAFETY: the span is the store's alone for this test.
+            unsafe { store.init(span.as_mut_ptr().cast(), len) };
+            let sizes = [64, 16, 32, 16];
+            let blocks = sizes.map(|n| (store.alloc(Layout::from_size_align(n, 8).unwrap()), n));
+            for (p, n) in [blocks[0], blocks[2]] {
+                // SAFETY: live blocks of these layouts, freed once.
+                unsafe { store.dealloc(p, Layout::from_size_align(n, 8).unwrap()) };
+            }
+            let p = store.alloc(Layout::from_size_align(32, 8).unwrap());
+            assert_eq!(
+                p,
+                if takes_lowest {
+                    blocks[0].0
+                } else {
+                    blocks[2].0
+                }
+            );
+        }
     }
 
     #[test]
     fn an_empty_store_and_impossible_requests_give_null() {
         let mut store = Store::empty();
         assert!(store.alloc(Layout::new::<u64>()).is_null());
-        let mut span = std::boxed::Box::new(Span([0; SPAN]));
-        // SAFETY: the boxed span is the store's alone for this test.
-        unsafe { store.init(span.0.as_mut_ptr(), SPAN) };
+        let mut span = span(SMALL);
+        // SAFETY: the span is the store's alone for this test.
+        unsafe { store.init(span.as_mut_ptr().cast(), SMALL) };
         assert!(store
-            .alloc(Layout::from_size_align(SPAN + 1, 8).unwrap())
+            .alloc(Layout::from_size_align(SMALL + 1, 8).unwrap())
             .is_null());
         assert!(store
             .alloc(Layout::from_size_align(8, 1 << 40).unwrap())
             .is_null());
-        let whole = store.alloc(Layout::from_size_align(SPAN, 8).unwrap());
+        let whole = store.alloc(Layout::from_size_align(SMALL, 8).unwrap());
         assert!(!whole.is_null());
         assert!(store.alloc(Layout::new::<u8>()).is_null());
     }
