@@ -144,13 +144,19 @@
 //!   more on 8–64 B's first fill, half a point less after churn), 16-byte
 //!   rounding, and passing over holes that would keep under 64 or 128 B.
 //!   Best fit walks every hole (first fit stops at the first that fits; a
-//!   free walks to its place in both). In 64 KiB the difference is within
-//!   this machine's noise; on large blocks (513 B–64 KiB) in a 1 GiB
-//!   region it was 458 ns per allocation against first fit's 210 (the
-//!   system allocator 151 and 130 in those runs). So from
-//!   `store::FIRST_FIT_SPAN` (2 MiB), where the pools take every small
-//!   request and the store holds only arenas and large blocks, the search
-//!   stops at the first hole that fits, as before.
+//!   free walks to its place in both). In 64 KiB that costs time: in
+//!   `benches/utilisation.rs` pymalloc took 1.03–1.16×
+//!   linked_list_allocator's time with first fit, and with best fit 1.4–1.5×
+//!   on 8–300 and 16–512 B, 1.2× on 8–64 B and 0.8–1.1× on 100–2000 B (the
+//!   walk is pointer chasing: testing the size before the fit changed
+//!   nothing); stopping early at a hole that fits nearly exactly (within
+//!   16–64 B, or 1/16–1/4 of the request) was simulated and gives back 0.5–2
+//!   points of the gain. On large blocks (513 B–64 KiB) in a 1 GiB region it
+//!   was 458 ns per allocation against first fit's 210 (the system allocator
+//!   151 and 130 in those runs). So from `store::FIRST_FIT_SPAN` (2 MiB),
+//!   where the pools take every small request and the store holds only arenas
+//!   and large blocks, the search stops at the first hole that fits, as
+//!   before.
 //!
 //! The debug checks wrap the front's unchecked paths the same way: they ask
 //! for them through the `debug::Unchecked` trait, so they sit
