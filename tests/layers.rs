@@ -21,6 +21,7 @@ const ALLOCATOR: &[&str] = &[
     "stats",
     "size_class",
     "backing",
+    "store",
     "config",
     "list",
     "track",

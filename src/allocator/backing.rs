@@ -6,13 +6,14 @@
 //!   for the next arena; elsewhere they come from `std::alloc::System`.
 //!   Large objects go to `std::alloc::System`.
 //! * [`Region`]: a fixed span of memory given by the user (firmware, no OS).
-//!   Arenas and large objects are carved from it by `linked_list_allocator`.
+//!   Arenas and large objects are carved from it by its store (`store.rs`).
 
+use super::store::Store;
 #[cfg(fork_handlers)]
 use super::sync::ForkGate;
 use super::sync::Lock;
 use core::alloc::Layout;
-use core::ptr::{self, NonNull};
+use core::ptr;
 
 /// A source of memory for a [`PyMalloc`](crate::PyMalloc) heap.
 ///
@@ -434,7 +435,7 @@ mod arena_memory {
 pub(crate) static REGION_GATE: ForkGate = ForkGate::new();
 
 /// A fixed span of memory, as in firmware: arenas and large objects are
-/// carved from it by `linked_list_allocator`.
+/// carved from it by a best-fit list of its free spans.
 ///
 /// The span is claimed lazily, on the first allocation, so a `static` heap
 /// can be declared entirely in `const` (the runtime may allocate before
@@ -449,7 +450,7 @@ pub struct Region {
 }
 
 struct RegionStore {
-    heap: linked_list_allocator::Heap,
+    holes: Store,
     /// The span to claim on first use; null once claimed or when none given.
     pending: *mut u8,
     pending_len: usize,
@@ -472,7 +473,7 @@ impl Region {
         pub(crate) unsafe fn new(start: *mut u8, len: usize) -> Self {
             Region {
                 store: Lock::new(RegionStore {
-                    heap: linked_list_allocator::Heap::empty(),
+                    holes: Store::empty(),
                     pending: start,
                     pending_len: len,
                 }),
@@ -508,7 +509,7 @@ impl Region {
         let _pass = REGION_GATE.enter();
         let mut store = self.store.lock();
         assert!(
-            store.pending.is_null() && store.heap.size() == 0,
+            store.pending.is_null() && store.holes.span_len() == 0,
             "pymalloc: Region::init called on a region that already has memory"
         );
         let (start, len) = trim(start, len);
@@ -517,7 +518,7 @@ impl Region {
         store.pending_len = len;
     }
 
-    fn with_heap<R>(&self, f: impl FnOnce(&mut linked_list_allocator::Heap) -> R) -> R {
+    fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         #[cfg(fork_handlers)]
         let _pass = REGION_GATE.enter();
         let mut store = self.store.lock();
@@ -526,11 +527,11 @@ impl Region {
             store.pending = ptr::null_mut();
             // SAFETY: `Region::new`/`set_span` callers promised us the span;
             // `trim` only shrinks it, and it is at least `min_len` (checked
-            // at construction or in `set_span`), far above what the list
-            // allocator needs for its first hole.
-            unsafe { store.heap.init(start, len) };
+            // at construction or in `set_span`): a multiple of 16 at a
+            // 16-aligned start, at least 16 bytes, as the store needs.
+            unsafe { store.holes.init(start, len) };
         }
-        f(&mut store.heap)
+        f(&mut store.holes)
     }
 }
 
@@ -541,7 +542,7 @@ fn trim(start: *mut u8, len: usize) -> (*mut u8, usize) {
     (start.wrapping_add(skip), len)
 }
 
-// SAFETY: every block comes from the list allocator, which hands out
+// SAFETY: every block comes from the store, which hands out
 // non-overlapping, aligned parts of the region we own exclusively.
 unsafe impl Backing for Region {
     const BOUNDED: bool = true;
@@ -551,23 +552,18 @@ unsafe impl Backing for Region {
         let _pass = REGION_GATE.enter();
         let store = self.store.lock();
         Some(if store.pending.is_null() {
-            store.heap.size()
+            store.holes.span_len()
         } else {
             trim(store.pending, store.pending_len).1
         })
     }
 
     fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.with_heap(|heap| match heap.allocate_first_fit(layout) {
-            Ok(block) => block.as_ptr(),
-            Err(()) => ptr::null_mut(),
-        })
+        self.with_store(|store| store.alloc(layout))
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: blocks are only handed out non-null.
-        let ptr = unsafe { NonNull::new_unchecked(ptr) };
         // SAFETY: forwarded contract.
-        self.with_heap(|heap| unsafe { heap.deallocate(ptr, layout) })
+        self.with_store(|store| unsafe { store.dealloc(ptr, layout) })
     }
 }

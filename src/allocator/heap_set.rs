@@ -639,6 +639,12 @@ static_assertions::const_assert!(matches!(
 // From 2 MiB, and so in the default geometry, every small request is
 // pooled.
 static_assertions::const_assert!(Region::pool_limit_for(Region::DEFAULT_SPAN) == MAX_POOL_LIMIT);
+// The store searches first fit exactly where the pools take every small
+// request, leaving it arenas and large blocks.
+static_assertions::const_assert!(
+    Region::pool_limit_for(super::store::FIRST_FIT_SPAN) == MAX_POOL_LIMIT
+        && Region::pool_limit_for(super::store::FIRST_FIT_SPAN - 1) < MAX_POOL_LIMIT
+);
 
 /// loom models of the paths where threads meet between heaps. Run with
 /// `RUSTFLAGS="--cfg loom" cargo test --release -p pymalloc --lib loom_models`.
