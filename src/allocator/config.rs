@@ -20,6 +20,15 @@ pub const MAX_HEAPS: usize = 32;
 /// class), and what [`Config::pool_limit`] is unless lowered.
 pub const MAX_POOL_LIMIT: usize = 512;
 
+/// Bytes in one run of the medium tier: its pools, one class each,
+/// aligned to their size so that a block's run is found by masking, as a
+/// small block's pool is. Large enough for seven 32 KiB blocks; only the
+/// pages a class's blocks reach are ever touched (runs are carved lazily).
+pub const MEDIUM_RUN_SIZE: usize = 256 * 1024;
+
+/// Runs in one arena of the medium tier (1 MiB).
+pub const MEDIUM_ARENA_RUNS: usize = 4;
+
 /// Heaps in [`Config::DEFAULT`]: enough that up to eight threads each find
 /// a heap of their own, few enough that the spare arena and partly used
 /// pools each heap keeps stay small beside a desktop program.
@@ -37,6 +46,7 @@ pub struct Config {
     arena_pools: usize,
     heaps: usize,
     pool_limit: usize,
+    medium_tier: bool,
 }
 
 impl Config {
@@ -67,7 +77,29 @@ impl Config {
             arena_pools,
             heaps: DEFAULT_HEAPS,
             pool_limit: MAX_POOL_LIMIT,
+            medium_tier: true,
         }
+    }
+
+    /// This geometry with the medium tier on or off. On (the default),
+    /// requests of 513 bytes to
+    /// [`MEDIUM_LIMIT`](crate::size_class::MEDIUM_LIMIT) are served from
+    /// runs of 256 KiB in arenas of their own, in classes four to a power
+    /// of two, through the same heaps, thread caches and inboxes as small
+    /// blocks. Off, they go to the backing's fallback as in CPython, whose
+    /// obmalloc sends everything over 512 bytes to `malloc`: the
+    /// CPython-faithful setting. Only an unbounded backing (the system)
+    /// has the tier for now; a [`Region`](crate::Region) ignores it.
+    pub const fn with_medium_tier(self, on: bool) -> Self {
+        Config {
+            medium_tier: on,
+            ..self
+        }
+    }
+
+    /// Whether the medium tier is on (see [`Config::with_medium_tier`]).
+    pub const fn medium_tier(&self) -> bool {
+        self.medium_tier
     }
 
     /// This geometry with `heaps` independent heaps. Threads that meet on
@@ -154,6 +186,7 @@ pub(crate) struct ConfigCell {
     arena_pools: AtomicUsize,
     heaps: AtomicUsize,
     pub(crate) pool_limit: AtomicUsize,
+    medium_tier: AtomicUsize,
 }
 
 impl ConfigCell {
@@ -164,6 +197,7 @@ impl ConfigCell {
                 arena_pools: AtomicUsize::new(config.arena_pools),
                 heaps: AtomicUsize::new(config.heaps),
                 pool_limit: AtomicUsize::new(config.pool_limit),
+                medium_tier: AtomicUsize::new(config.medium_tier as usize),
             }
         }
     }
@@ -174,6 +208,7 @@ impl ConfigCell {
             arena_pools: self.arena_pools.load(Ordering::Relaxed),
             heaps: self.heaps.load(Ordering::Relaxed),
             pool_limit: self.pool_limit.load(Ordering::Relaxed),
+            medium_tier: self.medium_tier.load(Ordering::Relaxed) != 0,
         }
     }
 
@@ -185,5 +220,7 @@ impl ConfigCell {
             .store(config.arena_pools, Ordering::Relaxed);
         self.heaps.store(config.heaps, Ordering::Relaxed);
         self.pool_limit.store(config.pool_limit, Ordering::Relaxed);
+        self.medium_tier
+            .store(config.medium_tier as usize, Ordering::Relaxed);
     }
 }

@@ -36,10 +36,9 @@
 //!   FLS, absent until the thread's first small allocation).
 
 use super::backing::Backing;
-use super::config::MAX_HEAPS;
-use super::heap_set::HeapSet;
-use super::pool::{pool_of, Batch, FreeBlock};
-use super::size_class::{class_size, CLASS_COUNT};
+use super::heap_set::{HeapSet, MAX_SLOTS};
+use super::pool::{Batch, FreeBlock};
+use super::size_class::{class_size, is_medium, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
 use super::sync::{AtomicUsize, Lock, Ordering};
 use core::cell::Cell;
@@ -50,15 +49,27 @@ use core::ptr;
 /// uses (mimalloc keeps a whole 64 KiB page per class a thread uses).
 const LIST_BYTES: usize = 8192;
 
+/// Bytes of blocks one list of a medium class aims to hold: a few blocks
+/// of the largest classes, a few dozen of the smallest, under 1 MiB over
+/// all 24 lists (mimalloc keeps a whole 512 KiB page per medium class a
+/// thread uses).
+const MEDIUM_LIST_BYTES: usize = 32 * 1024;
+
 /// Blocks a list of each class holds before half of them go back: a table,
-/// so that the free path does not divide.
-const CAPACITY: [usize; CLASS_COUNT] = {
-    let mut table = [0; CLASS_COUNT];
+/// so that the free path does not divide. A medium list holds at least
+/// two, so that a refill (half the capacity) takes one.
+const CAPACITY: [usize; ALL_CLASS_COUNT] = {
+    let mut table = [0; ALL_CLASS_COUNT];
     let mut class = 0;
-    while class < CLASS_COUNT {
-        let blocks = LIST_BYTES / class_size(class);
-        table[class] = if blocks < 8 {
-            8
+    while class < ALL_CLASS_COUNT {
+        let (bytes, least) = if is_medium(class) {
+            (MEDIUM_LIST_BYTES, 2)
+        } else {
+            (LIST_BYTES, 8)
+        };
+        let blocks = bytes / class_size(class);
+        table[class] = if blocks < least {
+            least
         } else if blocks > 512 {
             512
         } else {
@@ -69,12 +80,27 @@ const CAPACITY: [usize; CLASS_COUNT] = {
     table
 };
 
-/// The most bytes one thread's cache can hold for one allocator: every
-/// list at its capacity. A list flushes as soon as it exceeds its capacity.
+/// The most bytes one thread's cache can hold in small blocks for one
+/// allocator: every small list at its capacity. A list flushes as soon as
+/// it exceeds its capacity. (Medium lists add up to `MEDIUM_CACHE_BYTES`,
+/// but only over the system allocator: a region, whose span this bounds,
+/// has no medium tier yet.)
 pub(crate) const MAX_CACHE_BYTES: usize = {
     let mut bytes = 0;
     let mut class = 0;
     while class < CLASS_COUNT {
+        bytes += CAPACITY[class] * class_size(class);
+        class += 1;
+    }
+    bytes
+};
+
+/// The most bytes one thread's cache can hold in medium blocks.
+#[cfg(test)]
+pub(crate) const MEDIUM_CACHE_BYTES: usize = {
+    let mut bytes = 0;
+    let mut class = CLASS_COUNT;
+    while class < ALL_CLASS_COUNT {
         bytes += CAPACITY[class] * class_size(class);
         class += 1;
     }
@@ -243,7 +269,7 @@ pub(crate) struct ThreadCache {
     /// Bytes requested through this cache, minus bytes freed through it
     /// (wrapping: only the sum over all counters is meaningful).
     requested: AtomicUsize,
-    lists: [List; CLASS_COUNT],
+    lists: [List; ALL_CLASS_COUNT],
     /// Neighbours in the owner's registry slot; changed only under the
     /// registry lock.
     prev: Cell<*const ThreadCache>,
@@ -263,7 +289,7 @@ impl ThreadCache {
                     head: Cell::new(ptr::null_mut()),
                     len: AtomicUsize::new(0),
                 }
-            }; CLASS_COUNT],
+            }; ALL_CLASS_COUNT],
             prev: Cell::new(ptr::null()),
             next: Cell::new(ptr::null()),
         }
@@ -363,7 +389,7 @@ impl ThreadCache {
     fn refill(&self, alloc: &impl CacheOwner, class: usize) -> bool {
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
-        let mut held = set.hold(self.home.get(), alloc.backing());
+        let mut held = set.hold(class, self.home.get(), alloc.backing());
         self.home.set(held.index());
         let list = &self.lists[class];
         let mut batch = Batch::new();
@@ -392,17 +418,17 @@ impl ThreadCache {
         // their pools instead of through its inbox.
         // SAFETY: the list holds `count > 0` live blocks of `set`, whose
         // pool headers are initialised.
-        let newest = unsafe { (*pool_of(list.head.get().cast(), set.config().pool_size())).heap };
-        let mut held = match set.try_hold(newest as usize, alloc.backing()) {
+        let newest = unsafe { set.heap_of(list.head.get().cast(), class) };
+        let mut held = match set.try_hold(newest, alloc.backing()) {
             Some(held) => held,
-            None => set.hold(self.home.get(), alloc.backing()),
+            None => set.hold(class, self.home.get(), alloc.backing()),
         };
         let here = held.index();
         // SAFETY: the list's blocks are live blocks of `set`, given up by
         // their users and linked only here; those of the held heap go
         // straight back to it.
         let (chains, rest) = unsafe {
-            Chains::sort(set, list.head.get(), count, |heap, block| {
+            Chains::sort(set, class, list.head.get(), count, |heap, block| {
                 heap == here && {
                     held.free(block.cast(), alloc.backing());
                     true
@@ -420,10 +446,10 @@ impl ThreadCache {
 }
 
 /// Blocks bound for other heaps' inboxes, one chain per heap.
-struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS]);
+struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_SLOTS]);
 
 impl Chains {
-    /// Sorts the first `count` blocks of the list starting at `block` (all
+    /// Sorts the first `count` blocks of `class` of the list starting at `block` (all
     /// of them if it is shorter): those that `free_here` takes (given their
     /// heap index) are gone, the others are chained by heap. Returns the
     /// chains and the rest of the list.
@@ -433,12 +459,12 @@ impl Chains {
     /// and linked nowhere else.
     unsafe fn sort(
         set: &HeapSet,
+        class: usize,
         mut block: *mut FreeBlock,
         count: usize,
         mut free_here: impl FnMut(usize, *mut FreeBlock) -> bool,
     ) -> (Chains, *mut FreeBlock) {
-        let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS]);
-        let pool_size = set.config().pool_size();
+        let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_SLOTS]);
         for _ in 0..count {
             if block.is_null() {
                 break;
@@ -447,7 +473,7 @@ impl Chains {
             // its pool is initialised; and it is ours to relink.
             unsafe {
                 let next = FreeBlock::cached_next(block);
-                let heap = (*pool_of(block.cast(), pool_size)).heap as usize;
+                let heap = set.heap_of(block.cast(), class);
                 if !free_here(heap, block) {
                     let (first, last) = &mut chains.0[heap];
                     FreeBlock::set_cached_next(block, *first);
@@ -493,12 +519,12 @@ impl ThreadCache {
         // SAFETY: the owner is registered, and cannot leave the registry
         // (and so cannot free its set) while we hold the registry lock.
         let set = unsafe { &*self.set.get() };
-        for list in &self.lists {
+        for (class, list) in self.lists.iter().enumerate() {
             let chain = list.head.replace(ptr::null_mut());
             list.len.store(0, Ordering::Relaxed);
             // SAFETY: cached blocks are live blocks of `set`, given up by
             // their users. All go to inboxes: we have no backing to free into.
-            let (chains, _) = unsafe { Chains::sort(set, chain, usize::MAX, |_, _| false) };
+            let (chains, _) = unsafe { Chains::sort(set, class, chain, usize::MAX, |_, _| false) };
             chains.push(set).for_each(drop);
         }
         set.requested
@@ -574,7 +600,7 @@ pub(crate) unsafe fn free(
 pub(crate) fn flush_all(alloc: &impl CacheOwner) {
     exit::with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
-            for class in 0..CLASS_COUNT {
+            for class in 0..ALL_CLASS_COUNT {
                 let len = cache.lists[class].len.load(Ordering::Relaxed);
                 if len > 0 {
                     cache.flush(alloc, class, len);
