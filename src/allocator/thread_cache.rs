@@ -96,8 +96,7 @@ pub(crate) const MAX_CACHE_BYTES: usize = {
 };
 
 /// The most bytes one thread's cache can hold in medium blocks.
-#[cfg(test)]
-pub(crate) const MEDIUM_CACHE_BYTES: usize = {
+const MEDIUM_CACHE_BYTES: usize = {
     let mut bytes = 0;
     let mut class = CLASS_COUNT;
     while class < ALL_CLASS_COUNT {
@@ -106,6 +105,10 @@ pub(crate) const MEDIUM_CACHE_BYTES: usize = {
     }
     bytes
 };
+
+// A cache's medium lists hold less than 1 MiB, its small ones 512 KiB.
+static_assertions::const_assert!(MEDIUM_CACHE_BYTES < 1 << 20);
+static_assertions::const_assert!(MAX_CACHE_BYTES <= 512 << 10);
 
 /// Blocks a list of `class` holds before half of them go back.
 #[inline]
