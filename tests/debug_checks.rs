@@ -150,11 +150,11 @@ fn a_large_double_free_is_named() {
     expect_abort(
         "a_large_double_free_is_named",
         |heap| {
-            let (p, at) = block(heap, 50_000);
+            let (p, at) = block(heap, 100_000);
             // SAFETY: as above; large blocks are checked against the live list.
             unsafe {
-                heap.dealloc(p, layout(50_000));
-                heap.dealloc(p, layout(50_000));
+                heap.dealloc(p, layout(100_000));
+                heap.dealloc(p, layout(100_000));
             }
             at
         },

@@ -22,12 +22,17 @@ pub const MAX_POOL_LIMIT: usize = 512;
 
 /// Bytes in one run of the medium tier: its pools, one class each,
 /// aligned to their size so that a block's run is found by masking, as a
-/// small block's pool is. Large enough for seven 32 KiB blocks; only the
-/// pages a class's blocks reach are ever touched (runs are carved lazily).
-pub const MEDIUM_RUN_SIZE: usize = 256 * 1024;
+/// small block's pool is. Large enough for seven 64 KiB blocks (mimalloc's
+/// medium pages are as large); only the pages a class's blocks reach are
+/// ever touched (runs are carved lazily).
+pub const MEDIUM_RUN_SIZE: usize = 512 * 1024;
 
-/// Runs in one arena of the medium tier (1 MiB).
-pub const MEDIUM_ARENA_RUNS: usize = 4;
+/// Runs in one arena of the medium tier (16 MiB, touched only as runs are
+/// carved). Room for a run of every medium class in one arena: with 1 MiB
+/// arenas, a churn over the classes emptied whole arenas, which went back
+/// to the system and came back as fresh pages to fault in, and the
+/// 513 B - 64 KiB row was no faster than the fallback.
+pub const MEDIUM_ARENA_RUNS: usize = 32;
 
 /// Heaps in [`Config::DEFAULT`]: enough that up to eight threads each find
 /// a heap of their own, few enough that the spare arena and partly used
@@ -84,7 +89,7 @@ impl Config {
     /// This geometry with the medium tier on or off. On (the default),
     /// requests of 513 bytes to
     /// [`MEDIUM_LIMIT`](crate::size_class::MEDIUM_LIMIT) are served from
-    /// runs of 256 KiB in arenas of their own, in classes four to a power
+    /// runs of 512 KiB in arenas of their own, in classes four to a power
     /// of two, through the same heaps, thread caches and inboxes as small
     /// blocks. Off, they go to the backing's fallback as in CPython, whose
     /// obmalloc sends everything over 512 bytes to `malloc`: the

@@ -61,7 +61,7 @@ pub const fn class_for(size: usize, align: usize) -> Option<usize> {
 }
 
 /// Largest request (size, and alignment) the medium tier serves.
-pub const MEDIUM_LIMIT: usize = 32 * 1024;
+pub const MEDIUM_LIMIT: usize = 64 * 1024;
 
 /// Medium classes per power of two.
 const MEDIUM_STEPS: usize = 4;
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn medium_classes_are_the_smallest_fitting_aligned_and_waste_under_a_quarter() {
         let sizes: std::vec::Vec<usize> = (CLASS_COUNT..ALL_CLASS_COUNT).map(class_size).collect();
-        assert!(sizes.is_sorted() && sizes.len() == 24, "{sizes:?}");
+        assert!(sizes.is_sorted() && sizes.len() == 28, "{sizes:?}");
         for size in SMALL_REQUEST_THRESHOLD - 64..=MEDIUM_LIMIT + 64 {
             let mut align = 1;
             while align <= 2 * MEDIUM_LIMIT {

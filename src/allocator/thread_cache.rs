@@ -49,9 +49,9 @@ use core::ptr;
 /// uses (mimalloc keeps a whole 64 KiB page per class a thread uses).
 const LIST_BYTES: usize = 8192;
 
-/// Bytes of blocks one list of a medium class aims to hold: a few blocks
-/// of the largest classes, a few dozen of the smallest, under 1 MiB over
-/// all 24 lists (mimalloc keeps a whole 512 KiB page per medium class a
+/// Bytes of blocks one list of a medium class aims to hold: two blocks
+/// of the largest classes, a few dozen of the smallest, under 2 MiB over
+/// all 28 lists (mimalloc keeps a whole 512 KiB page per medium class a
 /// thread uses).
 const MEDIUM_LIST_BYTES: usize = 32 * 1024;
 
@@ -106,8 +106,8 @@ const MEDIUM_CACHE_BYTES: usize = {
     bytes
 };
 
-// A cache's medium lists hold less than 1 MiB, its small ones 512 KiB.
-static_assertions::const_assert!(MEDIUM_CACHE_BYTES < 1 << 20);
+// A cache's medium lists hold less than 2 MiB, its small ones 512 KiB.
+static_assertions::const_assert!(MEDIUM_CACHE_BYTES < 2 << 20);
 static_assertions::const_assert!(MAX_CACHE_BYTES <= 512 << 10);
 
 /// Blocks a list of `class` holds before half of them go back.
