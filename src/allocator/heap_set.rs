@@ -55,7 +55,7 @@ pub(crate) struct Slot {
 
 /// Most slots a set holds: `MAX_HEAPS` small heaps and as many of the
 /// medium tier.
-pub(crate) const MAX_SLOTS: usize = 2 * MAX_HEAPS;
+const MAX_SLOTS: usize = 2 * MAX_HEAPS;
 
 /// The heaps of one allocator, followed in memory by their [`Slot`]s:
 /// `config.heaps()` small heaps, then (with the medium tier) as many
@@ -204,9 +204,15 @@ impl HeapSet {
         self.slots
     }
 
+    /// Heaps in each group (small, and medium if the tier is on).
+    #[cfg(thread_cache)]
+    pub(crate) fn heaps(&self) -> usize {
+        self.config.heaps()
+    }
+
     /// The first slot of the group serving `class`.
     #[inline]
-    fn group(&self, class: usize) -> usize {
+    pub(crate) fn group(&self, class: usize) -> usize {
         if is_medium(class) {
             self.config.heaps()
         } else {
@@ -221,14 +227,19 @@ impl HeapSet {
     /// `block` is a live block of this set of class `class`.
     #[inline]
     pub(crate) unsafe fn heap_of(&self, block: *mut u8, class: usize) -> usize {
-        let pool_size = if is_medium(class) {
+        // SAFETY: forwarded contract.
+        unsafe { heap_in(block, self.pool_size_of(class)) }
+    }
+
+    /// Bytes in a pool (or run) of `class`: blocks of it find their
+    /// header by masking with it.
+    #[inline]
+    pub(crate) fn pool_size_of(&self, class: usize) -> usize {
+        if is_medium(class) {
             MEDIUM_RUN_SIZE
         } else {
             self.config.pool_size()
-        };
-        // SAFETY: a live block's pool header is initialised and its `heap`
-        // does not change while the block is out.
-        unsafe { (*pool_of(block, pool_size)).heap as usize }
+        }
     }
 
     fn slot(&self, index: usize) -> &Slot {
@@ -415,6 +426,17 @@ impl HeapSet {
 // the largest set is a small, valid size.
 static_assertions::const_assert!(align_of::<Slot>() >= align_of::<HeapSet>());
 static_assertions::const_assert!(HeapSet::size(MAX_SLOTS) < isize::MAX as usize / 2);
+
+/// The heap owning live `block`, whose pools are `pool_size` bytes.
+///
+/// # Safety
+/// `block` is a live block of a pool of `pool_size` bytes.
+#[inline]
+pub(crate) unsafe fn heap_in(block: *mut u8, pool_size: usize) -> usize {
+    // SAFETY: a live block's pool header is initialised and its `heap`
+    // does not change while the block is out.
+    unsafe { (*pool_of(block, pool_size)).heap as usize }
+}
 
 /// A heap hint that differs between threads without thread-local storage:
 /// the caller's stack address, which one thread keeps within a few 64 KiB

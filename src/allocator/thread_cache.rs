@@ -36,7 +36,8 @@
 //!   FLS, absent until the thread's first small allocation).
 
 use super::backing::Backing;
-use super::heap_set::{HeapSet, MAX_SLOTS};
+use super::config::MAX_HEAPS;
+use super::heap_set::{heap_in, HeapSet};
 use super::pool::{Batch, FreeBlock};
 use super::size_class::{class_size, is_medium, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
@@ -448,8 +449,12 @@ impl ThreadCache {
     }
 }
 
-/// Blocks bound for other heaps' inboxes, one chain per heap.
-struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_SLOTS]);
+/// Blocks of one class bound for other heaps' inboxes, one chain per heap
+/// of the class's group (`base` its first slot).
+struct Chains {
+    base: usize,
+    chains: [(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS],
+}
 
 impl Chains {
     /// Sorts the first `count` blocks of `class` of the list starting at `block` (all
@@ -467,7 +472,11 @@ impl Chains {
         count: usize,
         mut free_here: impl FnMut(usize, *mut FreeBlock) -> bool,
     ) -> (Chains, *mut FreeBlock) {
-        let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_SLOTS]);
+        let mut chains = Chains {
+            base: set.group(class),
+            chains: [(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS],
+        };
+        let pool_size = set.pool_size_of(class);
         for _ in 0..count {
             if block.is_null() {
                 break;
@@ -476,9 +485,9 @@ impl Chains {
             // its pool is initialised; and it is ours to relink.
             unsafe {
                 let next = FreeBlock::cached_next(block);
-                let heap = set.heap_of(block.cast(), class);
+                let heap = heap_in(block.cast(), pool_size);
                 if !free_here(heap, block) {
-                    let (first, last) = &mut chains.0[heap];
+                    let (first, last) = &mut chains.chains[heap - chains.base];
                     FreeBlock::set_cached_next(block, *first);
                     if last.is_null() {
                         *last = block;
@@ -493,12 +502,14 @@ impl Chains {
 
     /// Pushes each chain onto its heap's inbox; returns the heaps pushed to.
     fn push(self, set: &HeapSet) -> impl Iterator<Item = usize> + '_ {
-        self.0
+        let base = self.base;
+        self.chains
             .into_iter()
-            .take(set.count())
+            .take(set.heaps())
             .enumerate()
             .filter(|(_, (first, _))| !first.is_null())
-            .map(move |(heap, (first, last))| {
+            .map(move |(i, (first, last))| {
+                let heap = base + i;
                 // SAFETY: a chain built by `sort` from blocks given to it
                 // under its contract, all of heap `heap`.
                 unsafe { set.push_remote(heap, first, last) };
