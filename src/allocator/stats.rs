@@ -342,7 +342,7 @@ impl fmt::Display for Stats {
         writeln!(
             f,
             "{:<35}= {:>21}",
-            ArenaProduct(m.current, m.arena_size, "medium", "arena"),
+            ArenaProduct(m.current, m.arena_size, "medium arenas", "arena"),
             grouped(m.current * m.arena_size)
         )?;
         writeln!(f)?;
