@@ -59,7 +59,7 @@ pub use backing::{Backing, Region};
 #[doc(no_inline)]
 pub use config::Config;
 #[doc(no_inline)]
-pub use stats::{ClassDelta, ClassStats, Stats, StatsDiff};
+pub use stats::{ClassDelta, ClassStats, MediumArenas, Stats, StatsDiff};
 
 pub use gc::collector::Collector;
 pub use gc::header::Visitor;

@@ -113,15 +113,48 @@ fn a_small_double_free_is_named() {
 }
 
 #[test]
+fn a_medium_double_free_is_named() {
+    expect_abort(
+        "a_medium_double_free_is_named",
+        |heap| {
+            let (p, at) = block(heap, 5000);
+            // SAFETY: as above; medium blocks are checked like small ones,
+            // against their run's header and free list.
+            unsafe {
+                heap.dealloc(p, layout(5000));
+                eprintln!("{at}");
+                heap.dealloc(p, layout(5000));
+            }
+            at
+        },
+        &["double free: the block is already free at p=0x"],
+    );
+}
+
+#[test]
+fn a_medium_interior_pointer_is_named() {
+    expect_abort(
+        "a_medium_interior_pointer_is_named",
+        |heap| {
+            let (p, at) = block(heap, 3000);
+            // SAFETY: as above: only run headers are read.
+            unsafe { heap.dealloc(p.add(64), layout(3000)) };
+            at
+        },
+        &["not the start of a block of its layout's size class"],
+    );
+}
+
+#[test]
 fn a_large_double_free_is_named() {
     expect_abort(
         "a_large_double_free_is_named",
         |heap| {
-            let (p, at) = block(heap, 5000);
+            let (p, at) = block(heap, 100_000);
             // SAFETY: as above; large blocks are checked against the live list.
             unsafe {
-                heap.dealloc(p, layout(5000));
-                heap.dealloc(p, layout(5000));
+                heap.dealloc(p, layout(100_000));
+                heap.dealloc(p, layout(100_000));
             }
             at
         },

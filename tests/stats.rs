@@ -14,7 +14,7 @@ fn the_parts_of_the_arenas_add_up_and_the_table_shows_them() {
     let heap = PyMalloc::system();
     let before = heap.stats();
     let layout = Layout::from_size_align(48, 8).unwrap();
-    let big = Layout::from_size_align(10_000, 8).unwrap();
+    let big = Layout::from_size_align(100_000, 8).unwrap();
     // SAFETY: non-zero sizes; freed below with the same layouts.
     let blocks: Vec<*mut u8> = (0..5000).map(|_| unsafe { heap.alloc(layout) }).collect();
     let large = unsafe { heap.alloc(big) };
@@ -23,9 +23,9 @@ fn the_parts_of_the_arenas_add_up_and_the_table_shows_them() {
     assert_eq!(after.classes[5].size, 48);
     assert_eq!(after.classes[5].blocks_in_use, 5000);
     assert_eq!(after.classes[5].pools, 5000usize.div_ceil((4096 - 48) / 48));
-    assert_eq!((after.large_objects, after.large_bytes), (1, 10_000));
-    assert_eq!(after.requested_bytes, 5000 * 48 + 10_000);
-    assert!(after.held_bytes() >= after.arena_bytes() + 10_000);
+    assert_eq!((after.large_objects, after.large_bytes), (1, 100_000));
+    assert_eq!(after.requested_bytes, 5000 * 48 + 100_000);
+    assert!(after.held_bytes() >= after.arena_bytes() + 100_000);
 
     let table = after.to_string();
     for line in [

@@ -111,7 +111,7 @@ pub unsafe trait Backing {
 /// from the operating system, never one of the arenas kept for reuse: for
 /// the crate's own tables (tracemalloc's), which must not call the global
 /// allocator. Null when the system has none.
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", not(loom)))]
 pub(crate) fn os_pages(bytes: usize) -> *mut u8 {
     arena_memory::fresh(bytes)
 }
@@ -120,7 +120,7 @@ pub(crate) fn os_pages(bytes: usize) -> *mut u8 {
 ///
 /// # Safety
 /// `ptr` came from `os_pages(bytes)`, and nothing uses it any more.
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", not(loom)))]
 pub(crate) unsafe fn free_os_pages(ptr: *mut u8, bytes: usize) {
     // SAFETY: forwarded contract.
     unsafe { arena_memory::unmap(ptr, bytes) }
@@ -299,12 +299,14 @@ mod arena_memory {
 
     /// A fresh mapping of `len` bytes (a multiple of the page size):
     /// zeroed, never a kept arena.
+    #[cfg(not(loom))]
     pub(super) fn fresh(len: usize) -> *mut u8 {
         map(len)
     }
 
     /// # Safety
     /// `ptr` came from `fresh(len)` and nothing uses it.
+    #[cfg(not(loom))]
     pub(super) unsafe fn unmap(ptr: *mut u8, len: usize) {
         // SAFETY: per the contract, a whole mapping of ours.
         unsafe { munmap(ptr.cast(), len) };
@@ -395,6 +397,7 @@ mod arena_memory {
         0
     }
 
+    #[cfg(not(loom))]
     pub(super) fn fresh(len: usize) -> *mut u8 {
         match Layout::from_size_align(len, 4096) {
             // SAFETY: never called with a zero size.
@@ -405,6 +408,7 @@ mod arena_memory {
 
     /// # Safety
     /// `ptr` came from `fresh(len)` and nothing uses it.
+    #[cfg(not(loom))]
     pub(super) unsafe fn unmap(ptr: *mut u8, len: usize) {
         // SAFETY: `fresh` allocated it with this very layout.
         unsafe { std::alloc::System.dealloc(ptr, Layout::from_size_align_unchecked(len, 4096)) }

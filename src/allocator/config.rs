@@ -20,6 +20,20 @@ pub const MAX_HEAPS: usize = 32;
 /// class), and what [`Config::pool_limit`] is unless lowered.
 pub const MAX_POOL_LIMIT: usize = 512;
 
+/// Bytes in one run of the medium tier: its pools, one class each,
+/// aligned to their size so that a block's run is found by masking, as a
+/// small block's pool is. Large enough for seven 64 KiB blocks (mimalloc's
+/// medium pages are as large); only the pages a class's blocks reach are
+/// ever touched (runs are carved lazily).
+pub const MEDIUM_RUN_SIZE: usize = 512 * 1024;
+
+/// Runs in one arena of the medium tier (16 MiB, touched only as runs are
+/// carved). Room for a run of every medium class in one arena: with 1 MiB
+/// arenas, a churn over the classes emptied whole arenas, which went back
+/// to the system and came back as fresh pages to fault in, and the
+/// 513 B - 64 KiB row was no faster than the fallback.
+pub const MEDIUM_ARENA_RUNS: usize = 32;
+
 /// Heaps in [`Config::DEFAULT`]: enough that up to eight threads each find
 /// a heap of their own, few enough that the spare arena and partly used
 /// pools each heap keeps stay small beside a desktop program.
@@ -38,6 +52,7 @@ pub struct Config {
     heaps: usize,
     pool_limit: usize,
     thread_caches: bool,
+    medium_tier: bool,
 }
 
 impl Config {
@@ -69,7 +84,29 @@ impl Config {
             heaps: DEFAULT_HEAPS,
             pool_limit: MAX_POOL_LIMIT,
             thread_caches: true,
+            medium_tier: true,
         }
+    }
+
+    /// This geometry with the medium tier on or off. On (the default),
+    /// requests of 513 bytes to
+    /// [`MEDIUM_LIMIT`](crate::size_class::MEDIUM_LIMIT) are served from
+    /// runs of 512 KiB in arenas of their own, in classes four to a power
+    /// of two, through the same heaps, thread caches and inboxes as small
+    /// blocks. Off, they go to the backing's fallback as in CPython, whose
+    /// obmalloc sends everything over 512 bytes to `malloc`: the
+    /// CPython-faithful setting. Only an unbounded backing (the system)
+    /// has the tier for now; a [`Region`](crate::Region) ignores it.
+    pub const fn with_medium_tier(self, on: bool) -> Self {
+        Config {
+            medium_tier: on,
+            ..self
+        }
+    }
+
+    /// Whether the medium tier is on (see [`Config::with_medium_tier`]).
+    pub const fn medium_tier(&self) -> bool {
+        self.medium_tier
     }
 
     /// This geometry with `heaps` independent heaps. Threads that meet on
@@ -177,6 +214,7 @@ pub(crate) struct ConfigCell {
     heaps: AtomicUsize,
     pub(crate) pool_limit: AtomicUsize,
     thread_caches: AtomicBool,
+    medium_tier: AtomicBool,
 }
 
 impl ConfigCell {
@@ -188,6 +226,7 @@ impl ConfigCell {
                 heaps: AtomicUsize::new(config.heaps),
                 pool_limit: AtomicUsize::new(config.pool_limit),
                 thread_caches: AtomicBool::new(config.thread_caches),
+                medium_tier: AtomicBool::new(config.medium_tier),
             }
         }
     }
@@ -199,6 +238,7 @@ impl ConfigCell {
             heaps: self.heaps.load(Ordering::Relaxed),
             pool_limit: self.pool_limit.load(Ordering::Relaxed),
             thread_caches: self.thread_caches.load(Ordering::Relaxed),
+            medium_tier: self.medium_tier.load(Ordering::Relaxed),
         }
     }
 
@@ -212,5 +252,7 @@ impl ConfigCell {
         self.pool_limit.store(config.pool_limit, Ordering::Relaxed);
         self.thread_caches
             .store(config.thread_caches, Ordering::Relaxed);
+        self.medium_tier
+            .store(config.medium_tier, Ordering::Relaxed);
     }
 }

@@ -285,8 +285,8 @@ pub(crate) trait Unchecked {
         new_requested: usize,
     ) -> *mut u8;
 
-    /// The pool class that serves `layout`, or `None` when it goes to the
-    /// backing.
+    /// The pool class (small or medium) that serves `layout`, or `None`
+    /// when it goes to the backing.
     fn pool_class(&self, layout: Layout) -> Option<usize>;
 
     /// Where `block`, claimed to be of small class `class`, stands.

@@ -14,7 +14,7 @@ use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
 use super::heap_set::{stack_hint, HeapSet};
-use super::size_class::{class_for, CLASS_COUNT, CLASS_STEP};
+use super::size_class::{class_for, medium_class_for, CLASS_COUNT, CLASS_STEP};
 use super::stats::Stats;
 #[cfg(feature = "debug")]
 use super::sync::Lock;
@@ -324,11 +324,14 @@ impl<B: Backing> PyMalloc<B> {
                 set.hold_exactly(index, &self.backing).gather(&mut stats);
             }
             stats.bookkeeping_bytes += set.bytes();
-            stats.requested_bytes = stats
-                .requested_bytes
-                .wrapping_add(set.requested.load(Ordering::Relaxed));
             #[cfg(thread_cache)]
-            thread_cache::gather(self.cache_id(), &mut stats);
+            thread_cache::gather(self.cache_id(), set, &mut stats);
+            #[cfg(not(thread_cache))]
+            {
+                stats.requested_bytes = stats
+                    .requested_bytes
+                    .wrapping_add(set.requested.load(Ordering::Relaxed));
+            }
         }
         stats.large_objects = self.large.objects.load(Ordering::Relaxed);
         stats.large_bytes = self.large.bytes.load(Ordering::Relaxed);
@@ -433,12 +436,43 @@ impl<B: Backing> PyMalloc<B> {
         class
     }
 
+    /// The medium class that serves `layout`, for a request `pool_class`
+    /// turned down; `None` sends it to the backing: too large, the tier
+    /// off, a bounded backing (no tier in regions yet, see
+    /// `HeapSet::create`) or the sanitizer's passthrough. Never on the
+    /// small path, which keeps its instructions.
+    #[inline]
+    fn medium_class(&self, layout: Layout) -> Option<usize> {
+        if B::BOUNDED || (cfg!(passthrough) && B::SYSTEM_ALLOCATOR) || !self.config().medium_tier()
+        {
+            return None;
+        }
+        medium_class_for(layout.size(), layout.align())
+    }
+
+    /// The small or medium class serving `layout`, if any.
+    #[inline]
+    fn block_class(&self, layout: Layout) -> Option<usize> {
+        self.pool_class(layout)
+            .or_else(|| self.medium_class(layout))
+    }
+
     /// Allocates `layout`, counting `requested` bytes as asked for, with
-    /// its first `layout.size()` bytes zeroed if `zeroed`.
+    /// its first `layout.size()` bytes zeroed if `zeroed`. A medium class
+    /// takes the same path as a small one, the thread cache first.
     #[inline]
     pub(crate) fn allocate(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        let Some(class) = self.pool_class(layout) else {
-            return self.allocate_large(layout, requested, zeroed);
+        // The medium class comes back into this body rather than the body
+        // going into a helper both tiers call: as a helper (even
+        // `inline(always)`) LLVM inlined it into `__rust_alloc`, which then
+        // grew too large to inline into callers that know the size, and
+        // the small probe ran 19 % more instructions.
+        let class = match self.pool_class(layout) {
+            Some(class) => class,
+            None => match self.medium_or_large(layout, requested, zeroed) {
+                Ok(class) => class,
+                Err(block) => return block,
+            },
         };
         #[cfg(thread_cache)]
         let block = match thread_cache::alloc(self, class, requested) {
@@ -458,9 +492,20 @@ impl<B: Backing> PyMalloc<B> {
         block
     }
 
-    /// A large block, from the backing. Out of line: the small path is the
-    /// hot one.
+    /// A request over the small classes: its medium class, or the large
+    /// block allocated here. Out of line: the small path is the hot one.
     #[inline(never)]
+    fn medium_or_large(
+        &self,
+        layout: Layout,
+        requested: usize,
+        zeroed: bool,
+    ) -> Result<usize, *mut u8> {
+        self.medium_class(layout)
+            .ok_or_else(|| self.allocate_large(layout, requested, zeroed))
+    }
+
+    /// A large block, from the backing.
     fn allocate_large(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
         // A region's store (and the debug list of large blocks) may be
         // locked first here, before any heap set exists.
@@ -514,7 +559,7 @@ impl<B: Backing> PyMalloc<B> {
         let set = unsafe { &*set };
         let internal = track::internal();
         let mut block = set
-            .hold(stack_hint(), &self.backing)
+            .hold(class, stack_hint(), &self.backing)
             .alloc(class, &self.backing);
         if block.is_null() {
             // Null means the memory is gone: first the calling thread's
@@ -610,7 +655,7 @@ impl<B: Backing> PyMalloc<B> {
         // SAFETY: forwarded contract: the block is live.
         let set = unsafe { self.live_set() };
         // SAFETY: forwarded contract.
-        unsafe { set.free(ptr, requested, &self.backing) };
+        unsafe { set.free(ptr, class, requested, &self.backing) };
     }
 
     /// Frees what `allocate(layout, requested)` returned.
@@ -629,14 +674,23 @@ impl<B: Backing> PyMalloc<B> {
             }
         } else {
             // SAFETY: forwarded contract.
-            unsafe { self.deallocate_large(ptr, layout, requested) }
+            unsafe { self.deallocate_beyond_small(ptr, layout, requested) }
         }
     }
 
     /// # Safety
-    /// As for `deallocate`, with a large `layout`.
+    /// As for `deallocate`, with a layout of no small class.
     #[inline(never)]
-    unsafe fn deallocate_large(&self, ptr: *mut u8, layout: Layout, requested: usize) {
+    unsafe fn deallocate_beyond_small(&self, ptr: *mut u8, layout: Layout, requested: usize) {
+        if let Some(class) = self.medium_class(layout) {
+            // SAFETY: forwarded contract: `allocate` served this layout
+            // from the medium class it still names (the tier's switch is
+            // fixed while blocks live).
+            return unsafe {
+                track::freed(ptr, layout.size());
+                self.free_small(ptr, class, requested, false)
+            };
+        }
         let layout = large_layout(layout);
         // SAFETY: forwarded contract; `large_layout` is the layout
         // `allocate` gave the backing.
@@ -645,8 +699,9 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// Resizes what `allocate(layout, requested)` returned to `new_size`
-    /// bytes (`new_requested` asked for): in place within a class, by the
-    /// backing for large to large, by copying otherwise.
+    /// bytes (`new_requested` asked for): in place within a class (small
+    /// or medium), by the backing for large to large, by copying the old
+    /// block's bytes, no more, otherwise.
     ///
     /// # Safety
     /// As for `deallocate`.
@@ -661,8 +716,8 @@ impl<B: Backing> PyMalloc<B> {
         let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
             return ptr::null_mut();
         };
-        let old_class = self.pool_class(layout);
-        let new_class = self.pool_class(new_layout);
+        let old_class = self.block_class(layout);
+        let new_class = self.block_class(new_layout);
         if old_class.is_some() && old_class == new_class {
             // SAFETY: forwarded contract: the block is live, and `new_size`
             // fits its class.
@@ -723,7 +778,7 @@ impl<B: Backing> debug::Unchecked for PyMalloc<B> {
     }
 
     fn pool_class(&self, layout: Layout) -> Option<usize> {
-        PyMalloc::pool_class(self, layout)
+        PyMalloc::block_class(self, layout)
     }
 
     fn block_status(&self, block: *mut u8, class: usize) -> BlockStatus {

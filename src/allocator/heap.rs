@@ -24,7 +24,7 @@ use super::backing::Backing;
 use super::config::{Config, MAX_ARENA_POOLS};
 use super::list;
 use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
-use super::size_class::{class_alignment, class_size, CLASS_COUNT};
+use super::size_class::{class_alignment, class_size, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
 use super::sync::{AtomicUsize, Ordering};
 use core::ptr;
@@ -39,9 +39,13 @@ pub(crate) struct Heap {
     config: Config,
     /// This heap's place among its allocator's heaps, stamped on its pools.
     index: usize,
+    /// Whether this heap serves the medium tier: its pools are the tier's
+    /// runs, and its arenas count apart in the statistics.
+    medium: bool,
     /// Per class, the used pools (free blocks and blocks out), the one to
-    /// allocate from first.
-    used_pools: [*mut Pool; CLASS_COUNT],
+    /// allocate from first. A heap serves either the small classes or the
+    /// medium ones; one array for both keeps one code path.
+    used_pools: [*mut Pool; ALL_CLASS_COUNT],
     /// Usable arenas, fewest free pools first.
     usable: *mut Arena,
     /// `last_with_free[n]`: the last usable arena with `n` free pools.
@@ -90,7 +94,8 @@ impl Heap {
         Heap {
             config,
             index,
-            used_pools: [ptr::null_mut(); CLASS_COUNT],
+            medium: false,
+            used_pools: [ptr::null_mut(); ALL_CLASS_COUNT],
             usable: ptr::null_mut(),
             last_with_free: [ptr::null_mut(); MAX_ARENA_POOLS + 1],
             table: ArenaTable::new(),
@@ -101,6 +106,14 @@ impl Heap {
             spares,
             spare: false,
             requested: 0,
+        }
+    }
+
+    /// This heap as one of the medium tier (see the field).
+    pub(crate) const fn serving_medium(self) -> Self {
+        Heap {
+            medium: true,
+            ..self
         }
     }
 
@@ -447,28 +460,48 @@ impl Heap {
         if self.spare {
             self.uncount_spare();
         }
-        *self = Heap::new(self.config, self.index, self.spares);
+        *self = Heap {
+            medium: self.medium,
+            ..Heap::new(self.config, self.index, self.spares)
+        };
     }
 
     /// Adds this heap's arenas and pools to `stats`. (The high-water mark
     /// of several heaps is the sum of theirs: an upper bound.)
     pub(crate) fn gather(&self, stats: &mut Stats) {
         let pool_size = self.config.pool_size();
-        stats.arenas_allocated_total += self.arenas_allocated_total;
-        stats.arenas_reclaimed += self.arenas_reclaimed;
-        stats.arenas_highwater += self.arenas_highwater;
-        stats.arenas_current += self.arenas_current;
+        let m = &mut stats.medium;
+        let (total, reclaimed, highwater, current, unused) = match self.medium {
+            false => (
+                &mut stats.arenas_allocated_total,
+                &mut stats.arenas_reclaimed,
+                &mut stats.arenas_highwater,
+                &mut stats.arenas_current,
+                &mut stats.unused_pools,
+            ),
+            true => (
+                &mut m.allocated_total,
+                &mut m.reclaimed,
+                &mut m.highwater,
+                &mut m.current,
+                &mut m.unused_runs,
+            ),
+        };
+        *total += self.arenas_allocated_total;
+        *reclaimed += self.arenas_reclaimed;
+        *highwater += self.arenas_highwater;
+        *current += self.arenas_current;
         stats.bookkeeping_bytes += self.table.bytes();
         stats.requested_bytes = stats.requested_bytes.wrapping_add(self.requested);
         for arena in self.table.open_arenas() {
             stats.arena_alignment_bytes +=
                 self.config.arena_size() - arena.pool_count as usize * pool_size;
-            stats.unused_pools += (arena.pool_count - arena.carved) as usize;
+            *unused += (arena.pool_count - arena.carved) as usize;
             for pool in arena.carved_pools(pool_size) {
                 // SAFETY: carved pools are initialised.
                 let (used, class) = unsafe { ((*pool).used as usize, (*pool).class as usize) };
                 if used == 0 {
-                    stats.unused_pools += 1;
+                    *unused += 1;
                     continue;
                 }
                 let capacity = blocks_per_pool(pool_size, class);
@@ -543,7 +576,7 @@ impl Heap {
             arena = a.next;
         }
         assert_eq!(last, self.last_with_free, "last_with_free index");
-        for class in 0..CLASS_COUNT {
+        for class in 0..ALL_CLASS_COUNT {
             let mut pool = self.used_pools[class];
             while !pool.is_null() {
                 // SAFETY: class-list members are initialised pools.

@@ -31,9 +31,13 @@
 
 use super::arena::CHUNK_BYTES;
 use super::backing::{Backing, Region, REGION_ALIGN};
-use super::config::{Config, MAX_ARENA_POOLS, MAX_HEAPS, MAX_POOL_LIMIT, MIN_POOL_SIZE};
+use super::config::{
+    Config, MAX_ARENA_POOLS, MAX_HEAPS, MAX_POOL_LIMIT, MEDIUM_ARENA_RUNS, MEDIUM_RUN_SIZE,
+    MIN_POOL_SIZE,
+};
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
+use super::size_class::is_medium;
 use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
 use core::alloc::Layout;
 use core::mem::{align_of, size_of, ManuallyDrop};
@@ -49,9 +53,20 @@ pub(crate) struct Slot {
     inbox: AtomicPtr<FreeBlock>,
 }
 
-/// The heaps of one allocator, followed in memory by their [`Slot`]s.
+/// Most slots a set holds: `MAX_HEAPS` small heaps and as many of the
+/// medium tier.
+const MAX_SLOTS: usize = 2 * MAX_HEAPS;
+
+/// The heaps of one allocator, followed in memory by their [`Slot`]s:
+/// `config.heaps()` small heaps, then (with the medium tier) as many
+/// medium ones, whose pools are the tier's runs. Two groups of the same
+/// `Heap` rather than one heap of two kinds of arena: every layer above
+/// (locks, inboxes, caches) works on slots and stays as it is, and a
+/// class names its group.
 pub(crate) struct HeapSet {
     config: Config,
+    /// Slots in all: `config.heaps()`, doubled with the medium tier.
+    slots: usize,
     /// Where the next thread cache makes its home.
     #[cfg(thread_cache)]
     next_home: AtomicUsize,
@@ -63,6 +78,9 @@ pub(crate) struct HeapSet {
     /// Wholly free arenas its heaps keep, at most `MAX_SPARE_ARENAS` in
     /// all (see `heap.rs`).
     spare_arenas: AtomicUsize,
+    /// The same for the medium heaps' arenas: a spare of each kind, so
+    /// that a loop across a boundary of either does not map and unmap.
+    medium_spares: AtomicUsize,
     /// Its place among all sets, for the fork handlers.
     #[cfg(fork_handlers)]
     pub(crate) fork: SetLinks,
@@ -91,18 +109,19 @@ impl HeapSet {
 
     /// The layout of a set of `count` heaps (at most `MAX_HEAPS`).
     fn layout(count: usize) -> Layout {
-        debug_assert!(count <= MAX_HEAPS);
+        debug_assert!(count <= MAX_SLOTS);
         // SAFETY: a type's alignment is a power of two, and the size of the
         // largest set is far below `isize::MAX` (asserted below the impl).
         unsafe { Layout::from_size_align_unchecked(Self::size(count), align_of::<Slot>()) }
     }
 
-    /// A new set of `config.heaps()` empty heaps in memory from `backing`;
-    /// null when the backing has none.
-    pub(crate) fn create(config: Config, backing: &impl Backing) -> *mut HeapSet {
-        let set = backing
-            .alloc(Self::layout(config.heaps()))
-            .cast::<HeapSet>();
+    /// A new set of `config.heaps()` empty heaps in memory from `backing`,
+    /// and as many medium ones if the tier is on (only over an unbounded
+    /// backing for now); null when the backing has none.
+    pub(crate) fn create<B: Backing>(config: Config, backing: &B) -> *mut HeapSet {
+        let medium = config.medium_tier() && !B::BOUNDED;
+        let slots = config.heaps() * (1 + medium as usize);
+        let set = backing.alloc(Self::layout(slots)).cast::<HeapSet>();
         if set.is_null() {
             return set;
         }
@@ -111,18 +130,27 @@ impl HeapSet {
         unsafe {
             set.write(HeapSet {
                 config,
+                slots,
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
                 spare_arenas: AtomicUsize::new(0),
+                medium_spares: AtomicUsize::new(0),
                 #[cfg(fork_handlers)]
                 fork: SetLinks::new(),
             });
             let spares = &raw const (*set).spare_arenas;
-            let slots = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
-            for index in 0..config.heaps() {
-                slots.add(index).write(Slot {
-                    heap: Lock::new(Heap::new(config, index, spares)),
+            let medium_spares = &raw const (*set).medium_spares;
+            let medium_config =
+                Config::new(MEDIUM_RUN_SIZE, MEDIUM_ARENA_RUNS).with_heaps(config.heaps());
+            let first = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
+            for index in 0..slots {
+                let heap = match index < config.heaps() {
+                    true => Heap::new(config, index, spares),
+                    false => Heap::new(medium_config, index, medium_spares).serving_medium(),
+                };
+                first.add(index).write(Slot {
+                    heap: Lock::new(heap),
                     inbox: AtomicPtr::new(ptr::null_mut()),
                 });
             }
@@ -166,20 +194,52 @@ impl HeapSet {
         Self::size(heaps) + align_of::<Slot>()
     }
 
-    /// The geometry every heap of the set shares.
-    #[cfg(thread_cache)]
-    pub(crate) fn config(&self) -> Config {
-        self.config
-    }
-
     /// Bytes the set takes from the backing.
     pub(crate) fn bytes(&self) -> usize {
         Self::size(self.count())
     }
 
-    /// How many heaps the set holds.
+    /// How many heaps the set holds, small and medium.
     pub(crate) fn count(&self) -> usize {
+        self.slots
+    }
+
+    /// Heaps in each group (small, and medium if the tier is on).
+    #[cfg(thread_cache)]
+    pub(crate) fn heaps(&self) -> usize {
         self.config.heaps()
+    }
+
+    /// The first slot of the group serving `class`.
+    #[inline]
+    pub(crate) fn group(&self, class: usize) -> usize {
+        if is_medium(class) {
+            self.config.heaps()
+        } else {
+            0
+        }
+    }
+
+    /// The heap that owns live `block` of `class`, as its pool (or run)
+    /// header says.
+    ///
+    /// # Safety
+    /// `block` is a live block of this set of class `class`.
+    #[inline]
+    pub(crate) unsafe fn heap_of(&self, block: *mut u8, class: usize) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { heap_in(block, self.pool_size_of(class)) }
+    }
+
+    /// Bytes in a pool (or run) of `class`: blocks of it find their
+    /// header by masking with it.
+    #[inline]
+    pub(crate) fn pool_size_of(&self, class: usize) -> usize {
+        if is_medium(class) {
+            MEDIUM_RUN_SIZE
+        } else {
+            self.config.pool_size()
+        }
     }
 
     fn slot(&self, index: usize) -> &Slot {
@@ -205,20 +265,27 @@ impl HeapSet {
     /// `count` threads each get their own.
     #[cfg(thread_cache)]
     pub(crate) fn next_home(&self) -> usize {
-        self.next_home.fetch_add(1, Ordering::Relaxed) % self.count()
+        self.next_home.fetch_add(1, Ordering::Relaxed) % self.config.heaps()
     }
 
-    /// Takes a heap: the hinted one if it is free, else the first free one
-    /// after it, else waits for the hinted one.
-    pub(crate) fn hold<'a, B: Backing>(&'a self, hint: usize, backing: &'a B) -> Held<'a, B> {
-        let count = self.count();
+    /// Takes a heap of the group serving `class`: the hinted one if it is
+    /// free, else the first free one after it, else waits for the hinted
+    /// one. (A hint is taken modulo the group's size, so a slot index of
+    /// either group names the same place in both.)
+    pub(crate) fn hold<'a, B: Backing>(
+        &'a self,
+        class: usize,
+        hint: usize,
+        backing: &'a B,
+    ) -> Held<'a, B> {
+        let (count, base) = (self.config.heaps(), self.group(class));
         if count == 1 {
             // No search, and no division (small regions and firmware).
-            return self.hold_exactly(0, backing);
+            return self.hold_exactly(base, backing);
         }
-        let start = hint % count;
+        let start = base + hint % count;
         for step in 0..count {
-            let index = (start + step) % count;
+            let index = base + (start - base + step) % count;
             if let Some(held) = self.try_hold(index, backing) {
                 return held;
             }
@@ -253,7 +320,8 @@ impl HeapSet {
     /// arena to carve one from.
     #[cold]
     pub(crate) fn alloc_from_any(&self, class: usize, backing: &impl Backing) -> *mut u8 {
-        (0..self.count())
+        let base = self.group(class);
+        (base..base + self.config.heaps())
             .map(|index| self.hold_exactly(index, backing).alloc(class, backing))
             .find(|block| !block.is_null())
             .unwrap_or(ptr::null_mut())
@@ -293,17 +361,23 @@ impl HeapSet {
         }
     }
 
-    /// Frees `block` (`requested` bytes asked for) into its heap: directly
-    /// if the heap is free, else through its inbox, then one more try so
-    /// that the block is never left behind by a holder that was just
-    /// leaving.
+    /// Frees `block` of `class` (`requested` bytes asked for) into its
+    /// heap: directly if the heap is free, else through its inbox, then
+    /// one more try so that the block is never left behind by a holder
+    /// that was just leaving.
     ///
     /// # Safety
-    /// `block` is a live block of this set, not freed since.
-    pub(crate) unsafe fn free(&self, block: *mut u8, requested: usize, backing: &impl Backing) {
-        // SAFETY: a live block's pool header is initialised and its `heap`
-        // does not change while the block is out.
-        let index = unsafe { (*pool_of(block, self.config.pool_size())).heap } as usize;
+    /// `block` is a live block of this set of class `class`, not freed
+    /// since.
+    pub(crate) unsafe fn free(
+        &self,
+        block: *mut u8,
+        class: usize,
+        requested: usize,
+        backing: &impl Backing,
+    ) {
+        // SAFETY: forwarded contract.
+        let index = unsafe { self.heap_of(block, class) };
         // The debug feature's double-free check reads the pools' free lists,
         // so there every free must reach its pool before the call returns.
         let held = if cfg!(feature = "debug") {
@@ -351,7 +425,18 @@ impl HeapSet {
 // `layout` relies on these: the slots' alignment serves the header too, and
 // the largest set is a small, valid size.
 static_assertions::const_assert!(align_of::<Slot>() >= align_of::<HeapSet>());
-static_assertions::const_assert!(HeapSet::size(MAX_HEAPS) < isize::MAX as usize / 2);
+static_assertions::const_assert!(HeapSet::size(MAX_SLOTS) < isize::MAX as usize / 2);
+
+/// The heap owning live `block`, whose pools are `pool_size` bytes.
+///
+/// # Safety
+/// `block` is a live block of a pool of `pool_size` bytes.
+#[inline]
+pub(crate) unsafe fn heap_in(block: *mut u8, pool_size: usize) -> usize {
+    // SAFETY: a live block's pool header is initialised and its `heap`
+    // does not change while the block is out.
+    unsafe { (*pool_of(block, pool_size)).heap as usize }
+}
 
 /// A heap hint that differs between threads without thread-local storage:
 /// the caller's stack address, which one thread keeps within a few 64 KiB
@@ -733,7 +818,7 @@ mod loom_models {
             let busy: Arc<[AtomicBool; 2]> =
                 Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
             let work = |shared: Arc<Shared>, busy: Arc<[AtomicBool; 2]>| {
-                let mut held = shared.set().hold(0, &System);
+                let mut held = shared.set().hold(0, 0, &System);
                 let index = held.index();
                 assert!(
                     !busy[index].swap(true, Ordering::SeqCst),
@@ -762,7 +847,7 @@ mod loom_models {
             let holder = thread::spawn({
                 let shared = shared.clone();
                 move || {
-                    let mut held = shared.set().hold(0, &System);
+                    let mut held = shared.set().hold(0, 0, &System);
                     held.alloc(BIG, &System) as usize
                 }
             });
@@ -782,7 +867,7 @@ mod loom_models {
         model(|| {
             let shared = Shared::new(ONE_BLOCK_ARENAS.with_heaps(1));
             let blocks: Vec<usize> = {
-                let mut held = shared.set().hold(0, &System);
+                let mut held = shared.set().hold(0, 0, &System);
                 (0..3).map(|_| held.alloc(BIG, &System) as usize).collect()
             };
             let pusher = thread::spawn({
@@ -795,7 +880,7 @@ mod loom_models {
                 }
             });
             let new = {
-                let mut held = shared.set().hold(0, &System);
+                let mut held = shared.set().hold(0, 0, &System);
                 held.alloc(BIG, &System) as usize
             };
             // SAFETY: as above.

@@ -20,12 +20,13 @@
 //! gate          the fast path's bound and the limit's count
 //! debug         PYTHONMALLOC=debug: guards, fill patterns, ownership checks
 //! thread_cache  per-thread LIFO lists per class, no lock or atomic RMW
-//! heap_set      N heaps behind try-locks, remote-free inboxes, one fixed block
+//! heap_set      N heaps behind try-locks (and N medium ones), remote-free
+//!               inboxes, one fixed block
 //! heap          per-class lists of used pools; arenas sorted fullest first
 //! arena         one span from the backing, cut into pools; records outside it
 //! pool          a page-sized run of one class's blocks: free list, bump, header
 //! stats         the _debugmallocstats snapshot, filled in by the layers above
-//! size_class    8-byte classes, alignment folded into the size
+//! size_class    8-byte classes, then medium ones; alignment folded in
 //! backing       System (mmap'd arenas) or Region (your span), large objects
 //! store         a region's free spans: best fit, merged on free
 //! config, list  geometry; intrusive lists
@@ -59,6 +60,22 @@
 //!   large blocks; how many bytes a region must have for a given `Config`
 //!   is a question about the heap set, so `Region::min_len` is answered in
 //!   `heap_set.rs`, where those sizes are known.
+//!
+//! * **Medium objects are small objects in larger pools.** Requests of 513
+//!   bytes to 64 KiB (classes four to a power of two) are served by a
+//!   second group of the same `Heap`s, whose pools are 512 KiB *runs* in
+//!   16 MiB arenas of their own: a run is aligned to its size, so a free
+//!   finds its header by masking, as a small block's pool, and the class
+//!   (from the `Layout`) says which mask. No page map, and nothing new
+//!   below the heap set: caches, inboxes, arena release, statistics and
+//!   debug checks take a class and work on both groups. The small path
+//!   does not see the tier: `class_for` turns a medium request down and
+//!   the out-of-line `medium_or_large` hands its class back into the same
+//!   inlined body (the small probe's instruction count stays within
+//!   0.2 %). Arenas hold a run of every class so that a churn over the
+//!   classes does not empty (and unmap) whole arenas. The tier is off in
+//!   regions for now (they keep their store), and turning it off
+//!   (`Config::with_medium_tier(false)`) is CPython's behaviour.
 //!
 //! * **Small regions spend bytes, not speed.** In a region of tens of KiB
 //!   what decides how much of it ends up in live blocks is how much sits

@@ -60,10 +60,65 @@ pub const fn class_for(size: usize, align: usize) -> Option<usize> {
     }
 }
 
+/// Largest request (size, and alignment) the medium tier serves.
+pub const MEDIUM_LIMIT: usize = 64 * 1024;
+
+/// Medium classes per power of two.
+const MEDIUM_STEPS: usize = 4;
+
+/// Number of medium classes: four for each power of two from 1 KiB to
+/// [`MEDIUM_LIMIT`].
+pub const MEDIUM_CLASS_COUNT: usize = MEDIUM_STEPS
+    * (MEDIUM_LIMIT.trailing_zeros() - SMALL_REQUEST_THRESHOLD.trailing_zeros()) as usize;
+
+/// Small and medium classes: medium class numbers follow the small ones.
+pub const ALL_CLASS_COUNT: usize = CLASS_COUNT + MEDIUM_CLASS_COUNT;
+
+/// The medium class serving `size` bytes aligned to `align`, or `None`
+/// when it is small or too large for the tier. Out of the small path:
+/// only requests `class_for` turned down come here.
+#[inline]
+pub const fn medium_class_for(size: usize, align: usize) -> Option<usize> {
+    if align > MEDIUM_LIMIT {
+        return None;
+    }
+    // A size rounded up to `align` lands in a class whose alignment is at
+    // least `align` (between 2^e and 2^(e+1) the multiples of 2^(e-1) are
+    // class sizes, and the steps are 2^(e-2)), so rounding is enough; a
+    // small size reaching here is over-aligned, and takes the smallest
+    // medium class so aligned.
+    let size = if size <= SMALL_REQUEST_THRESHOLD {
+        SMALL_REQUEST_THRESHOLD + 1
+    } else {
+        size
+    };
+    let size = (size + align - 1) & !(align - 1);
+    if size > MEDIUM_LIMIT {
+        return None;
+    }
+    // 2^e < size <= 2^(e+1), in steps of 2^(e-2).
+    let e = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize;
+    let step = 1 << (e - 2);
+    let steps = (size - (1 << e)).div_ceil(step);
+    let group = e - SMALL_REQUEST_THRESHOLD.trailing_zeros() as usize;
+    Some(CLASS_COUNT + group * MEDIUM_STEPS + steps - 1)
+}
+
+/// Whether `class` is a medium class.
+#[inline]
+pub const fn is_medium(class: usize) -> bool {
+    class >= CLASS_COUNT
+}
+
 /// Bytes in each block of `class`.
 #[inline]
 pub const fn class_size(class: usize) -> usize {
-    (class + 1) * CLASS_STEP
+    if !is_medium(class) {
+        return (class + 1) * CLASS_STEP;
+    }
+    let medium = class - CLASS_COUNT;
+    let base = SMALL_REQUEST_THRESHOLD << (medium / MEDIUM_STEPS);
+    base + (medium % MEDIUM_STEPS + 1) * (base / MEDIUM_STEPS)
 }
 
 /// Alignment every block of `class` has: the largest power of two dividing
@@ -76,6 +131,8 @@ pub const fn class_alignment(class: usize) -> usize {
 
 const_assert!(class_size(CLASS_COUNT - 1) == SMALL_REQUEST_THRESHOLD);
 const_assert!(class_alignment(CLASS_COUNT - 1) == SMALL_REQUEST_THRESHOLD);
+const_assert!(class_size(CLASS_COUNT) == 640);
+const_assert!(class_size(ALL_CLASS_COUNT - 1) == MEDIUM_LIMIT);
 
 #[cfg(test)]
 mod tests {
@@ -116,5 +173,35 @@ mod tests {
         }
         assert_eq!(class_for(513, 1), None);
         assert_eq!(class_for(8, 1024), None);
+    }
+
+    #[test]
+    fn medium_classes_are_the_smallest_fitting_aligned_and_waste_under_a_quarter() {
+        let sizes: std::vec::Vec<usize> = (CLASS_COUNT..ALL_CLASS_COUNT).map(class_size).collect();
+        assert!(sizes.is_sorted() && sizes.len() == 28, "{sizes:?}");
+        for size in SMALL_REQUEST_THRESHOLD - 64..=MEDIUM_LIMIT + 64 {
+            let mut align = 1;
+            while align <= 2 * MEDIUM_LIMIT {
+                let fits = |c: usize| class_size(c) >= size.max(1) && class_alignment(c) >= align;
+                let best = (CLASS_COUNT..ALL_CLASS_COUNT).find(|&c| fits(c));
+                if class_for(size, align).is_none() {
+                    assert_eq!(
+                        medium_class_for(size, align),
+                        best,
+                        "size {size} align {align}"
+                    );
+                }
+                if let (Some(c), 1, true) = (best, align, size > SMALL_REQUEST_THRESHOLD) {
+                    assert!(
+                        (class_size(c) - size) * 4 < size,
+                        "size {size}: {}",
+                        class_size(c)
+                    );
+                }
+                align *= 2;
+            }
+        }
+        assert_eq!(medium_class_for(1, 4096).map(class_size), Some(4096));
+        assert_eq!(medium_class_for(MEDIUM_LIMIT + 1, 1), None);
     }
 }

@@ -5,7 +5,8 @@
 //! value: it never allocates, so it is safe to call from inside a global
 //! allocator's user, a signal-free diagnostic path, or firmware.
 
-use super::size_class::{class_size, CLASS_COUNT, SMALL_REQUEST_THRESHOLD};
+use super::config::{MEDIUM_ARENA_RUNS, MEDIUM_RUN_SIZE};
+use super::size_class::{class_size, ALL_CLASS_COUNT, CLASS_COUNT, SMALL_REQUEST_THRESHOLD};
 use core::fmt;
 
 /// Pools and blocks of one size class.
@@ -21,12 +22,35 @@ pub struct ClassStats {
     pub blocks_free: usize,
 }
 
+/// The medium tier's arenas, counted apart from the small ones': their
+/// runs (the medium tier's pools) and arenas are larger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MediumArenas {
+    /// Bytes in a run.
+    pub run_size: usize,
+    /// Bytes in a medium arena.
+    pub arena_size: usize,
+    /// Medium arenas ever taken from the backing.
+    pub allocated_total: usize,
+    /// Medium arenas given back to the backing.
+    pub reclaimed: usize,
+    /// Most medium arenas held at once (summed over heaps).
+    pub highwater: usize,
+    /// Medium arenas held now.
+    pub current: usize,
+    /// Runs with no block out: empty or never carved.
+    pub unused_runs: usize,
+}
+
 /// A snapshot of a [`PyMalloc`](crate::PyMalloc) heap.
 ///
 /// The arena bytes add up exactly:
-/// `allocated + available + unused pools + pool headers + quantization +
-/// arena alignment == arenas_current × arena_size`
-/// (see [`Stats::accounted_arena_bytes`]).
+/// `allocated + available + unused pools and runs + pool headers +
+/// quantization + arena alignment == arenas_current × arena_size +
+/// medium arenas × their size` (see [`Stats::accounted_arena_bytes`]).
+/// Medium classes (see [`Config::with_medium_tier`](crate::Config::with_medium_tier))
+/// follow the small ones in [`Stats::classes`]; their runs count as pools
+/// there, and their headers and quantization with the small ones'.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// Bytes in a pool.
@@ -36,8 +60,9 @@ pub struct Stats {
     /// Largest request served from pools: 512, or a region's
     /// [`Config::pool_limit`](crate::Config::pool_limit).
     pub small_threshold: usize,
-    /// Per size class, smallest first.
-    pub classes: [ClassStats; CLASS_COUNT],
+    /// Per size class, smallest first: the small classes, then the
+    /// medium ones.
+    pub classes: [ClassStats; ALL_CLASS_COUNT],
     /// Arenas ever taken from the backing.
     pub arenas_allocated_total: usize,
     /// Arenas given back to the backing.
@@ -46,6 +71,8 @@ pub struct Stats {
     pub arenas_highwater: usize,
     /// Arenas held now.
     pub arenas_current: usize,
+    /// The medium tier's arenas.
+    pub medium: MediumArenas,
     /// Pools with no block out: empty or never carved.
     pub unused_pools: usize,
     /// Bytes taken by pool headers.
@@ -79,7 +106,7 @@ pub struct Stats {
 impl Stats {
     /// A snapshot with nothing in it, for a heap of this geometry.
     pub(crate) fn empty(pool_size: usize, arena_size: usize) -> Stats {
-        let mut classes = [ClassStats::default(); CLASS_COUNT];
+        let mut classes = [ClassStats::default(); ALL_CLASS_COUNT];
         for (class, entry) in classes.iter_mut().enumerate() {
             entry.size = class_size(class);
         }
@@ -92,6 +119,11 @@ impl Stats {
             arenas_reclaimed: 0,
             arenas_highwater: 0,
             arenas_current: 0,
+            medium: MediumArenas {
+                run_size: MEDIUM_RUN_SIZE,
+                arena_size: MEDIUM_RUN_SIZE * MEDIUM_ARENA_RUNS,
+                ..MediumArenas::default()
+            },
             unused_pools: 0,
             pool_header_bytes: 0,
             quantization_bytes: 0,
@@ -105,17 +137,18 @@ impl Stats {
         }
     }
 
-    /// Small blocks handed out.
+    /// Small and medium blocks handed out.
     pub fn blocks_in_use(&self) -> usize {
         self.classes.iter().map(|c| c.blocks_in_use).sum()
     }
 
-    /// Allocations alive now: small blocks handed out plus large objects.
+    /// Allocations alive now: small and medium blocks handed out plus
+    /// large objects.
     pub fn live_allocations(&self) -> usize {
         self.blocks_in_use() + self.large_objects
     }
 
-    /// Bytes in small blocks handed out.
+    /// Bytes in small and medium blocks handed out.
     pub fn allocated_block_bytes(&self) -> usize {
         self.classes.iter().map(|c| c.blocks_in_use * c.size).sum()
     }
@@ -125,9 +158,9 @@ impl Stats {
         self.classes.iter().map(|c| c.blocks_free * c.size).sum()
     }
 
-    /// Bytes in the arenas held now.
+    /// Bytes in the arenas held now, small and medium.
     pub fn arena_bytes(&self) -> usize {
-        self.arenas_current * self.arena_size
+        self.arenas_current * self.arena_size + self.medium.current * self.medium.arena_size
     }
 
     /// The parts of the arenas, added up; equals [`Stats::arena_bytes`].
@@ -135,6 +168,7 @@ impl Stats {
         self.allocated_block_bytes()
             + self.available_block_bytes()
             + self.unused_pools * self.pool_size
+            + self.medium.unused_runs * self.medium.run_size
             + self.pool_header_bytes
             + self.quantization_bytes
             + self.arena_alignment_bytes
@@ -148,7 +182,7 @@ impl Stats {
 
     /// What changed from `before` to `self`, largest growth first.
     pub fn diff(&self, before: &Stats) -> StatsDiff {
-        let mut classes = [ClassDelta::default(); CLASS_COUNT];
+        let mut classes = [ClassDelta::default(); ALL_CLASS_COUNT];
         let mut changed = 0;
         for (now, then) in self.classes.iter().zip(before.classes.iter()) {
             let delta = ClassDelta {
@@ -197,7 +231,7 @@ pub struct ClassDelta {
 /// The difference between two [`Stats`]: what grew, largest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatsDiff {
-    classes: [ClassDelta; CLASS_COUNT],
+    classes: [ClassDelta; ALL_CLASS_COUNT],
     changed: usize,
     arena_size: usize,
     /// Change in arenas held.
@@ -304,7 +338,18 @@ impl fmt::Display for Stats {
             f,
             "{:<35}= {:>21}",
             ArenaProduct(self.arenas_current, self.arena_size, "arenas", "arena"),
-            grouped(self.arena_bytes())
+            grouped(self.arenas_current * self.arena_size)
+        )?;
+        let m = &self.medium;
+        line(f, "# medium arenas allocated total", m.allocated_total)?;
+        line(f, "# medium arenas reclaimed", m.reclaimed)?;
+        line(f, "# medium arenas highwater mark", m.highwater)?;
+        line(f, "# medium arenas allocated current", m.current)?;
+        writeln!(
+            f,
+            "{:<35}= {:>21}",
+            ArenaProduct(m.current, m.arena_size, "medium arenas", "arena"),
+            grouped(m.current * m.arena_size)
         )?;
         writeln!(f)?;
         line(
@@ -322,6 +367,12 @@ impl fmt::Display for Stats {
             "{:<35}= {:>21}",
             ArenaProduct(self.unused_pools, self.pool_size, "unused pools", "pool"),
             grouped(self.unused_pools * self.pool_size)
+        )?;
+        writeln!(
+            f,
+            "{:<35}= {:>21}",
+            ArenaProduct(m.unused_runs, m.run_size, "unused runs", "run"),
+            grouped(m.unused_runs * m.run_size)
         )?;
         line(f, "# blocks free in thread caches", self.cached_blocks)?;
         line(f, "# bytes lost to pool headers", self.pool_header_bytes)?;

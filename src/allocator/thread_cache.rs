@@ -37,9 +37,9 @@
 
 use super::backing::Backing;
 use super::config::MAX_HEAPS;
-use super::heap_set::HeapSet;
-use super::pool::{pool_of, Batch, FreeBlock};
-use super::size_class::{class_size, CLASS_COUNT};
+use super::heap_set::{heap_in, HeapSet};
+use super::pool::{Batch, FreeBlock};
+use super::size_class::{class_size, is_medium, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
 use super::sync::{AtomicUsize, Lock, Ordering};
 use core::cell::Cell;
@@ -50,15 +50,28 @@ use core::ptr;
 /// uses (mimalloc keeps a whole 64 KiB page per class a thread uses).
 const LIST_BYTES: usize = 8192;
 
+/// Bytes of blocks one list of a medium class aims to hold: two blocks
+/// of the largest classes, a hundred of the smallest, 1.85 MiB at most
+/// over all 28 lists (mimalloc keeps a whole 512 KiB page per medium class
+/// a thread uses). Half as much (1.2 MiB in all) left the 513 B - 64 KiB
+/// row about 10 % slower: every other free of a large class took a lock.
+const MEDIUM_LIST_BYTES: usize = 64 * 1024;
+
 /// Blocks a list of each class holds before half of them go back: a table,
-/// so that the free path does not divide.
-const CAPACITY: [usize; CLASS_COUNT] = {
-    let mut table = [0; CLASS_COUNT];
+/// so that the free path does not divide. A medium list holds at least
+/// two, so that a refill (half the capacity) takes one.
+const CAPACITY: [usize; ALL_CLASS_COUNT] = {
+    let mut table = [0; ALL_CLASS_COUNT];
     let mut class = 0;
-    while class < CLASS_COUNT {
-        let blocks = LIST_BYTES / class_size(class);
-        table[class] = if blocks < 8 {
-            8
+    while class < ALL_CLASS_COUNT {
+        let (bytes, least) = if is_medium(class) {
+            (MEDIUM_LIST_BYTES, 2)
+        } else {
+            (LIST_BYTES, 8)
+        };
+        let blocks = bytes / class_size(class);
+        table[class] = if blocks < least {
+            least
         } else if blocks > 512 {
             512
         } else {
@@ -69,8 +82,11 @@ const CAPACITY: [usize; CLASS_COUNT] = {
     table
 };
 
-/// The most bytes one thread's cache can hold for one allocator: every
-/// list at its capacity. A list flushes as soon as it exceeds its capacity.
+/// The most bytes one thread's cache can hold in small blocks for one
+/// allocator: every small list at its capacity. A list flushes as soon as
+/// it exceeds its capacity. (Medium lists add up to `MEDIUM_CACHE_BYTES`,
+/// but only over the system allocator: a region, whose span this bounds,
+/// has no medium tier yet.)
 pub(crate) const MAX_CACHE_BYTES: usize = {
     let mut bytes = 0;
     let mut class = 0;
@@ -80,6 +96,21 @@ pub(crate) const MAX_CACHE_BYTES: usize = {
     }
     bytes
 };
+
+/// The most bytes one thread's cache can hold in medium blocks.
+const MEDIUM_CACHE_BYTES: usize = {
+    let mut bytes = 0;
+    let mut class = CLASS_COUNT;
+    while class < ALL_CLASS_COUNT {
+        bytes += CAPACITY[class] * class_size(class);
+        class += 1;
+    }
+    bytes
+};
+
+// A cache's medium lists hold less than 2 MiB, its small ones 512 KiB.
+static_assertions::const_assert!(MEDIUM_CACHE_BYTES < 2 << 20);
+static_assertions::const_assert!(MAX_CACHE_BYTES <= 512 << 10);
 
 /// Blocks a list of `class` holds before half of them go back.
 #[inline]
@@ -243,7 +274,7 @@ pub(crate) struct ThreadCache {
     /// Bytes requested through this cache, minus bytes freed through it
     /// (wrapping: only the sum over all counters is meaningful).
     requested: AtomicUsize,
-    lists: [List; CLASS_COUNT],
+    lists: [List; ALL_CLASS_COUNT],
     /// Neighbours in the owner's registry slot; changed only under the
     /// registry lock.
     prev: Cell<*const ThreadCache>,
@@ -263,7 +294,7 @@ impl ThreadCache {
                     head: Cell::new(ptr::null_mut()),
                     len: AtomicUsize::new(0),
                 }
-            }; CLASS_COUNT],
+            }; ALL_CLASS_COUNT],
             prev: Cell::new(ptr::null()),
             next: Cell::new(ptr::null()),
         }
@@ -363,7 +394,7 @@ impl ThreadCache {
     fn refill(&self, alloc: &impl CacheOwner, class: usize) -> bool {
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
-        let mut held = set.hold(self.home.get(), alloc.backing());
+        let mut held = set.hold(class, self.home.get(), alloc.backing());
         self.home.set(held.index());
         let list = &self.lists[class];
         let mut batch = Batch::new();
@@ -392,17 +423,17 @@ impl ThreadCache {
         // their pools instead of through its inbox.
         // SAFETY: the list holds `count > 0` live blocks of `set`, whose
         // pool headers are initialised.
-        let newest = unsafe { (*pool_of(list.head.get().cast(), set.config().pool_size())).heap };
-        let mut held = match set.try_hold(newest as usize, alloc.backing()) {
+        let newest = unsafe { set.heap_of(list.head.get().cast(), class) };
+        let mut held = match set.try_hold(newest, alloc.backing()) {
             Some(held) => held,
-            None => set.hold(self.home.get(), alloc.backing()),
+            None => set.hold(class, self.home.get(), alloc.backing()),
         };
         let here = held.index();
         // SAFETY: the list's blocks are live blocks of `set`, given up by
         // their users and linked only here; those of the held heap go
         // straight back to it.
         let (chains, rest) = unsafe {
-            Chains::sort(set, list.head.get(), count, |heap, block| {
+            Chains::sort(set, class, list.head.get(), count, |heap, block| {
                 heap == here && {
                     held.free(block.cast(), alloc.backing());
                     true
@@ -419,11 +450,15 @@ impl ThreadCache {
     }
 }
 
-/// Blocks bound for other heaps' inboxes, one chain per heap.
-struct Chains([(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS]);
+/// Blocks of one class bound for other heaps' inboxes, one chain per heap
+/// of the class's group (`base` its first slot).
+struct Chains {
+    base: usize,
+    chains: [(*mut FreeBlock, *mut FreeBlock); MAX_HEAPS],
+}
 
 impl Chains {
-    /// Sorts the first `count` blocks of the list starting at `block` (all
+    /// Sorts the first `count` blocks of `class` of the list starting at `block` (all
     /// of them if it is shorter): those that `free_here` takes (given their
     /// heap index) are gone, the others are chained by heap. Returns the
     /// chains and the rest of the list.
@@ -433,12 +468,16 @@ impl Chains {
     /// and linked nowhere else.
     unsafe fn sort(
         set: &HeapSet,
+        class: usize,
         mut block: *mut FreeBlock,
         count: usize,
         mut free_here: impl FnMut(usize, *mut FreeBlock) -> bool,
     ) -> (Chains, *mut FreeBlock) {
-        let mut chains = Chains([(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS]);
-        let pool_size = set.config().pool_size();
+        let mut chains = Chains {
+            base: set.group(class),
+            chains: [(ptr::null_mut(), ptr::null_mut()); MAX_HEAPS],
+        };
+        let pool_size = set.pool_size_of(class);
         for _ in 0..count {
             if block.is_null() {
                 break;
@@ -447,9 +486,9 @@ impl Chains {
             // its pool is initialised; and it is ours to relink.
             unsafe {
                 let next = FreeBlock::cached_next(block);
-                let heap = (*pool_of(block.cast(), pool_size)).heap as usize;
+                let heap = heap_in(block.cast(), pool_size);
                 if !free_here(heap, block) {
-                    let (first, last) = &mut chains.0[heap];
+                    let (first, last) = &mut chains.chains[heap - chains.base];
                     FreeBlock::set_cached_next(block, *first);
                     if last.is_null() {
                         *last = block;
@@ -464,12 +503,14 @@ impl Chains {
 
     /// Pushes each chain onto its heap's inbox; returns the heaps pushed to.
     fn push(self, set: &HeapSet) -> impl Iterator<Item = usize> + '_ {
-        self.0
+        let base = self.base;
+        self.chains
             .into_iter()
-            .take(set.count())
+            .take(set.heaps())
             .enumerate()
             .filter(|(_, (first, _))| !first.is_null())
-            .map(move |(heap, (first, last))| {
+            .map(move |(i, (first, last))| {
+                let heap = base + i;
                 // SAFETY: a chain built by `sort` from blocks given to it
                 // under its contract, all of heap `heap`.
                 unsafe { set.push_remote(heap, first, last) };
@@ -493,12 +534,12 @@ impl ThreadCache {
         // SAFETY: the owner is registered, and cannot leave the registry
         // (and so cannot free its set) while we hold the registry lock.
         let set = unsafe { &*self.set.get() };
-        for list in &self.lists {
+        for (class, list) in self.lists.iter().enumerate() {
             let chain = list.head.replace(ptr::null_mut());
             list.len.store(0, Ordering::Relaxed);
             // SAFETY: cached blocks are live blocks of `set`, given up by
             // their users. All go to inboxes: we have no backing to free into.
-            let (chains, _) = unsafe { Chains::sort(set, chain, usize::MAX, |_, _| false) };
+            let (chains, _) = unsafe { Chains::sort(set, class, chain, usize::MAX, |_, _| false) };
             chains.push(set).for_each(drop);
         }
         set.requested
@@ -574,7 +615,7 @@ pub(crate) unsafe fn free(
 pub(crate) fn flush_all(alloc: &impl CacheOwner) {
     exit::with(|cache| {
         if cache.owner.get() == alloc.cache_id() {
-            for class in 0..CLASS_COUNT {
+            for class in 0..ALL_CLASS_COUNT {
                 let len = cache.lists[class].len.load(Ordering::Relaxed);
                 if len > 0 {
                     cache.flush(alloc, class, len);
@@ -585,9 +626,16 @@ pub(crate) fn flush_all(alloc: &impl CacheOwner) {
 }
 
 /// Moves the blocks the caches bound to allocator `id` hold from "in use"
-/// to "free" in `stats`, and adds the bytes requested through them.
-pub(crate) fn gather(id: usize, stats: &mut Stats) {
+/// to "free" in `stats`, and adds the bytes requested through them and
+/// through `set` (the allocator's heaps) outside any heap. Both under the
+/// registry lock: a cache retiring at thread exit moves its count to
+/// `set` under that lock, so it is counted once, in one place or the
+/// other (read apart, an exit in between lost it).
+pub(crate) fn gather(id: usize, set: &HeapSet, stats: &mut Stats) {
     let mut registry = REGISTRY.lock();
+    stats.requested_bytes = stats
+        .requested_bytes
+        .wrapping_add(set.requested.load(Ordering::Relaxed));
     let Some(slot) = registry.slot(id) else {
         return;
     };
