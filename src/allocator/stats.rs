@@ -330,26 +330,44 @@ impl fmt::Display for Stats {
         let line = |f: &mut fmt::Formatter<'_>, label: &str, n: usize| {
             writeln!(f, "{label:<35}= {:>21}", grouped(n))
         };
-        line(f, "# arenas allocated total", self.arenas_allocated_total)?;
-        line(f, "# arenas reclaimed", self.arenas_reclaimed)?;
-        line(f, "# arenas highwater mark", self.arenas_highwater)?;
-        line(f, "# arenas allocated current", self.arenas_current)?;
-        writeln!(
+        // One group of arena rows: (total, reclaimed, highwater, current).
+        let arenas = |f: &mut fmt::Formatter<'_>,
+                      kind: &'static str,
+                      [total, reclaimed, highwater, current]: [usize; 4],
+                      arena_size: usize| {
+            let label = |what: &str| {
+                let mut buf = StackString::<64>::new();
+                let _ = fmt::write(&mut buf, format_args!("# {kind} {what}"));
+                buf
+            };
+            line(f, label("allocated total").as_str(), total)?;
+            line(f, label("reclaimed").as_str(), reclaimed)?;
+            line(f, label("highwater mark").as_str(), highwater)?;
+            line(f, label("allocated current").as_str(), current)?;
+            writeln!(
+                f,
+                "{:<35}= {:>21}",
+                ArenaProduct(current, arena_size, kind, "arena"),
+                grouped(current * arena_size)
+            )
+        };
+        arenas(
             f,
-            "{:<35}= {:>21}",
-            ArenaProduct(self.arenas_current, self.arena_size, "arenas", "arena"),
-            grouped(self.arenas_current * self.arena_size)
+            "arenas",
+            [
+                self.arenas_allocated_total,
+                self.arenas_reclaimed,
+                self.arenas_highwater,
+                self.arenas_current,
+            ],
+            self.arena_size,
         )?;
         let m = &self.medium;
-        line(f, "# medium arenas allocated total", m.allocated_total)?;
-        line(f, "# medium arenas reclaimed", m.reclaimed)?;
-        line(f, "# medium arenas highwater mark", m.highwater)?;
-        line(f, "# medium arenas allocated current", m.current)?;
-        writeln!(
+        arenas(
             f,
-            "{:<35}= {:>21}",
-            ArenaProduct(m.current, m.arena_size, "medium arenas", "arena"),
-            grouped(m.current * m.arena_size)
+            "medium arenas",
+            [m.allocated_total, m.reclaimed, m.highwater, m.current],
+            m.arena_size,
         )?;
         writeln!(f)?;
         line(
