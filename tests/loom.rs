@@ -64,7 +64,9 @@ fn two_threads_allocate_and_free_while_a_third_reads_stats() {
         let c = take(&*heap, small(), 3);
         let stats = heap.stats();
         assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
-        assert!(stats.blocks_in_use() >= 1 && stats.blocks_in_use() <= 2);
+        // `c`, and at most the worker's `a` and `b` (3000 bytes: a medium
+        // block, counted with the small ones).
+        assert!(stats.blocks_in_use() >= 1 && stats.blocks_in_use() <= 3);
         let b = worker.join().unwrap();
         // A block freed by another thread than the one that allocated it.
         give(&*heap, b, large(), 2);

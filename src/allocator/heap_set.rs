@@ -852,7 +852,7 @@ mod loom_models {
                 }
             });
             // SAFETY: a live block of the set, freed once.
-            unsafe { shared.set().free(a as *mut u8, 0, &System) };
+            unsafe { shared.set().free(a as *mut u8, BIG, 0, &System) };
             let c = holder.join().unwrap();
             assert!(c != b && c != 0);
             // No thread holds the heap now: the free must have reached its
@@ -875,7 +875,7 @@ mod loom_models {
                 move || {
                     for &block in &blocks[..2] {
                         // SAFETY: live blocks of the set, each freed once.
-                        unsafe { shared.set().free(block as *mut u8, 0, &System) };
+                        unsafe { shared.set().free(block as *mut u8, BIG, 0, &System) };
                     }
                 }
             });
@@ -884,7 +884,7 @@ mod loom_models {
                 held.alloc(BIG, &System) as usize
             };
             // SAFETY: as above.
-            unsafe { shared.set().free(blocks[2] as *mut u8, 0, &System) };
+            unsafe { shared.set().free(blocks[2] as *mut u8, BIG, 0, &System) };
             pusher.join().unwrap();
             assert!(!blocks[2..].contains(&new) && new != 0);
             assert!(shared.inbox_is_empty(0));
@@ -910,7 +910,7 @@ mod loom_models {
             let remote = thread::spawn({
                 let shared = shared.clone();
                 // SAFETY: a live block of the set, freed once.
-                move || unsafe { shared.set().free(x as *mut u8, 0, &System) }
+                move || unsafe { shared.set().free(x as *mut u8, BIG, 0, &System) }
             });
             // Meanwhile heap 0's holder frees y, emptying its arena, and
             // allocates again.
