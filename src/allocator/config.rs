@@ -212,7 +212,7 @@ pub(crate) struct ConfigCell {
     pool_size: AtomicUsize,
     arena_pools: AtomicUsize,
     heaps: AtomicUsize,
-    pub(crate) pool_limit: AtomicUsize,
+    pool_limit: AtomicUsize,
     thread_caches: AtomicBool,
     medium_tier: AtomicBool,
 }
@@ -240,6 +240,22 @@ impl ConfigCell {
             thread_caches: self.thread_caches.load(Ordering::Relaxed),
             medium_tier: self.medium_tier.load(Ordering::Relaxed),
         }
+    }
+
+    /// One field, for the paths that need no more: `get` loads them all.
+    #[inline]
+    pub(crate) fn pool_limit(&self) -> usize {
+        self.pool_limit.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn pool_size(&self) -> usize {
+        self.pool_size.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn medium_tier(&self) -> bool {
+        self.medium_tier.load(Ordering::Relaxed)
     }
 
     /// Ordered before any use by the region's lock, which the span is given

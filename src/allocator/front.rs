@@ -412,6 +412,10 @@ impl<B: Backing> PyMalloc<B> {
         unsafe { &*self.set.load(Ordering::Acquire) }
     }
 
+    /// Whether every request goes to the backing: AddressSanitizer's
+    /// passthrough mode (see `build.rs`) over the system allocator.
+    const PASSTHROUGH: bool = cfg!(passthrough) && B::SYSTEM_ALLOCATOR;
+
     /// The size class that serves `layout` from the pools; `None` sends
     /// it to the backing. Under AddressSanitizer's passthrough mode (see
     /// `build.rs`) a heap over the system allocator sends it every
@@ -420,10 +424,10 @@ impl<B: Backing> PyMalloc<B> {
     /// none over an unbounded backing: `B::BOUNDED` is a constant).
     #[inline(always)]
     pub(crate) fn pool_class(&self, layout: Layout) -> Option<usize> {
-        if cfg!(passthrough) && B::SYSTEM_ALLOCATOR {
+        if Self::PASSTHROUGH {
             return None;
         }
-        if B::BOUNDED && layout.size() > self.config.pool_limit.load(Ordering::Relaxed) {
+        if B::BOUNDED && layout.size() > self.config.pool_limit() {
             return None;
         }
         let class = class_for(layout.size(), layout.align());
@@ -443,8 +447,7 @@ impl<B: Backing> PyMalloc<B> {
     /// small path, which keeps its instructions.
     #[inline]
     fn medium_class(&self, layout: Layout) -> Option<usize> {
-        if B::BOUNDED || (cfg!(passthrough) && B::SYSTEM_ALLOCATOR) || !self.config().medium_tier()
-        {
+        if B::BOUNDED || Self::PASSTHROUGH || !self.config.medium_tier() {
             return None;
         }
         medium_class_for(layout.size(), layout.align())
@@ -985,7 +988,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline]
     fn pool_place(&self, class: usize) -> tracemalloc::Place {
         tracemalloc::Place::pool(
-            self.config().pool_size(),
+            self.config.pool_size(),
             super::size_class::class_size(class),
         )
     }
