@@ -283,14 +283,14 @@ impl HeapSet {
             // No search, and no division (small regions and firmware).
             return self.hold_exactly(base, backing);
         }
-        let start = base + hint % count;
+        let start = hint % count;
         for step in 0..count {
-            let index = base + (start - base + step) % count;
+            let index = base + (start + step) % count;
             if let Some(held) = self.try_hold(index, backing) {
                 return held;
             }
         }
-        self.hold_exactly(start, backing)
+        self.hold_exactly(base + start, backing)
     }
 
     /// Waits for heap `index`.
