@@ -82,31 +82,27 @@ const CAPACITY: [usize; ALL_CLASS_COUNT] = {
     table
 };
 
+/// The most bytes the lists of classes `first..end` hold, each at its
+/// capacity.
+const fn full_lists_bytes(first: usize, end: usize) -> usize {
+    let mut bytes = 0;
+    let mut class = first;
+    while class < end {
+        bytes += CAPACITY[class] * class_size(class);
+        class += 1;
+    }
+    bytes
+}
+
 /// The most bytes one thread's cache can hold in small blocks for one
 /// allocator: every small list at its capacity. A list flushes as soon as
 /// it exceeds its capacity. (Medium lists add up to `MEDIUM_CACHE_BYTES`,
 /// but only over the system allocator: a region, whose span this bounds,
 /// has no medium tier yet.)
-pub(crate) const MAX_CACHE_BYTES: usize = {
-    let mut bytes = 0;
-    let mut class = 0;
-    while class < CLASS_COUNT {
-        bytes += CAPACITY[class] * class_size(class);
-        class += 1;
-    }
-    bytes
-};
+pub(crate) const MAX_CACHE_BYTES: usize = full_lists_bytes(0, CLASS_COUNT);
 
 /// The most bytes one thread's cache can hold in medium blocks.
-const MEDIUM_CACHE_BYTES: usize = {
-    let mut bytes = 0;
-    let mut class = CLASS_COUNT;
-    while class < ALL_CLASS_COUNT {
-        bytes += CAPACITY[class] * class_size(class);
-        class += 1;
-    }
-    bytes
-};
+const MEDIUM_CACHE_BYTES: usize = full_lists_bytes(CLASS_COUNT, ALL_CLASS_COUNT);
 
 // A cache's medium lists hold less than 2 MiB, its small ones 512 KiB.
 static_assertions::const_assert!(MEDIUM_CACHE_BYTES < 2 << 20);
