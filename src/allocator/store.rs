@@ -201,11 +201,10 @@ impl Store {
         let size = block_size(layout.size());
         let mut prev: *mut Hole = ptr::null_mut();
         let mut link = &raw mut self.first;
-        // SAFETY: the list's headers lie in our span (as in `alloc`); the
-        // block's `size` bytes are ours again, GRAIN-aligned and at least a
-        // header long, and no hole overlaps them, so the one above the
-        // block starts at or after its end and the one below ends at or
-        // before its start.
+        // SAFETY: the holes' headers lie in our span (as in `alloc`); the
+        // block's `size` bytes, GRAIN-aligned and a header long at least,
+        // are ours again and overlap no hole: the hole above starts at or
+        // after its end, the one below ends at or before its start.
         unsafe {
             while !(*link).is_null() && (*link).addr() < block.addr() {
                 prev = *link;
