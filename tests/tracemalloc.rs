@@ -102,6 +102,38 @@ fn leaks_on_another_thread_are_seen() {
     black_box(kept);
 }
 
+/// A thread that was allocating before `start` looks whether tracing is
+/// on every 64 KiB it allocates (the countdown that replaces a test of a
+/// flag on every allocation): it is traced from then on.
+#[test]
+fn a_thread_busy_before_start_is_traced_within_64_kib() {
+    let _turn = serial();
+    let (started, warmed) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let line = line!() + 8;
+    let worker = {
+        let (started, warmed) = (started.clone(), warmed.clone());
+        std::thread::spawn(move || {
+            black_box(vec![Box::new([0u8; 256]); 100]);
+            warmed.wait();
+            started.wait();
+            let kept: Vec<Box<[u8; 256]>> = (0..1000).map(|i| Box::new([i as u8; 256])).collect();
+            kept
+        })
+    };
+    warmed.wait();
+    tracemalloc::start(1);
+    started.wait();
+    let kept = worker.join().unwrap();
+    let count = count_at(&tracemalloc::take_snapshot(), line);
+    tracemalloc::stop();
+    // At most 64 KiB, 256 boxes, before the worker's first look.
+    assert!(
+        (1000 - 256..=1000).contains(&count),
+        "{count} of 1000 traced"
+    );
+    black_box(kept);
+}
+
 #[test]
 fn freed_blocks_vanish_from_the_next_snapshot() {
     let _turn = serial();

@@ -581,8 +581,8 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// Frees a small block of `class`; first forgets its trace if
-    /// `tracing` (tracemalloc was on when the caller looked, and has not
-    /// dealt with the block).
+    /// `tracing` (tracemalloc's filter says the block may have one, and the
+    /// caller has not dealt with it).
     ///
     /// # Safety
     /// `ptr` came from `allocate` with a layout of class `class` and
@@ -599,25 +599,18 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// The rest of `free_small`, out of line with thread caches so that
-    /// the inlined path has one call for all of it: tracemalloc's filter
-    /// (a block it may trace goes to `free_traced`), the bound cache if
-    /// the inlined path skipped it for tracing, else `free_binding`. It
-    /// only tail-calls, so it keeps no frame: tracemalloc's sampled mode
-    /// passes through here on every free.
+    /// the inlined path has one call for all of it: a block that may be
+    /// traced to `free_traced`, the rest to `free_binding`. It only
+    /// tail-calls, so it keeps no frame.
     ///
     /// # Safety
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
     unsafe fn free_slow(&self, ptr: *mut u8, class: usize, requested: usize, tracing: bool) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracing && tracemalloc::may_be_traced(ptr) {
+        if tracing {
             // SAFETY: forwarded contract.
             return unsafe { self.free_traced(ptr, class, requested) };
-        }
-        #[cfg(thread_cache)]
-        // SAFETY: forwarded contract.
-        if tracing && unsafe { thread_cache::free(self, ptr, class, requested, false) } {
-            return;
         }
         let _ = tracing;
         // SAFETY: forwarded contract.
@@ -853,15 +846,16 @@ fn large_layout(layout: Layout) -> Layout {
 
 /// The `GlobalAlloc` calls behind the limit and injection gate (the entry
 /// points are in `inject.rs`): tracemalloc's hook, then the debug checks or
-/// not. Each hook costs one relaxed load and a branch while tracing is off;
-/// while it is on, `alloc` calls the sampler's countdown and an unsampled
-/// call goes on down the same inline fast path, and `dealloc` (see
-/// `quick_dealloc`) tests the address filter out of line.
+/// not. The hooks are the same in every mode, so sampling costs the fast
+/// path what tracing off does: `alloc` counts its size down on a thread
+/// local and calls the sampler only when that runs out (see
+/// `tracemalloc::counted_out`), and `dealloc` tests the address filter,
+/// all zeros while tracing is off (see `quick_dealloc`).
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() && tracemalloc::sample(layout.size()) {
+        if tracemalloc::counted_out(layout.size()) && tracemalloc::sample_point(layout.size()) {
             return self.traced_alloc(layout, zeroed);
         }
         self.untraced_alloc(layout, zeroed)
@@ -872,7 +866,7 @@ impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) unsafe fn front_dealloc(&self, ptr: *mut u8, layout: Layout) {
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::on() && tracemalloc::may_be_traced(ptr) {
+        if tracemalloc::may_be_traced(ptr) {
             // SAFETY: forwarded contract.
             return unsafe { self.traced_dealloc(ptr, layout) };
         }
@@ -902,8 +896,11 @@ impl<B: Backing> PyMalloc<B> {
         let Some(class) = self.pool_class(layout) else {
             return false;
         };
+        // The filter alone, not `on()` first: it is all zeros while
+        // tracing is off, so one test serves every mode, and a free while
+        // sampling stays on the inline path unless its block may be traced.
         #[cfg(all(feature = "std", not(loom)))]
-        let tracing = tracemalloc::on();
+        let tracing = tracemalloc::may_be_traced(ptr);
         #[cfg(not(all(feature = "std", not(loom))))]
         let tracing = false;
         // SAFETY: forwarded contract: the block is live with this size and

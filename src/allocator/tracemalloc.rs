@@ -144,12 +144,25 @@ std::thread_local! {
     /// Set while this thread records a trace or runs tracemalloc's own
     /// code: allocations made meanwhile are not traced.
     static BUSY: Cell<bool> = const { Cell::new(false) };
-    /// Bytes left until this thread's next sample (0: not wound yet), apart
-    /// from the sampler's random state (0: not seeded yet), so that the
-    /// countdown alone is touched on most allocations.
+    /// Bytes this thread may allocate before it next calls the sampler:
+    /// until its next sample, or while tracing is off until it next looks
+    /// whether tracing is on (`POLL`), or 0 while tracing exactly. Apart
+    /// from the rest of the sampler's state, so that the countdown alone is
+    /// touched on most allocations.
     static LEFT: Cell<i64> = const { Cell::new(0) };
+    /// The sampler's random state (0: not seeded yet).
     static RNG: Cell<u64> = const { Cell::new(0) };
+    /// The session (`EPOCH`) the countdown was drawn for: a countdown
+    /// left from another one (or from polling) is drawn afresh.
+    static DRAWN_IN: Cell<usize> = const { Cell::new(usize::MAX) };
 }
+
+/// Bytes a thread allocates between two looks at whether tracing is on,
+/// while it is off: a thread other than `start`'s begins tracing within
+/// this many bytes of its own allocations. One look every 64 KiB costs
+/// nothing measurable; the front's test of the countdown replaces a test
+/// of `ON`, so sampling costs the fast path no more than tracing off.
+const POLL: i64 = 64 * 1024;
 
 /// Holds this thread's busy flag; `None` if it was held already.
 struct Busy;
@@ -1184,39 +1197,54 @@ fn sample_probability(size: usize, mean: usize) -> f64 {
     -(-(size as f64) / mean as f64).exp_m1()
 }
 
-/// Whether an allocation of `size` bytes is to be recorded: always when
-/// tracing exactly; when sampling, if this thread's countdown crosses zero
-/// (tcmalloc's fast path, subtract and test). Out of line, for the front
-/// while tracing is on: an allocation not sampled then goes on down the
-/// inline fast path, which has only this call in it.
-#[inline(never)]
-pub(crate) fn sample(size: usize) -> bool {
-    if MEAN.load(Ordering::Relaxed) == 0 {
-        return true;
-    }
+/// Counts `size` bytes down on this thread's countdown: true when it runs
+/// out, and the allocation must ask [`sample_point`] whether it is traced
+/// (tcmalloc's fast path, subtract and test). Inline in the front's
+/// `alloc` in every mode, in place of a test of `on()`.
+#[inline(always)]
+pub(crate) fn counted_out(size: usize) -> bool {
     // `size` is at most `isize::MAX`, and `left` at least 0.
     let left = LEFT.get() - size as i64;
     if left > 0 {
         LEFT.set(left);
         return false;
     }
-    sample_point(size)
+    true
 }
 
-/// The countdown ran out (or was never wound): whether this block is
-/// sampled, and the next countdown.
+/// Whether an allocation of `size` bytes is to be recorded, for one that
+/// is not on the front's `alloc` path (a `realloc` while tracing).
+pub(crate) fn sample(size: usize) -> bool {
+    counted_out(size) && sample_point(size)
+}
+
+/// The countdown ran out: whether this block of `size` bytes is traced,
+/// and the next countdown. While tracing is off, none, and the next look
+/// in `POLL` bytes; while tracing exactly, every one, and a countdown of
+/// zero; while sampling, a hit if the countdown crosses zero.
 #[cold]
 #[inline(never)]
-fn sample_point(size: usize) -> bool {
+pub(crate) fn sample_point(size: usize) -> bool {
+    if !on() {
+        LEFT.set(POLL);
+        return false;
+    }
     let mean = MEAN.load(Ordering::Relaxed);
     if mean == 0 {
-        // Exact tracing started since the caller looked.
+        LEFT.set(0);
         return true;
     }
-    let (mut rng, mut left) = (RNG.get(), LEFT.get());
+    let mut rng = RNG.get();
     if rng == 0 {
         static SEEDS: AtomicU64 = AtomicU64::new(0);
         rng = splitmix(SEEDS.fetch_add(1, Ordering::Relaxed)) | 1;
+    }
+    let epoch = EPOCH.load(Ordering::Relaxed);
+    let mut left = LEFT.get();
+    if DRAWN_IN.get() != epoch {
+        // A poll's remainder, or another session's countdown: the bytes
+        // up to here belong to no sample of this session.
+        DRAWN_IN.set(epoch);
         left = draw(&mut rng, mean);
     }
     left -= size as i64;
@@ -1229,10 +1257,10 @@ fn sample_point(size: usize) -> bool {
     hit
 }
 
-/// Whether `ptr` may have a trace: false for most blocks when sampling.
-/// Inline in the front's dealloc while tracing is on: a shift, a mask and
-/// a load. (Out of line, sampled mode took +9.6 % instructions instead of
-/// +7.5 %; `sample` inline as well made the untraced churn +23 %.)
+/// Whether `ptr` may have a trace: false for most blocks when sampling,
+/// and for every block while tracing is off (the filter is all zeros
+/// then). Inline in the front's dealloc in every mode, in place of a test
+/// of `on()`: a shift, a mask and a load.
 #[inline(always)]
 pub(crate) fn may_be_traced(ptr: *mut u8) -> bool {
     filter_slot(ptr as usize).load(Ordering::Relaxed) != 0
@@ -1400,6 +1428,9 @@ fn start_with(frames: usize, mean: usize) {
     LIMIT.store(frames, Ordering::Relaxed);
     MEAN.store(mean, Ordering::Relaxed);
     ON.store(true, Ordering::SeqCst);
+    // This thread's next allocation looks at once (other threads within
+    // `POLL` bytes of theirs).
+    LEFT.set(0);
 }
 
 /// Stops tracing and forgets every trace (as CPython does); snapshots taken
