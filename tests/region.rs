@@ -249,3 +249,61 @@ fn init_without_a_geometry_refuses_a_span_below_min_len() {
     // SAFETY: refused before anything is written.
     unsafe { heap.init(memory.as_mut_ptr(), memory.len()) };
 }
+
+/// Blocks in use in the medium classes.
+fn medium_blocks(stats: &pymalloc::Stats) -> usize {
+    let medium = &stats.classes[pymalloc::size_class::CLASS_COUNT..];
+    medium.iter().map(|c| c.blocks_in_use).sum()
+}
+
+/// From 32 MiB a region serves 513 B - 64 KiB from the medium tier's runs,
+/// in arenas of a 64th of the span, beside large blocks in its store;
+/// emptied, the arenas go back to the store, and the region fills as far
+/// again.
+#[test]
+fn a_large_region_serves_medium_blocks_from_runs_and_gets_them_back() {
+    let span = Box::leak(vec![0u8; 64 << 20].into_boxed_slice());
+    let heap = PyMalloc::region_uninit();
+    // SAFETY: the span is leaked, so this heap's alone for good.
+    unsafe { heap.init(span.as_mut_ptr(), span.len()) };
+    assert!(heap.config().medium_tier());
+    let first = fill_until_null(&heap, &[100, 600, 3000, 20_000, 65_536, 100_000]);
+    let full = heap.stats();
+    assert_eq!(full.medium.arena_size, 1 << 20);
+    assert!(medium_blocks(&full) > 1000, "{full}");
+    assert!(full.large_objects > 0, "{full}");
+    assert_eq!(full.accounted_arena_bytes(), full.arena_bytes(), "{full}");
+    let first_len = first.len();
+    free_checked(&heap, first);
+    let empty = heap.stats();
+    assert_eq!(empty.live_allocations(), 0);
+    // A spare arena of each kind at most.
+    assert!(empty.medium.current <= 1, "{empty}");
+    let second = fill_until_null(&heap, &[100, 600, 3000, 20_000, 65_536, 100_000]);
+    assert!(
+        second.len() * 10 >= first_len * 9,
+        "{} blocks fit after {first_len}: the region did not come back whole",
+        second.len()
+    );
+    free_checked(&heap, second);
+}
+
+/// Under 32 MiB a medium run would strand too much of the span: the tier
+/// is off, whatever the `Config` asked, and the store serves those sizes.
+#[test]
+fn a_region_under_32_mib_sends_medium_requests_to_its_store() {
+    let span = Box::leak(vec![0u8; 16 << 20].into_boxed_slice());
+    let heap = PyMalloc::region_uninit_with(Config::DEFAULT.with_heaps(1));
+    // SAFETY: as above.
+    unsafe { heap.init(span.as_mut_ptr(), span.len()) };
+    assert!(!heap.config().medium_tier());
+    assert!(!Region::config_for(16 << 20).unwrap().medium_tier());
+    let layout = Layout::from_size_align(3000, 8).unwrap();
+    // SAFETY: non-zero size; freed below.
+    let p = unsafe { heap.alloc(layout) };
+    assert!(!p.is_null());
+    let stats = heap.stats();
+    assert_eq!((medium_blocks(&stats), stats.large_objects), (0, 1));
+    // SAFETY: allocated above with this layout.
+    unsafe { heap.dealloc(p, layout) };
+}

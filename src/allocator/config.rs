@@ -95,8 +95,8 @@ impl Config {
     /// of two, through the same heaps, thread caches and inboxes as small
     /// blocks. Off, they go to the backing's fallback as in CPython, whose
     /// obmalloc sends everything over 512 bytes to `malloc`: the
-    /// CPython-faithful setting. Only an unbounded backing (the system)
-    /// has the tier for now; a [`Region`](crate::Region) ignores it.
+    /// CPython-faithful setting. A [`Region`](crate::Region) has the tier
+    /// only from 32 MiB ([`Region::fitted`](crate::Region::fitted)).
     pub const fn with_medium_tier(self, on: bool) -> Self {
         Config {
             medium_tier: on,

@@ -195,7 +195,7 @@ impl PyMalloc<Region> {
                 "pymalloc: the region is too small for one arena of this Config"
             );
             // SAFETY: forwarded contract.
-            Self::with_backing(unsafe { Region::new(heap.cast(), N) }, config)
+            Self::with_backing(unsafe { Region::new(heap.cast(), N) }, Region::fitted(config, N))
         }
     }
 
@@ -253,7 +253,7 @@ impl PyMalloc<Region> {
                 };
                 config
             } else {
-                self.config()
+                Region::fitted(self.config(), len)
             };
             let min_len = Region::min_len(config);
             assert!(
@@ -442,12 +442,12 @@ impl<B: Backing> PyMalloc<B> {
 
     /// The medium class that serves `layout`, for a request `pool_class`
     /// turned down; `None` sends it to the backing: too large, the tier
-    /// off, a bounded backing (no tier in regions yet, see
-    /// `HeapSet::create`) or the sanitizer's passthrough. Never on the
-    /// small path, which keeps its instructions.
+    /// off (as in a region under 32 MiB, `Region::fitted`) or the
+    /// sanitizer's passthrough. Never on the small path, which keeps its
+    /// instructions.
     #[inline]
     fn medium_class(&self, layout: Layout) -> Option<usize> {
-        if B::BOUNDED || Self::PASSTHROUGH || !self.config.medium_tier() {
+        if Self::PASSTHROUGH || !self.config.medium_tier() {
             return None;
         }
         medium_class_for(layout.size(), layout.align())

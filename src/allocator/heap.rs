@@ -470,6 +470,10 @@ impl Heap {
     /// of several heaps is the sum of theirs: an upper bound.)
     pub(crate) fn gather(&self, stats: &mut Stats) {
         let pool_size = self.config.pool_size();
+        if self.medium {
+            // A region's medium arenas are smaller (see `HeapSet::create`).
+            stats.medium.arena_size = self.config.arena_size();
+        }
         let m = &mut stats.medium;
         let (total, reclaimed, highwater, current, unused) = match self.medium {
             false => (

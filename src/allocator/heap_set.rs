@@ -97,6 +97,25 @@ pub(crate) struct Held<'a, B: Backing> {
     backing: &'a B,
 }
 
+/// Runs in an arena of the medium tier over a backing of `span` bytes
+/// (`None`: unbounded): [`MEDIUM_ARENA_RUNS`], or in a region as many as
+/// make a 64th of it, at least one. In a region an arena is memory the
+/// store's other blocks cannot have until every run in it is empty; a 64th
+/// is the share a thread cache may hold there too.
+const fn medium_arena_runs(span: Option<usize>) -> usize {
+    let Some(span) = span else {
+        return MEDIUM_ARENA_RUNS;
+    };
+    let runs = span / 64 / MEDIUM_RUN_SIZE;
+    if runs == 0 {
+        1
+    } else if runs > MEDIUM_ARENA_RUNS {
+        MEDIUM_ARENA_RUNS
+    } else {
+        runs
+    }
+}
+
 impl HeapSet {
     /// Where the slots start: after the header, padded to a slot's
     /// alignment.
@@ -116,10 +135,10 @@ impl HeapSet {
     }
 
     /// A new set of `config.heaps()` empty heaps in memory from `backing`,
-    /// and as many medium ones if the tier is on (only over an unbounded
-    /// backing for now); null when the backing has none.
+    /// and as many medium ones if the tier is on; null when the backing
+    /// has none.
     pub(crate) fn create<B: Backing>(config: Config, backing: &B) -> *mut HeapSet {
-        let medium = config.medium_tier() && !B::BOUNDED;
+        let medium = config.medium_tier();
         let slots = config.heaps() * (1 + medium as usize);
         let set = backing.alloc(Self::layout(slots)).cast::<HeapSet>();
         if set.is_null() {
@@ -141,8 +160,8 @@ impl HeapSet {
             });
             let spares = &raw const (*set).spare_arenas;
             let medium_spares = &raw const (*set).medium_spares;
-            let medium_config =
-                Config::new(MEDIUM_RUN_SIZE, MEDIUM_ARENA_RUNS).with_heaps(config.heaps());
+            let medium_config = Config::new(MEDIUM_RUN_SIZE, medium_arena_runs(backing.span_len()))
+                .with_heaps(config.heaps());
             let first = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..slots {
                 let heap = match index < config.heaps() {
@@ -650,6 +669,14 @@ impl Region {
     /// share.
     pub const DEFAULT_SPAN: usize = 32 << 20;
 
+    /// `config` as a span of `len` bytes runs it: the medium tier only
+    /// from [`Region::DEFAULT_SPAN`]. A run is 512 KiB, one per class in
+    /// use, more than a small span can strand; below it, requests over the
+    /// small classes go to the store, which packs them tightly.
+    pub const fn fitted(config: Config, len: usize) -> Config {
+        config.with_medium_tier(config.medium_tier() && len >= Region::DEFAULT_SPAN)
+    }
+
     /// The fewest bytes any region needs (32): one block of the store,
     /// whatever the alignment of the span's start.
     pub const MIN_LEN: usize = Region::min_len(Config::new(MIN_POOL_SIZE, 1).with_pool_limit(0));
@@ -703,7 +730,8 @@ impl Region {
         loop {
             let config = Config::new(pool_size, pools)
                 .with_heaps(1)
-                .with_pool_limit(Region::pool_limit_for(len));
+                .with_pool_limit(Region::pool_limit_for(len))
+                .with_medium_tier(false);
             if Region::min_len(config) <= len {
                 return Some(config);
             }

@@ -73,9 +73,13 @@
 //!   the out-of-line `medium_or_large` hands its class back into the same
 //!   inlined body (the small probe's instruction count stays within
 //!   0.2 %). Arenas hold a run of every class so that a churn over the
-//!   classes does not empty (and unmap) whole arenas. The tier is off in
-//!   regions for now (they keep their store), and turning it off
-//!   (`Config::with_medium_tier(false)`) is CPython's behaviour.
+//!   classes does not empty (and unmap) whole arenas. A region has the
+//!   tier from 32 MiB (`Region::fitted`), its arenas a 64th of the span
+//!   (from one run in 32 MiB to the full 16 MiB from 1 GiB), carved from
+//!   the store like small arenas and given back to it when empty; below
+//!   32 MiB a run per class in use would strand too much of the span, and
+//!   the store, which packs blocks tightly, keeps those sizes. Turning the
+//!   tier off (`Config::with_medium_tier(false)`) is CPython's behaviour.
 //!
 //! * **Small regions spend bytes, not speed.** In a region of tens of KiB
 //!   what decides how much of it ends up in live blocks is how much sits
