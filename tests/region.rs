@@ -307,3 +307,42 @@ fn a_region_under_32_mib_sends_medium_requests_to_its_store() {
     // SAFETY: allocated above with this layout.
     unsafe { heap.dealloc(p, layout) };
 }
+
+/// A large block with free memory above it grows and shrinks in place,
+/// its bytes kept; one hemmed in moves, its bytes kept too.
+#[test]
+fn large_blocks_resize_in_place_when_the_memory_above_is_free() {
+    let span = Box::leak(vec![0u8; 8 << 20].into_boxed_slice());
+    let heap = PyMalloc::region_uninit();
+    // SAFETY: the span is leaked, so this heap's alone for good.
+    unsafe { heap.init(span.as_mut_ptr(), span.len()) };
+    let layout = |size| Layout::from_size_align(size, 8).unwrap();
+    // SAFETY: non-zero size.
+    let p = unsafe { heap.alloc(layout(100_000)) };
+    assert!(!p.is_null());
+    // SAFETY: `p` has 100,000 bytes.
+    unsafe { p.write_bytes(7, 100_000) };
+    let kept = |q: *mut u8, len| {
+        // SAFETY: `q` is live with at least `len` bytes, written above.
+        unsafe { std::slice::from_raw_parts(q, len) }
+            .iter()
+            .all(|&b| b == 7)
+    };
+    // SAFETY: `p` is live with this layout; each resize passes on the
+    // block it returns.
+    unsafe {
+        let grown = heap.realloc(p, layout(100_000), 1_000_000);
+        assert_eq!(grown, p);
+        assert!(kept(grown, 100_000));
+        let shrunk = heap.realloc(grown, layout(1_000_000), 200_000);
+        assert_eq!(shrunk, p);
+        let wall = heap.alloc(layout(100_000));
+        assert!(!wall.is_null());
+        let moved = heap.realloc(shrunk, layout(200_000), 400_000);
+        assert!(!moved.is_null() && moved != p);
+        assert!(kept(moved, 100_000));
+        heap.dealloc(wall, layout(100_000));
+        heap.dealloc(moved, layout(400_000));
+    }
+    assert_eq!(heap.stats().live_allocations(), 0);
+}

@@ -570,4 +570,11 @@ unsafe impl Backing for Region {
         // SAFETY: forwarded contract.
         self.with_store(|store| unsafe { store.dealloc(ptr, layout) })
     }
+
+    /// In place when the block's neighbour above is free (a `Vec` growing
+    /// at the top of the region copies nothing), under one lock either way.
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        self.with_store(|store| unsafe { store.realloc(ptr, layout, new_size) })
+    }
 }

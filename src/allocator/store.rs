@@ -227,6 +227,86 @@ impl Store {
         }
         self.free += size;
     }
+
+    /// Resizes a block to `new_size` bytes, in place when it can
+    /// (shrinking gives the tail back; growing takes the front of the hole
+    /// right after it), else by moving its first `min(old, new)` bytes to
+    /// a new block; null, with the old block untouched, when neither works.
+    ///
+    /// # Safety
+    /// `block` came from `alloc(layout)` on this store and is live;
+    /// `new_size` rounded up to `layout.align()` does not overflow `isize`.
+    pub(crate) unsafe fn realloc(
+        &mut self,
+        block: *mut u8,
+        layout: Layout,
+        new_size: usize,
+    ) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        if unsafe { self.resize_in_place(block, layout.size(), new_size) } {
+            return block;
+        }
+        // SAFETY: the caller's promise on `new_size`; the alignment is the
+        // live layout's.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let moved = self.alloc(new_layout);
+        if !moved.is_null() {
+            // SAFETY: both blocks are live, apart, and this long; the old
+            // one is then given back once, per the contract.
+            unsafe {
+                ptr::copy_nonoverlapping(block, moved, layout.size().min(new_size));
+                self.dealloc(block, layout);
+            }
+        }
+        moved
+    }
+
+    /// Whether a live block of `old_size` bytes now holds `new_size`, its
+    /// end moved in place: what it gives back, or what it takes from the
+    /// hole that starts where it ends, leaves nothing or a whole hole.
+    ///
+    /// # Safety
+    /// `block` came from `alloc` with `old_size` bytes and is live.
+    unsafe fn resize_in_place(&mut self, block: *mut u8, old_size: usize, new_size: usize) -> bool {
+        let (old, new) = (block_size(old_size), block_size(new_size));
+        if new == old {
+            return true;
+        }
+        // SAFETY: the holes' headers lie in our span (as in `alloc`), none
+        // overlaps the live block; the bytes from the block's start to the
+        // end of the hole adjacent to it (if any) are ours, and `new` of
+        // them stay the block's, GRAIN-aligned as `rest` then starts.
+        unsafe {
+            let mut link = &raw mut self.first;
+            while !(*link).is_null() && (*link).addr() < block.addr() {
+                link = &raw mut (**link).next;
+            }
+            let above = *link;
+            let (adjacent, beyond) = match !above.is_null() && above.addr() == block.addr() + old {
+                true => ((*above).size, (*above).next),
+                false => (0, above),
+            };
+            let Some(rest) = (old + adjacent).checked_sub(new) else {
+                return false;
+            };
+            if rest != 0 && rest < MIN_BLOCK {
+                return false;
+            }
+            *link = if rest == 0 {
+                beyond
+            } else {
+                let tail = block.add(new).cast::<Hole>();
+                tail.write(Hole {
+                    size: rest,
+                    next: beyond,
+                });
+                tail
+            };
+            // The holes held `adjacent`, now `rest`: `old - new` more.
+            self.free = self.free + old - new;
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -273,8 +353,8 @@ mod tests {
         (addr >> 3) as u8 ^ 0x5a
     }
 
-    /// Random allocations, frees and resizes (alloc, copy, free, as
-    /// `Backing::realloc` does) against a map of live blocks: blocks are
+    /// Random allocations, frees and resizes (in place or moved) against a
+    /// map of live blocks: blocks are
     /// aligned, inside the span, apart from each other and from every
     /// hole, keep their contents; the free bytes are exact; the holes are
     /// sorted, apart and never adjacent (merged); and freeing everything
@@ -294,7 +374,7 @@ mod tests {
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         // address -> (block, layout); the stamp follows from the address.
         let mut live: BTreeMap<usize, (*mut u8, Layout)> = BTreeMap::new();
-        let (mut served, mut refused) = (0, 0);
+        let (mut served, mut refused, mut in_place) = (0, 0, 0);
         for step in 0..40_000 {
             let size = match rng.below(4) {
                 0 => rng.below(24),
@@ -316,15 +396,13 @@ mod tests {
                 let bytes = unsafe { core::slice::from_raw_parts(p, old.size()) };
                 assert!(bytes.iter().all(|&b| b == stamp(addr)), "step {step}");
                 if rng.below(2) == 0 {
-                    // A resize: the new block gets the old one's bytes.
+                    // A resize: the block, moved or not, keeps its bytes.
                     let new = Layout::from_size_align(size, old.align()).unwrap();
-                    let q = store.alloc(new);
+                    // SAFETY: `p` is live from `alloc(old)`.
+                    let q = unsafe { store.realloc(p, old, size) };
                     if !q.is_null() {
+                        in_place += usize::from(q == p);
                         let keep = old.size().min(size);
-                        // SAFETY: both live and apart (checked below for q).
-                        unsafe { ptr::copy_nonoverlapping(p, q, keep) };
-                        // SAFETY: `p` is live from `alloc(old)`.
-                        unsafe { store.dealloc(p, old) };
                         // SAFETY: `q` has `size` bytes.
                         let moved = unsafe { core::slice::from_raw_parts(q, keep) };
                         assert!(moved.iter().all(|&b| b == stamp(addr)));
@@ -352,7 +430,10 @@ mod tests {
             }
             check(&store, start.addr(), len, &live);
         }
-        assert!(served > 5_000 && refused > 1_000, "{served} {refused}");
+        assert!(
+            served > 5_000 && refused > 1_000 && in_place > 1_000,
+            "{served} {refused} {in_place}"
+        );
         for (_, (p, layout)) in std::mem::take(&mut live) {
             // SAFETY: each live block freed once.
             unsafe { store.dealloc(p, layout) };
