@@ -11,9 +11,11 @@ use model::Model;
 use pymalloc::{Config, PyMalloc};
 
 fuzz_target!(|ops: &[u8]| {
-    // The first byte picks the geometry, so both small and default pools run.
-    let (config, len) = match ops.first() {
-        Some(b) if b & 1 == 1 => (Config::DEFAULT, 1 << 20),
+    // The first byte picks the geometry: small pools, default pools, and
+    // default pools with the medium tier (a region has it from 32 MiB).
+    let (config, len) = match ops.first().map(|b| b & 3) {
+        Some(3) => (Config::DEFAULT, 32 << 20),
+        Some(1) => (Config::DEFAULT, 1 << 20),
         _ => (Config::SMALL, 128 << 10),
     };
     let mut memory = vec![0u8; len];
