@@ -177,8 +177,10 @@ fn the_default_constructor_picks_a_geometry_for_any_span() {
         if len < Region::DEFAULT_SPAN {
             assert_eq!(config.heaps(), 1);
         } else {
-            assert_eq!(config, Config::DEFAULT);
+            let medium = len >= Region::MEDIUM_SPAN;
+            assert_eq!(config, Config::DEFAULT.with_medium_tier(medium));
         }
+        assert_eq!(config.medium_tier(), len >= Region::MEDIUM_SPAN);
         len = len * 3 / 2;
     }
     // Under 128 KiB the store serves everything; from 2 MiB the pools
@@ -256,20 +258,20 @@ fn medium_blocks(stats: &pymalloc::Stats) -> usize {
     medium.iter().map(|c| c.blocks_in_use).sum()
 }
 
-/// From 32 MiB a region serves 513 B - 64 KiB from the medium tier's runs,
-/// in arenas of a 64th of the span, beside large blocks in its store;
+/// From 256 MiB a region serves 513 B - 64 KiB from the medium tier's
+/// runs, in arenas of a 64th of the span, beside large blocks in its store;
 /// emptied, the arenas go back to the store, and the region fills as far
 /// again.
 #[test]
 fn a_large_region_serves_medium_blocks_from_runs_and_gets_them_back() {
-    let span = Box::leak(vec![0u8; 64 << 20].into_boxed_slice());
+    let span = Box::leak(vec![0u8; Region::MEDIUM_SPAN].into_boxed_slice());
     let heap = PyMalloc::region_uninit();
     // SAFETY: the span is leaked, so this heap's alone for good.
     unsafe { heap.init(span.as_mut_ptr(), span.len()) };
     assert!(heap.config().medium_tier());
     let first = fill_until_null(&heap, &[100, 600, 3000, 20_000, 65_536, 100_000]);
     let full = heap.stats();
-    assert_eq!(full.medium.arena_size, 1 << 20);
+    assert_eq!(full.medium.arena_size, Region::MEDIUM_SPAN / 64);
     assert!(medium_blocks(&full) > 1000, "{full}");
     assert!(full.large_objects > 0, "{full}");
     assert_eq!(full.accounted_arena_bytes(), full.arena_bytes(), "{full}");
@@ -288,16 +290,20 @@ fn a_large_region_serves_medium_blocks_from_runs_and_gets_them_back() {
     free_checked(&heap, second);
 }
 
-/// Under 32 MiB a medium run would strand too much of the span: the tier
-/// is off, whatever the `Config` asked, and the store serves those sizes.
+/// Under 256 MiB the medium runs would strand too much of the span: the
+/// tier is off, whatever the `Config` asked, and the store serves those
+/// sizes.
 #[test]
-fn a_region_under_32_mib_sends_medium_requests_to_its_store() {
-    let span = Box::leak(vec![0u8; 16 << 20].into_boxed_slice());
+fn a_region_under_256_mib_sends_medium_requests_to_its_store() {
+    let span = Box::leak(vec![0u8; 64 << 20].into_boxed_slice());
     let heap = PyMalloc::region_uninit_with(Config::DEFAULT.with_heaps(1));
     // SAFETY: as above.
     unsafe { heap.init(span.as_mut_ptr(), span.len()) };
     assert!(!heap.config().medium_tier());
-    assert!(!Region::config_for(16 << 20).unwrap().medium_tier());
+    assert!(!Region::config_for(64 << 20).unwrap().medium_tier());
+    assert!(Region::config_for(Region::MEDIUM_SPAN)
+        .unwrap()
+        .medium_tier());
     let layout = Layout::from_size_align(3000, 8).unwrap();
     // SAFETY: non-zero size; freed below.
     let p = unsafe { heap.alloc(layout) };

@@ -96,7 +96,7 @@ impl Config {
     /// blocks. Off, they go to the backing's fallback as in CPython, whose
     /// obmalloc sends everything over 512 bytes to `malloc`: the
     /// CPython-faithful setting. A [`Region`](crate::Region) has the tier
-    /// only from 32 MiB ([`Region::fitted`](crate::Region::fitted)).
+    /// only from 256 MiB ([`Region::fitted`](crate::Region::fitted)).
     pub const fn with_medium_tier(self, on: bool) -> Self {
         Config {
             medium_tier: on,
@@ -155,8 +155,8 @@ impl Config {
     /// small allocation and free takes a heap's lock, as in a build without
     /// `std`: no block sits in a cache where another thread cannot reach
     /// it, and each free is back in its pool when the call returns. A
-    /// region smaller than 32 MiB goes without them either way (a cache
-    /// could hold more than 1/64 of it).
+    /// region smaller than 32 MiB (256 MiB with the medium tier) goes
+    /// without them either way (a cache could hold more than 1/64 of it).
     pub const fn with_thread_caches(self, on: bool) -> Self {
         Config {
             thread_caches: on,

@@ -52,8 +52,8 @@ pub type DefaultBacking = Region;
 /// that heap's lock-free inbox for the next holder. Where
 /// [`THREAD_CACHES`](crate::THREAD_CACHES) is true, each thread also keeps
 /// short per-class lists of free blocks, so most calls take no lock at all
-/// (over a region, only one of at least 32 MiB: a cache then holds at most
-/// 1/64 of it).
+/// (over a region, only one of at least 32 MiB, 256 MiB with the medium
+/// tier: a cache then holds at most 1/64 of it).
 ///
 /// A null return means the memory is gone: before it, the calling thread's
 /// cached blocks go back, every heap is tried in turn with its inbox
@@ -376,7 +376,8 @@ impl<B: Backing> PyMalloc<B> {
                     let cached = self.config().thread_caches()
                         && track::thread_caches_allowed()
                         && self.backing.span_len().is_none_or(|len| {
-                            len / CACHED_SPAN_SHARE >= thread_cache::MAX_CACHE_BYTES
+                            len / CACHED_SPAN_SHARE
+                                >= thread_cache::max_cache_bytes(self.config().medium_tier())
                         });
                     let id = if cached {
                         thread_cache::register()
@@ -442,7 +443,7 @@ impl<B: Backing> PyMalloc<B> {
 
     /// The medium class that serves `layout`, for a request `pool_class`
     /// turned down; `None` sends it to the backing: too large, the tier
-    /// off (as in a region under 32 MiB, `Region::fitted`) or the
+    /// off (as in a region under 256 MiB, `Region::fitted`) or the
     /// sanitizer's passthrough. Never on the small path, which keeps its
     /// instructions.
     #[inline]

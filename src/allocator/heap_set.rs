@@ -669,12 +669,17 @@ impl Region {
     /// share.
     pub const DEFAULT_SPAN: usize = 32 << 20;
 
+    /// Spans from which a region has the medium tier: 256 MiB. Each
+    /// medium class in use strands a partly used 512 KiB run in each heap
+    /// (up to 112 MiB over 28 classes and eight heaps), and a thread cache
+    /// with medium lists holds up to 3.9 MiB, a 64th of this span.
+    pub const MEDIUM_SPAN: usize = 256 << 20;
+
     /// `config` as a span of `len` bytes runs it: the medium tier only
-    /// from [`Region::DEFAULT_SPAN`]. A run is 512 KiB, one per class in
-    /// use, more than a small span can strand; below it, requests over the
-    /// small classes go to the store, which packs them tightly.
+    /// from [`Region::MEDIUM_SPAN`]; below it, requests over the small
+    /// classes go to the store, which packs them tightly.
     pub const fn fitted(config: Config, len: usize) -> Config {
-        config.with_medium_tier(config.medium_tier() && len >= Region::DEFAULT_SPAN)
+        config.with_medium_tier(config.medium_tier() && len >= Region::MEDIUM_SPAN)
     }
 
     /// The fewest bytes any region needs (32): one block of the store,
@@ -701,7 +706,8 @@ impl Region {
     /// a span of `len` bytes:
     /// * from [`Region::DEFAULT_SPAN`] up, [`Config::DEFAULT`] (CPython's
     ///   4 KiB pools and 256 KiB arenas, several heaps, every request up to
-    ///   512 bytes pooled);
+    ///   512 bytes pooled), with the medium tier from
+    ///   [`Region::MEDIUM_SPAN`];
     /// * below it, one heap, requests up to [`Region::pool_limit_for`]
     ///   pooled (none under 128 KiB: there the region's store serves
     ///   everything), 4 KiB pools from 1 MiB and 1 KiB pools under that,
@@ -714,7 +720,7 @@ impl Region {
     /// `None` below [`Region::MIN_LEN`].
     pub const fn config_for(len: usize) -> Option<Config> {
         if len >= Region::DEFAULT_SPAN {
-            return Some(Config::DEFAULT);
+            return Some(Region::fitted(Config::DEFAULT, len));
         }
         if len < Region::MIN_LEN {
             return None;

@@ -74,10 +74,10 @@
 //!   inlined body (the small probe's instruction count stays within
 //!   0.2 %). Arenas hold a run of every class so that a churn over the
 //!   classes does not empty (and unmap) whole arenas. A region has the
-//!   tier from 32 MiB (`Region::fitted`), its arenas a 64th of the span
-//!   (from one run in 32 MiB to the full 16 MiB from 1 GiB), carved from
-//!   the store like small arenas and given back to it when empty; below
-//!   32 MiB a run per class in use would strand too much of the span, and
+//!   tier from 256 MiB (`Region::fitted`), its arenas a 64th of the span
+//!   (from eight runs to the full 16 MiB from 1 GiB), carved from the store
+//!   like small arenas and given back to it when empty; in a smaller span
+//!   the runs each class strands in each heap would weigh too much, and
 //!   the store, which packs blocks tightly, keeps those sizes. Turning the
 //!   tier off (`Config::with_medium_tier(false)`) is CPython's behaviour.
 //!
