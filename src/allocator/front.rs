@@ -562,19 +562,26 @@ impl<B: Backing> PyMalloc<B> {
         // SAFETY: a published set lives as long as `self`.
         let set = unsafe { &*set };
         let internal = track::internal();
-        let mut block = set
-            .hold(class, stack_hint(), &self.backing)
-            .alloc(class, &self.backing);
+        let mut held = set.hold(class, stack_hint(), &self.backing);
+        let mut block = held.alloc(class, &self.backing);
+        if !block.is_null() {
+            // Counted under the lock already held: a shared counter would
+            // cost every call an atomic add.
+            held.requested = held.requested.wrapping_add(requested);
+        }
+        drop(held);
         if block.is_null() {
             // Null means the memory is gone: first the calling thread's
             // cached blocks go back, then every heap is asked in turn.
             #[cfg(thread_cache)]
             thread_cache::flush_all(self);
             block = set.alloc_from_any(class, &self.backing);
+            if !block.is_null() {
+                set.requested.fetch_add(requested, Ordering::Relaxed);
+            }
         }
         drop(internal);
         if !block.is_null() {
-            set.requested.fetch_add(requested, Ordering::Relaxed);
             // SAFETY: a fresh block of this class: `size` fits.
             unsafe { track::heap_allocated(block, size) };
         }
