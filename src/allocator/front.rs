@@ -13,7 +13,7 @@ use super::fork;
 use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
-use super::heap_set::{stack_hint, HeapSet};
+use super::heap_set::HeapSet;
 use super::size_class::{class_for, medium_class_for, CLASS_COUNT, CLASS_STEP};
 use super::stats::Stats;
 #[cfg(feature = "debug")]
@@ -562,7 +562,7 @@ impl<B: Backing> PyMalloc<B> {
         // SAFETY: a published set lives as long as `self`.
         let set = unsafe { &*set };
         let internal = track::internal();
-        let mut held = set.hold(class, stack_hint(), &self.backing);
+        let mut held = set.hold(class, set.stack_heap(), &self.backing);
         let mut block = held.alloc(class, &self.backing);
         if !block.is_null() {
             // Counted under the lock already held: a shared counter would
