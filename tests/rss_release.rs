@@ -5,6 +5,8 @@
 
 use pymalloc::backing::RETAINED_ARENAS;
 use pymalloc::PyMalloc;
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::Mutex;
 
 #[global_allocator]
 static ALLOC: PyMalloc = PyMalloc::system();
@@ -15,8 +17,12 @@ fn resident_bytes() -> usize {
     pages * 4096
 }
 
+/// The tests count arenas and resident pages: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
+    let _serial = SERIAL.lock().unwrap();
     let before = resident_bytes();
     let arenas_before = ALLOC.stats().arenas_current;
     let spike: Vec<Box<[u64; 8]>> = (0..1_000_000).map(|i| Box::new([i; 8])).collect();
@@ -50,4 +56,56 @@ fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
         peak >> 20,
         after >> 20
     );
+}
+
+/// Blocks of one class, more than one arena holds.
+const ARENA_OF_BLOCKS: usize = 5000;
+
+/// A thread cache does not keep the arenas of a spike being freed: the
+/// last blocks out in an arena, sitting in the freeing thread's lists,
+/// would keep the arena from the backing. Thirty arenas each hold, beside
+/// 64-byte blocks, one block of a class of its own (so that it sits in a
+/// pool of that arena) that is freed first and stays cached; then a
+/// hundred more arenas of 64-byte blocks are freed, which gives arenas
+/// back, and the cache with them.
+#[test]
+fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
+    if !pymalloc::THREAD_CACHES {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap();
+    // Read from another thread, which leaves this thread's cache alone.
+    let arenas =
+        || std::thread::scope(|s| s.spawn(|| ALLOC.stats().arenas_current).join().unwrap());
+    let filler = Layout::from_size_align(64, 8).unwrap();
+    let pinning = |k: usize| Layout::from_size_align(264 + 8 * k, 8).unwrap();
+    let before = arenas();
+    let mut fill = Vec::with_capacity(130 * ARENA_OF_BLOCKS);
+    let mut pins = Vec::new();
+    for k in 0..130 {
+        for _ in 0..ARENA_OF_BLOCKS {
+            // SAFETY: a non-zero size.
+            fill.push(unsafe { ALLOC.alloc(filler) });
+        }
+        if k < 30 {
+            // SAFETY: as above.
+            pins.push((unsafe { ALLOC.alloc(pinning(k)) }, pinning(k)));
+        }
+    }
+    assert!(fill
+        .iter()
+        .chain(pins.iter().map(|(p, _)| p))
+        .all(|p| !p.is_null()));
+    assert!(arenas() >= before + 130);
+    for (block, layout) in pins {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { ALLOC.dealloc(block, layout) };
+    }
+    for block in fill {
+        // SAFETY: as above.
+        unsafe { ALLOC.dealloc(block, filler) };
+    }
+    // The spare and the arena of the filler blocks still cached, no more.
+    let after = arenas();
+    assert!(after <= before + 2, "{before} arenas before, {after} after");
 }
