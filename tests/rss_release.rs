@@ -65,11 +65,9 @@ const ARENA_OF_BLOCKS: usize = 5000;
 /// last blocks out in an arena, sitting in the freeing thread's lists,
 /// would keep the arena from the backing. Thirty arenas each hold, beside
 /// 64-byte blocks, one block of a class of its own (so that it sits in a
-/// pool of that arena) that is freed first and stays cached; then a
-/// hundred more arenas of 64-byte blocks are freed, which gives arenas
-/// back, and the cache with them.
-#[test]
-fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
+/// pool of that arena), freed before or after a hundred and thirty
+/// arenas of 64-byte blocks, which gives arenas back.
+fn spike_with_pins(pins_last: bool) {
     if !pymalloc::THREAD_CACHES {
         return;
     }
@@ -85,27 +83,38 @@ fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
     for k in 0..130 {
         for _ in 0..ARENA_OF_BLOCKS {
             // SAFETY: a non-zero size.
-            fill.push(unsafe { ALLOC.alloc(filler) });
+            fill.push((unsafe { ALLOC.alloc(filler) }, filler));
         }
         if k < 30 {
             // SAFETY: as above.
             pins.push((unsafe { ALLOC.alloc(pinning(k)) }, pinning(k)));
         }
     }
-    assert!(fill
-        .iter()
-        .chain(pins.iter().map(|(p, _)| p))
-        .all(|p| !p.is_null()));
+    assert!(fill.iter().chain(&pins).all(|(p, _)| !p.is_null()));
     assert!(arenas() >= before + 130);
-    for (block, layout) in pins {
+    let (first, last) = if pins_last {
+        (fill, pins)
+    } else {
+        (pins, fill)
+    };
+    for (block, layout) in first.into_iter().chain(last) {
         // SAFETY: allocated above with this layout, freed once.
         unsafe { ALLOC.dealloc(block, layout) };
-    }
-    for block in fill {
-        // SAFETY: as above.
-        unsafe { ALLOC.dealloc(block, filler) };
     }
     // The spare and the arena of the filler blocks still cached, no more.
     let after = arenas();
     assert!(after <= before + 2, "{before} arenas before, {after} after");
+}
+
+/// Blocks cached before the spike is freed go back with it.
+#[test]
+fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
+    spike_with_pins(false);
+}
+
+/// Blocks freed at the end of the spike, after the cache let arenas go,
+/// are not cached.
+#[test]
+fn the_last_blocks_of_a_freed_spike_are_not_cached() {
+    spike_with_pins(true);
 }

@@ -7,6 +7,9 @@
 //! empty (refill) or over its capacity (flush) does the thread take a heap,
 //! and then it moves half a list's worth of blocks at once. This is glibc's
 //! tcache design over obmalloc's pools; the lock is paid once per batch.
+//! A thread whose flushes let many arenas go (a spike being freed) drains
+//! its cache and passes every free on until it allocates again, so that
+//! no cached block keeps an otherwise empty arena mapped.
 //!
 //! Blocks in a cache are "in use" as far as their pools know; statistics
 //! walk the caches bound to an allocator and count them as free.
@@ -113,6 +116,13 @@ static_assertions::const_assert!(MAX_CACHE_BYTES <= 512 << 10);
 fn capacity(class: usize) -> usize {
     CAPACITY[class]
 }
+
+/// Frees in a row that let no arena go before a straight cache (see
+/// `ThreadCache::go_straight`) caches again: as many as an arena of the
+/// smallest class holds at the default geometry, so that a spike freed
+/// in the order it was allocated, which lets an arena go every arena's
+/// worth of blocks, stays straight to its end.
+const STRAIGHT_FREES: usize = 32 << 10;
 
 /// Owner of a cache bound to no allocator: no allocator has this id.
 const NO_OWNER: usize = usize::MAX;
@@ -276,8 +286,12 @@ pub(crate) struct ThreadCache {
     prev: Cell<*const ThreadCache>,
     next: Cell<*const ThreadCache>,
     /// Arenas this thread's flushes let go since its last refill (see
-    /// `drain`).
+    /// `flush_over_capacity`).
     released: Cell<usize>,
+    /// While the cache is straight (see `go_straight`), the frees left
+    /// before it caches again unless one lets an arena go; 0 while it
+    /// caches. Read by statistics: a straight cache holds nothing.
+    straight: AtomicUsize,
 }
 
 impl ThreadCache {
@@ -297,6 +311,7 @@ impl ThreadCache {
             prev: Cell::new(ptr::null()),
             next: Cell::new(ptr::null()),
             released: Cell::new(0),
+            straight: AtomicUsize::new(0),
         }
     }
 
@@ -355,6 +370,7 @@ impl ThreadCache {
             list.head.set(ptr::null_mut());
             list.len.store(0, Ordering::Relaxed);
         }
+        self.straight.store(0, Ordering::Relaxed);
         self.requested.store(0, Ordering::Relaxed);
         self.owner.set(NO_OWNER);
         self.set.set(ptr::null());
@@ -383,27 +399,70 @@ impl ThreadCache {
 
     /// Sends half of `class`'s full list back; then, if this thread's
     /// flushes have let more arenas go since its last refill than the
-    /// backing keeps mapped, every cached block. Such a thread is freeing
-    /// far more than it allocates (a spike going away), and the blocks its
-    /// lists still hold are likely the last ones out in their arenas,
-    /// which they would keep from the backing: after 400 MB of small and
-    /// medium objects were freed in random order, 3,800 cached blocks kept
-    /// 85 % of the peak resident (`benches/spike.rs`). Draining at every
-    /// arena let go instead cost binary trees of depth 16, whose eight
-    /// arenas come and go each round (and are kept by the backing), 10 %
-    /// more instructions.
+    /// backing keeps mapped, every cached block, and the cache goes
+    /// straight. Such a thread is freeing far more than it allocates (a
+    /// spike going away), and the blocks its lists hold are likely the
+    /// last ones out in their arenas, which they would keep from the
+    /// backing: after 400 MB of small and medium objects were freed in
+    /// random order, 3,800 cached blocks kept 85 % of the peak resident
+    /// (`benches/spike.rs`); drained but caching again, the 500 blocks
+    /// freed after the last drain kept 42 %. Draining at every arena let
+    /// go instead cost binary trees of depth 16, whose eight arenas come
+    /// and go each round (and are kept by the backing), 10 % more
+    /// instructions.
     #[cold]
     fn flush_over_capacity(&self, alloc: &impl CacheOwner, class: usize) {
+        let left = self.straight.load(Ordering::Relaxed);
+        if left != 0 {
+            // The block just pushed goes on; the list reads full again.
+            let left = if self.flush(alloc, class, 1) > 0 {
+                STRAIGHT_FREES
+            } else {
+                left - 1
+            };
+            if left == 0 {
+                self.cache_again();
+            } else {
+                self.straight.store(left, Ordering::Relaxed);
+            }
+            return;
+        }
         let len = self.lists[class].len.load(Ordering::Relaxed);
         let released = self.released.get() + self.flush(alloc, class, len - capacity(class) / 2);
         self.released.set(released);
         if released > RETAINED_ARENAS {
             self.drain(alloc);
+            self.go_straight();
         }
+    }
+
+    /// Makes every free pass its block on to its heap, at no cost to the
+    /// fast path: each empty list reads full, so the next push goes over
+    /// capacity. Until the thread allocates, or `STRAIGHT_FREES` frees
+    /// in a row let no arena go.
+    fn go_straight(&self) {
+        // The mark first, and last off in `cache_again`: statistics that
+        // see it read no list.
+        self.straight.store(STRAIGHT_FREES, Ordering::Relaxed);
+        for (class, list) in self.lists.iter().enumerate() {
+            list.len.store(capacity(class), Ordering::Relaxed);
+        }
+    }
+
+    /// Ends `go_straight`: the lists, all empty, read so.
+    fn cache_again(&self) {
+        for list in &self.lists {
+            list.len.store(0, Ordering::Relaxed);
+        }
+        self.straight.store(0, Ordering::Relaxed);
+        self.released.set(0);
     }
 
     /// Gives every cached block back to its heap.
     fn drain(&self, alloc: &impl CacheOwner) {
+        if self.straight.load(Ordering::Relaxed) != 0 {
+            return;
+        }
         for class in 0..ALL_CLASS_COUNT {
             let len = self.lists[class].len.load(Ordering::Relaxed);
             if len > 0 {
@@ -423,6 +482,9 @@ impl ThreadCache {
     /// false when the heap has no memory.
     #[cold]
     fn refill(&self, alloc: &impl CacheOwner, class: usize) -> bool {
+        if self.straight.load(Ordering::Relaxed) != 0 {
+            self.cache_again();
+        }
         self.released.set(0);
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
@@ -675,7 +737,13 @@ pub(crate) fn gather(id: usize, set: &HeapSet, stats: &mut Stats) {
         // SAFETY: listed caches are alive while linked, and we hold the
         // lock; only their atomics are read, which their threads write.
         let c = unsafe { &*cache };
-        for (class, list) in c.lists.iter().enumerate() {
+        // A straight cache's lists are empty, whatever they read.
+        let lists = if c.straight.load(Ordering::Relaxed) == 0 {
+            &c.lists[..]
+        } else {
+            &[]
+        };
+        for (class, list) in lists.iter().enumerate() {
             let cached = list.len.load(Ordering::Relaxed);
             let entry = &mut stats.classes[class];
             // Saturating: a cache may have changed since its heap was read.
