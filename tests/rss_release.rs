@@ -78,26 +78,35 @@ fn spike_with_pins(pins_last: bool) {
     let filler = Layout::from_size_align(64, 8).unwrap();
     let pinning = |k: usize| Layout::from_size_align(264 + 8 * k, 8).unwrap();
     let before = arenas();
-    let mut fill = Vec::with_capacity(130 * ARENA_OF_BLOCKS);
+    // The filler's addresses a vector per arena, each a medium block: one
+    // of 5 MB would come from glibc, and its free raise glibc's mmap
+    // threshold, so that the next test's vector stays resident.
+    let mut fill = Vec::new();
     let mut pins = Vec::new();
     for k in 0..130 {
-        for _ in 0..ARENA_OF_BLOCKS {
-            // SAFETY: a non-zero size.
-            fill.push((unsafe { ALLOC.alloc(filler) }, filler));
-        }
+        // SAFETY: a non-zero size.
+        fill.push(
+            (0..ARENA_OF_BLOCKS)
+                .map(|_| unsafe { ALLOC.alloc(filler) })
+                .collect::<Vec<_>>(),
+        );
         if k < 30 {
             // SAFETY: as above.
             pins.push((unsafe { ALLOC.alloc(pinning(k)) }, pinning(k)));
         }
     }
-    assert!(fill.iter().chain(&pins).all(|(p, _)| !p.is_null()));
+    let fill = fill.into_iter().flatten().map(|p| (p, filler));
+    assert!(fill
+        .clone()
+        .chain(pins.iter().copied())
+        .all(|(p, _)| !p.is_null()));
     assert!(arenas() >= before + 130);
-    let (first, last) = if pins_last {
-        (fill, pins)
+    let frees: Vec<Box<dyn Iterator<Item = (*mut u8, Layout)>>> = if pins_last {
+        vec![Box::new(fill), Box::new(pins.into_iter())]
     } else {
-        (pins, fill)
+        vec![Box::new(pins.into_iter()), Box::new(fill)]
     };
-    for (block, layout) in first.into_iter().chain(last) {
+    for (block, layout) in frees.into_iter().flatten() {
         // SAFETY: allocated above with this layout, freed once.
         unsafe { ALLOC.dealloc(block, layout) };
     }
