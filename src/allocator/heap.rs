@@ -330,7 +330,6 @@ impl Heap {
 
     /// Arenas this heap has given back to the backing so far: a cache
     /// flush that moves it has found the heap draining.
-    #[cfg(thread_cache)]
     pub(crate) fn arenas_reclaimed(&self) -> usize {
         self.arenas_reclaimed
     }

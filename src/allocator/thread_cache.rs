@@ -414,8 +414,7 @@ impl ThreadCache {
     fn flush_over_capacity(&self, alloc: &impl CacheOwner, class: usize) {
         let left = self.straight.load(Ordering::Relaxed);
         if left != 0 {
-            // The block just pushed goes on; the list reads full again.
-            let left = if self.flush(alloc, class, 1) > 0 {
+            let left = if self.pass_on(alloc, class) > 0 {
                 STRAIGHT_FREES
             } else {
                 left - 1
@@ -447,6 +446,25 @@ impl ThreadCache {
         for (class, list) in self.lists.iter().enumerate() {
             list.len.store(capacity(class), Ordering::Relaxed);
         }
+    }
+
+    /// Passes the block just pushed on `class`'s list (straight, so
+    /// otherwise empty) on to its heap, the list reading full again;
+    /// returns how many arenas that let go. One block, the shared path's
+    /// free: `flush` of one block cost 450 instructions, most of them
+    /// sorting by heap: serde_json's row took 28 % more instructions.
+    fn pass_on(&self, alloc: &impl CacheOwner, class: usize) -> usize {
+        // SAFETY: the owner is alive, so its set is too.
+        let set = unsafe { &*self.set.get() };
+        let list = &self.lists[class];
+        let block = list.head.get();
+        // SAFETY: the block just pushed: free, ours, linked through its
+        // first word.
+        list.head.set(unsafe { FreeBlock::cached_next(block) });
+        list.len.store(capacity(class), Ordering::Relaxed);
+        // SAFETY: a live block of `set` of `class`, given up by its user
+        // (its requested bytes left this cache's count when it was pushed).
+        unsafe { set.free(block.cast(), class, 0, alloc.backing()) }
     }
 
     /// Ends `go_straight`: the lists, all empty, read so.
