@@ -5,6 +5,8 @@
 
 use pymalloc::backing::RETAINED_ARENAS;
 use pymalloc::PyMalloc;
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::Mutex;
 
 #[global_allocator]
 static ALLOC: PyMalloc = PyMalloc::system();
@@ -15,8 +17,12 @@ fn resident_bytes() -> usize {
     pages * 4096
 }
 
+/// The tests count arenas and resident pages: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
+    let _serial = SERIAL.lock().unwrap();
     let before = resident_bytes();
     let arenas_before = ALLOC.stats().arenas_current;
     let spike: Vec<Box<[u64; 8]>> = (0..1_000_000).map(|i| Box::new([i; 8])).collect();
@@ -50,4 +56,74 @@ fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
         peak >> 20,
         after >> 20
     );
+}
+
+/// Blocks of one class, more than one arena holds.
+const ARENA_OF_BLOCKS: usize = 5000;
+
+/// A thread cache does not keep the arenas of a spike being freed: the
+/// last blocks out in an arena, sitting in the freeing thread's lists,
+/// would keep the arena from the backing. Thirty arenas each hold, beside
+/// 64-byte blocks, one block of a class of its own (so that it sits in a
+/// pool of that arena), freed before or after a hundred and thirty
+/// arenas of 64-byte blocks, which gives arenas back.
+fn spike_with_pins(pins_last: bool) {
+    if !pymalloc::THREAD_CACHES {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap();
+    // Read from another thread, which leaves this thread's cache alone.
+    let arenas =
+        || std::thread::scope(|s| s.spawn(|| ALLOC.stats().arenas_current).join().unwrap());
+    let filler = Layout::from_size_align(64, 8).unwrap();
+    let pinning = |k: usize| Layout::from_size_align(264 + 8 * k, 8).unwrap();
+    let before = arenas();
+    // The filler's addresses a vector per arena, each a medium block: one
+    // of 5 MB would come from glibc, and its free raise glibc's mmap
+    // threshold, so that the next test's vector stays resident.
+    let mut fill = Vec::new();
+    let mut pins = Vec::new();
+    for k in 0..130 {
+        // SAFETY: a non-zero size.
+        fill.push(
+            (0..ARENA_OF_BLOCKS)
+                .map(|_| unsafe { ALLOC.alloc(filler) })
+                .collect::<Vec<_>>(),
+        );
+        if k < 30 {
+            // SAFETY: as above.
+            pins.push((unsafe { ALLOC.alloc(pinning(k)) }, pinning(k)));
+        }
+    }
+    let fill = fill.into_iter().flatten().map(|p| (p, filler));
+    assert!(fill
+        .clone()
+        .chain(pins.iter().copied())
+        .all(|(p, _)| !p.is_null()));
+    assert!(arenas() >= before + 130);
+    let frees: Vec<Box<dyn Iterator<Item = (*mut u8, Layout)>>> = if pins_last {
+        vec![Box::new(fill), Box::new(pins.into_iter())]
+    } else {
+        vec![Box::new(pins.into_iter()), Box::new(fill)]
+    };
+    for (block, layout) in frees.into_iter().flatten() {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { ALLOC.dealloc(block, layout) };
+    }
+    // The spare and the arena of the filler blocks still cached, no more.
+    let after = arenas();
+    assert!(after <= before + 2, "{before} arenas before, {after} after");
+}
+
+/// Blocks cached before the spike is freed go back with it.
+#[test]
+fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
+    spike_with_pins(false);
+}
+
+/// Blocks freed at the end of the spike, after the cache let arenas go,
+/// are not cached.
+#[test]
+fn the_last_blocks_of_a_freed_spike_are_not_cached() {
+    spike_with_pins(true);
 }

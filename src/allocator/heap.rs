@@ -328,6 +328,12 @@ impl Heap {
         }
     }
 
+    /// Arenas this heap has given back to the backing so far: a cache
+    /// flush that moves it has found the heap draining.
+    pub(crate) fn arenas_reclaimed(&self) -> usize {
+        self.arenas_reclaimed
+    }
+
     /// Bookkeeping after one of `arena`'s pools became empty: move it to its
     /// place in the sorted list, or give it back if it is wholly free.
     fn arena_gained_pool(&mut self, arena: *mut Arena, backing: &impl Backing) {

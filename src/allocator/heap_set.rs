@@ -395,7 +395,8 @@ impl HeapSet {
     /// Frees `block` of `class` (`requested` bytes asked for) into its
     /// heap: directly if the heap is free, else through its inbox, then
     /// one more try so that the block is never left behind by a holder
-    /// that was just leaving.
+    /// that was just leaving. Returns how many arenas the heap gave back
+    /// meanwhile when it was free (0 through the inbox).
     ///
     /// # Safety
     /// `block` is a live block of this set of class `class`, not freed
@@ -406,7 +407,7 @@ impl HeapSet {
         class: usize,
         requested: usize,
         backing: &impl Backing,
-    ) {
+    ) -> usize {
         // SAFETY: forwarded contract.
         let index = unsafe { self.heap_of(block, class) };
         // The debug feature's double-free check reads the pools' free lists,
@@ -417,15 +418,17 @@ impl HeapSet {
             self.try_hold(index, backing)
         };
         if let Some(mut held) = held {
+            let reclaimed = held.arenas_reclaimed();
             // SAFETY: forwarded contract; the block is of this heap.
             unsafe { held.free(block, backing) };
             held.requested = held.requested.wrapping_sub(requested);
-            return;
+            return held.arenas_reclaimed() - reclaimed;
         }
         self.requested.fetch_sub(requested, Ordering::Relaxed);
         // SAFETY: forwarded contract: the block is ours to link.
         unsafe { self.push_remote(index, block.cast(), block.cast()) };
         self.after_push(index, backing);
+        0
     }
 
     /// Where `block`, claimed to be of `class`, stands among the heaps:
