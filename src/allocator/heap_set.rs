@@ -300,8 +300,7 @@ impl HeapSet {
         backing: &'a B,
     ) -> Held<'a, B> {
         let (count, base) = (self.config.heaps(), self.group(class));
-        debug_assert!(hint < 2 * count);
-        let hint = if hint < count { hint } else { hint - count };
+        let hint = self.place(hint);
         if count == 1 {
             // No search (small regions and firmware).
             return self.hold_exactly(base, backing);
@@ -314,6 +313,19 @@ impl HeapSet {
             place = if place + 1 == count { 0 } else { place + 1 };
         }
         self.hold_exactly(base + hint, backing)
+    }
+
+    /// The place of slot `index` (of either group) in its group: the
+    /// same number names the same place in both.
+    #[inline]
+    pub(crate) fn place(&self, index: usize) -> usize {
+        let count = self.config.heaps();
+        debug_assert!(index < 2 * count);
+        if index < count {
+            index
+        } else {
+            index - count
+        }
     }
 
     /// The place in a group of the calling thread's heap when it has no
