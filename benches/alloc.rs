@@ -10,6 +10,7 @@
 //! `cargo bench -p pymalloc-bench --bench alloc [-- REPS]`
 
 mod driver;
+mod global;
 mod workloads;
 
 use driver::time;
@@ -98,8 +99,6 @@ fn choose() -> u8 {
 /// own, as a `#[global_allocator]` is reached through `__rust_alloc`: none
 /// has its code inlined into the dispatcher, where it would share the
 /// registers (and the prologue) of seven others.
-struct Dispatch;
-
 macro_rules! dispatch {
     ($method:ident($($arg:expr),*)) => {
         match choice() {
@@ -125,6 +124,11 @@ impl OutOfLine {
         unsafe { a.alloc(layout) }
     }
     #[inline(never)]
+    unsafe fn alloc_zeroed(a: &impl GlobalAlloc, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { a.alloc_zeroed(layout) }
+    }
+    #[inline(never)]
     unsafe fn dealloc(a: &impl GlobalAlloc, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract.
         unsafe { a.dealloc(ptr, layout) }
@@ -136,25 +140,7 @@ impl OutOfLine {
     }
 }
 
-// SAFETY: forwards each call, with its contract, to one allocator that never
-// changes after the first allocation.
-unsafe impl GlobalAlloc for Dispatch {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(alloc(layout)) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(dealloc(ptr, layout)) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(realloc(ptr, layout, new_size)) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Dispatch = Dispatch;
+global::dispatching_global_allocator!();
 
 /// Insert then remove random keys in a BTreeMap.
 fn btree(keys: usize) -> usize {

@@ -40,9 +40,6 @@ fn choose() -> u8 {
     c
 }
 
-/// Forwards to the chosen allocator.
-struct Dispatch;
-
 macro_rules! dispatch {
     ($method:ident($($arg:expr),*)) => {
         match choice() {
@@ -53,26 +50,4 @@ macro_rules! dispatch {
     };
 }
 
-// SAFETY: forwards each call, with its contract, to one allocator that never
-// changes after the first allocation.
-unsafe impl GlobalAlloc for Dispatch {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(alloc(layout)) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(alloc_zeroed(layout)) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(dealloc(ptr, layout)) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: forwarded contract.
-        unsafe { dispatch!(realloc(ptr, layout, new_size)) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Dispatch = Dispatch;
+crate::global::dispatching_global_allocator!();

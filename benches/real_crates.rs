@@ -9,6 +9,7 @@
 //! `cargo bench -p pymalloc-bench --bench real_crates [-- REPS]`
 
 mod driver;
+mod global;
 mod peers;
 // Only the contender lookup and the generator are used here.
 #[allow(dead_code)]

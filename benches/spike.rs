@@ -12,6 +12,7 @@
 // No timing here, and glibc is only a column.
 #[allow(dead_code)]
 mod driver;
+mod global;
 #[allow(dead_code)]
 mod peers;
 // Only the contender lookup and the generator are used here.
