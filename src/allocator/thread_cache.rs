@@ -458,9 +458,10 @@ impl ThreadCache {
 
     /// Passes the block just pushed on `class`'s list (straight, so
     /// otherwise empty) on to its heap, the list reading full again;
-    /// returns how many arenas that let go. One block, the shared path's
-    /// free: `flush` of one block cost 450 instructions, most of them
-    /// sorting by heap: serde_json's row took 28 % more instructions.
+    /// returns how many arenas that let go if the heap is home (see
+    /// `own_releases`). One block, the shared path's free: `flush` of one
+    /// block cost 450 instructions, most of them sorting by heap:
+    /// serde_json's row took 28 % more instructions.
     fn pass_on(&self, alloc: &impl CacheOwner, class: usize) -> usize {
         // SAFETY: the owner is alive, so its set is too.
         let set = unsafe { &*self.set.get() };
@@ -470,9 +471,26 @@ impl ThreadCache {
         // first word.
         list.head.set(unsafe { FreeBlock::cached_next(block) });
         list.len.store(capacity(class), Ordering::Relaxed);
-        // SAFETY: a live block of `set` of `class`, given up by its user
-        // (its requested bytes left this cache's count when it was pushed).
-        unsafe { set.free(block.cast(), class, 0, alloc.backing()) }
+        // SAFETY: a live block of `set` of `class`, whose pool header is
+        // initialised.
+        let heap = unsafe { set.heap_of(block.cast(), class) };
+        // SAFETY: that block, given up by its user (its requested bytes
+        // left this cache's count when it was pushed).
+        let released = unsafe { set.free(block.cast(), class, 0, alloc.backing()) };
+        self.own_releases(set, heap, released)
+    }
+
+    /// `released` arenas that heap `heap` let go, if it is this thread's
+    /// home, else 0: only the home heap's count toward a drain. (A
+    /// consumer freeing another thread's blocks lets that thread's arenas
+    /// go in a steady stream, not a spike of its own: counted, it sent the
+    /// consumers of the cross-thread bench straight 21 times, every free
+    /// then taking a lock.)
+    fn own_releases(&self, set: &HeapSet, heap: usize, released: usize) -> usize {
+        match set.place(heap) == set.place(self.home.get()) {
+            true => released,
+            false => 0,
+        }
     }
 
     /// Ends `go_straight`: the lists, all empty, read so.
@@ -510,8 +528,9 @@ impl ThreadCache {
     fn refill(&self, alloc: &impl CacheOwner, class: usize) -> bool {
         if self.straight.load(Ordering::Relaxed) != 0 {
             self.cache_again();
+        } else {
+            self.released.set(0);
         }
-        self.released.set(0);
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
         let mut held = set.hold(class, self.home.get(), alloc.backing());
@@ -532,11 +551,8 @@ impl ThreadCache {
     /// Gives the `count` newest blocks of `class`'s list back to their
     /// heaps (the newest, not the oldest: finding the oldest would mean
     /// walking past the blocks that stay); returns how many arenas the
-    /// heap they went to gave back meanwhile if it is this thread's home.
-    /// (A consumer freeing another thread's blocks lets that thread's
-    /// arenas go in a steady stream, not a spike of its own: counted, it
-    /// sent the consumers of the cross-thread bench straight 21 times,
-    /// every free then taking a lock.)
+    /// heap they went to gave back meanwhile if it is this thread's home
+    /// (see `own_releases`).
     #[cold]
     fn flush(&self, alloc: &impl CacheOwner, class: usize, count: usize) -> usize {
         // SAFETY: the owner is alive, so its set is too.
@@ -569,10 +585,7 @@ impl ThreadCache {
         list.head.set(rest);
         list.len
             .store(list.len.load(Ordering::Relaxed) - count, Ordering::Relaxed);
-        let released = match set.place(here) == set.place(self.home.get()) {
-            true => held.arenas_reclaimed() - reclaimed,
-            false => 0,
-        };
+        let released = self.own_releases(set, here, held.arenas_reclaimed() - reclaimed);
         drop(held);
         for heap in chains.push(set) {
             set.after_push(heap, alloc.backing());
