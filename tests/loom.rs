@@ -78,7 +78,9 @@ fn two_threads_allocate_and_free_while_a_third_reads_stats() {
 
 #[test]
 fn a_free_emptying_an_arena_races_an_allocation_needing_one() {
-    model(None, 20, || {
+    // Four orders: an empty inbox is looked at, not swapped, so few writes
+    // conflict (44 while it was swapped).
+    model(None, 4, || {
         let heap = Arc::new(PyMalloc::system_with(Config::new(1024, 1)));
         // One-pool arenas holding one 512-byte block: every free empties an
         // arena and every allocation may need a new one.

@@ -248,6 +248,8 @@ impl ConfigCell {
         self.pool_limit.load(Ordering::Relaxed)
     }
 
+    /// For tracemalloc's place of a pool block's trace.
+    #[cfg(all(feature = "std", not(loom)))]
     #[inline]
     pub(crate) fn pool_size(&self) -> usize {
         self.pool_size.load(Ordering::Relaxed)
