@@ -34,6 +34,18 @@ static PYMALLOC_LOCKED: PyMalloc =
     PyMalloc::system_with(pymalloc::Config::DEFAULT.with_thread_caches(false));
 // SAFETY: HEAP is used by one region contender per process only.
 static PYMALLOC_REGION: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HEAP) };
+/// The path of firmware's region: one heap, no thread caches, every call
+/// taking the heap's lock. A `std` build still has tracemalloc's hooks and
+/// the cache checks, so this is an upper bound for a `no_std` build.
+static PYMALLOC_REGION_LOCKED: PyMalloc<Region> = unsafe {
+    // SAFETY: as above.
+    PyMalloc::region_with(
+        &raw mut HEAP,
+        pymalloc::Config::DEFAULT
+            .with_heaps(1)
+            .with_thread_caches(false),
+    )
+};
 static MIMALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 static JEMALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static TALC: talc::TalcLock<spinning_top::RawSpinlock, talc::source::Claim> =
@@ -43,7 +55,7 @@ static LLA: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHea
 
 /// The contenders in table order; a child's number indexes this, and the
 /// constants in [`id`] name the positions.
-const CONTENDERS: [&str; 8] = [
+const CONTENDERS: [&str; 9] = [
     "system",
     "pymalloc",
     "mimalloc",
@@ -52,6 +64,7 @@ const CONTENDERS: [&str; 8] = [
     "talc",
     "linked_list",
     "pymalloc-locked",
+    "pymalloc-region-locked",
 ];
 
 /// Positions in [`CONTENDERS`], so that the dispatch, the skipped rows and
@@ -65,6 +78,7 @@ mod id {
     pub const TALC: u8 = 5;
     pub const LINKED_LIST: u8 = 6;
     pub const PYMALLOC_LOCKED: u8 = 7;
+    pub const PYMALLOC_REGION_LOCKED: u8 = 8;
 }
 
 /// Which allocator this process uses: read from `BENCH_CONTENDER` at the
@@ -109,6 +123,7 @@ macro_rules! dispatch {
             id::TALC => OutOfLine::$method(&TALC, $($arg),*),
             id::LINKED_LIST => OutOfLine::$method(&LLA, $($arg),*),
             id::PYMALLOC_LOCKED => OutOfLine::$method(&PYMALLOC_LOCKED, $($arg),*),
+            id::PYMALLOC_REGION_LOCKED => OutOfLine::$method(&PYMALLOC_REGION_LOCKED, $($arg),*),
             _ => OutOfLine::$method(&System, $($arg),*),
         }
     };
@@ -364,6 +379,7 @@ fn print_table(best: &driver::Best) {
             "pymalloc/jemalloc",
             "region: linked_list/pymalloc-region",
             "locked/pymalloc",
+            "region-locked/pymalloc",
         ],
         |at| {
             let at = |c: u8| at(c as usize);
@@ -374,6 +390,7 @@ fn print_table(best: &driver::Best) {
                 format!("{:.2}", py / at(id::JEMALLOC)),
                 format!("{:.1}", at(id::LINKED_LIST) / at(id::PYMALLOC_REGION)),
                 format!("{:.2}", at(id::PYMALLOC_LOCKED) / py),
+                format!("{:.2}", at(id::PYMALLOC_REGION_LOCKED) / py),
             ]
         },
     );
