@@ -16,6 +16,7 @@ const ALLOCATOR: &[&str] = &[
     "thread_cache",
     "heap_set",
     "heap",
+    "shelf",
     "arena",
     "pool",
     "stats",

@@ -154,7 +154,8 @@ impl Config {
     /// [`THREAD_CACHES`](crate::THREAD_CACHES)) allowed or not. Off, every
     /// small allocation and free takes a heap's lock, as in a build without
     /// `std`: no block sits in a cache where another thread cannot reach
-    /// it, and each free is back in its pool when the call returns. A
+    /// it; a free goes to its heap's shelf (blocks freed without a cache,
+    /// handed out again first) or its pool before the call returns. A
     /// region smaller than 32 MiB (256 MiB with the medium tier) goes
     /// without them either way (a cache could hold more than 1/64 of it).
     pub const fn with_thread_caches(self, on: bool) -> Self {

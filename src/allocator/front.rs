@@ -306,7 +306,8 @@ impl<B: Backing> PyMalloc<B> {
     /// Blocks the calling thread caches go back to their pools first, so a
     /// single-threaded program sees exactly what it holds; blocks other
     /// threads cache count as free ([`Stats::cached_blocks`]). Every heap's
-    /// inbox of remotely freed blocks is emptied on the way.
+    /// inbox of remotely freed blocks, and its shelf of blocks freed
+    /// without a cache, is emptied on the way.
     pub fn stats(&self) -> Stats {
         let config = self.config();
         let mut stats = Stats::empty(config.pool_size(), config.arena_size());
@@ -321,7 +322,11 @@ impl<B: Backing> PyMalloc<B> {
             // SAFETY: a published set lives as long as `self`.
             let set = unsafe { &*set };
             for index in 0..set.count() {
-                set.hold_exactly(index, &self.backing).gather(&mut stats);
+                let mut held = set.hold_exactly(index, &self.backing);
+                // Shelved blocks are free: back in their pools, they count
+                // so, and arenas they alone kept go back.
+                held.clear_shelf(&self.backing);
+                held.gather(&mut stats);
             }
             stats.bookkeeping_bytes += set.bytes();
             #[cfg(thread_cache)]
@@ -360,7 +365,24 @@ impl<B: Backing> PyMalloc<B> {
         // Before the first lock the handlers take can be held.
         #[cfg(fork_handlers)]
         fork::ensure_handlers();
-        let set = HeapSet::create(self.config(), &self.backing);
+        // Caches only where they hold a small share of the memory: a
+        // bounded span of at least CACHED_SPAN_SHARE full caches.
+        #[cfg(thread_cache)]
+        let cached = self.config().thread_caches()
+            && track::thread_caches_allowed()
+            && self.backing.span_len().is_none_or(|len| {
+                len / CACHED_SPAN_SHARE
+                    >= thread_cache::max_cache_bytes(self.config().medium_tier())
+            });
+        #[cfg(not(thread_cache))]
+        let cached = false;
+        // Shelves where no cache will serve, except under the debug
+        // feature, whose double-free check asks a block's pool whether it
+        // is free, and loom, whose models count blocks back in their pools
+        // (a shelf is single-threaded code under the heap's lock and
+        // changes nothing they check).
+        let shelved = !cached && !cfg!(feature = "debug") && !cfg!(loom);
+        let set = HeapSet::create(self.config(), &self.backing, shelved);
         if set.is_null() {
             return set;
         }
@@ -369,16 +391,8 @@ impl<B: Backing> PyMalloc<B> {
             .compare_exchange(ptr::null_mut(), set, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
-                // Caches only where they hold a small share of the memory:
-                // a bounded span of at least CACHED_SPAN_SHARE full caches.
                 #[cfg(thread_cache)]
                 {
-                    let cached = self.config().thread_caches()
-                        && track::thread_caches_allowed()
-                        && self.backing.span_len().is_none_or(|len| {
-                            len / CACHED_SPAN_SHARE
-                                >= thread_cache::max_cache_bytes(self.config().medium_tier())
-                        });
                     let id = if cached {
                         thread_cache::register()
                     } else {
@@ -535,8 +549,9 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// Before a null: the calling thread's cached blocks go back to their
-    /// pools, inboxes are emptied and every heap's spare arena goes back to
-    /// the backing. False if there are no heaps (so nothing to reclaim).
+    /// pools, inboxes and shelves are emptied and every heap's spare arena
+    /// goes back to the backing. False if there are no heaps (so nothing
+    /// to reclaim).
     #[cold]
     fn reclaim(&self) -> bool {
         let set = self.set.load(Ordering::Acquire);

@@ -24,6 +24,7 @@ use super::backing::Backing;
 use super::config::{Config, MAX_ARENA_POOLS};
 use super::list;
 use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
+use super::shelf::Shelf;
 use super::size_class::{class_alignment, class_size, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
 use super::sync::{AtomicUsize, Ordering};
@@ -66,6 +67,11 @@ pub(crate) struct Heap {
     /// between heaps and caches, so only the sum over all counts means
     /// anything).
     pub(crate) requested: usize,
+    /// Whether frees through `free_of_class` go to the shelf first (a
+    /// small heap of an allocator no thread cache serves).
+    shelved: bool,
+    /// Blocks freed and not yet back in their pools (see `shelf.rs`).
+    shelf: Shelf,
 }
 
 // SAFETY: the raw pointers all lead into memory the heap owns (arenas and
@@ -106,6 +112,16 @@ impl Heap {
             spares,
             spare: false,
             requested: 0,
+            shelved: false,
+            shelf: Shelf::new(config.pool_size()),
+        }
+    }
+
+    /// This heap with a shelf in front of its pools (see `shelf.rs`).
+    pub(crate) const fn with_shelf(self) -> Self {
+        Heap {
+            shelved: true,
+            ..self
         }
     }
 
@@ -125,6 +141,14 @@ impl Heap {
     /// A block of `class`, or null when the backing has no arena to give.
     #[inline]
     pub(crate) fn alloc(&mut self, class: usize, backing: &impl Backing) -> *mut u8 {
+        if self.shelved {
+            // SAFETY: the shelf holds free blocks of ours, of `class`'s
+            // size at least, that only it links.
+            let block = unsafe { self.shelf.take(class) };
+            if !block.is_null() {
+                return block.cast();
+            }
+        }
         let pool = self.used_pools[class];
         if !pool.is_null() {
             // SAFETY: a pool on a class list is initialised and has a free
@@ -155,6 +179,11 @@ impl Heap {
             let mut pool = self.used_pools[class];
             let mut from = class;
             if pool.is_null() {
+                pool = self.new_pool(class, backing);
+            }
+            if pool.is_null() && got == 0 && self.clear_shelf(backing) {
+                // Other classes' shelved blocks back in their pools may
+                // have emptied some for this class.
                 pool = self.new_pool(class, backing);
             }
             if pool.is_null() && got == 0 {
@@ -244,6 +273,60 @@ impl Heap {
             self.unlink_pool(class, pool);
         }
         self.pool_emptied(pool, backing);
+    }
+
+    /// Takes back a block handed out by `alloc` for `class`: onto the
+    /// shelf if the heap has one (half of the class's shelf going back to
+    /// the pools first if it is full), else into its pool.
+    ///
+    /// # Safety
+    /// As for `free`; `class` is the class `block` was allocated for.
+    #[inline]
+    pub(crate) unsafe fn free_of_class(
+        &mut self,
+        block: *mut u8,
+        class: usize,
+        backing: &impl Backing,
+    ) {
+        if !self.shelved {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free(block, backing) };
+        }
+        if self.shelf.is_full(class) {
+            self.unshelve(class, self.shelf.len(class) / 2, backing);
+        }
+        // SAFETY: per the contract the block is free now, of `class`'s size
+        // at least, and ours alone.
+        unsafe { self.shelf.put(class, block.cast()) };
+    }
+
+    /// Sends the `count` newest blocks of `class`'s shelf back to their
+    /// pools.
+    #[cold]
+    fn unshelve(&mut self, class: usize, count: usize, backing: &impl Backing) {
+        for _ in 0..count {
+            // SAFETY: the shelf's blocks are free blocks of ours that only
+            // it links; taken off, each is freed once.
+            unsafe {
+                let block = self.shelf.take(class);
+                self.free(block.cast(), backing);
+            }
+        }
+    }
+
+    /// Sends every shelved block back to its pool (arenas that come wholly
+    /// free go back to the backing as usual); whether there was any.
+    pub(crate) fn clear_shelf(&mut self, backing: &impl Backing) -> bool {
+        if !self.shelved {
+            return false;
+        }
+        let mut any = false;
+        for class in 0..CLASS_COUNT {
+            let len = self.shelf.len(class);
+            any |= len > 0;
+            self.unshelve(class, len, backing);
+        }
+        any
     }
 
     fn link_pool(&mut self, class: usize, pool: *mut Pool) {
@@ -468,6 +551,7 @@ impl Heap {
         }
         *self = Heap {
             medium: self.medium,
+            shelved: self.shelved,
             ..Heap::new(self.config, self.index, self.spares)
         };
     }
@@ -604,7 +688,7 @@ impl Heap {
 mod tests {
     use super::*;
     use crate::allocator::pool::blocks_per_pool;
-    use crate::allocator::size_class::CLASS_COUNT;
+    use crate::allocator::size_class::{class_size, CLASS_COUNT};
     use core::alloc::Layout;
     use core::cell::Cell;
     use std::vec::Vec;
@@ -614,6 +698,8 @@ mod tests {
     struct Counting {
         arenas_out: Cell<usize>,
         arenas_given: Cell<usize>,
+        /// Most arenas out at once; 0: no limit.
+        arena_limit: Cell<usize>,
     }
 
     // SAFETY: forwards to the std allocator, which keeps the promises.
@@ -627,6 +713,9 @@ mod tests {
             unsafe { std::alloc::dealloc(ptr, layout) }
         }
         fn alloc_arena(&self, size: usize, pool_size: usize) -> *mut u8 {
+            if self.arena_limit.get() != 0 && self.arenas_out.get() == self.arena_limit.get() {
+                return ptr::null_mut();
+            }
             self.arenas_out.set(self.arenas_out.get() + 1);
             self.arenas_given.set(self.arenas_given.get() + 1);
             self.alloc(Layout::from_size_align(size, pool_size).unwrap())
@@ -847,5 +936,71 @@ mod tests {
                 assert_eq!(s.blocks_in_use(), live.len());
             }
         }
+    }
+
+    /// 128-byte blocks: a shelf over 1 KiB pools holds eight.
+    const SHELVED: usize = 15;
+
+    #[test]
+    fn a_shelf_hands_back_the_newest_free_and_holds_at_most_a_pools_bytes() {
+        let backing = Counting::default();
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares).with_shelf();
+        let blocks: Vec<_> = (0..40).map(|_| heap.alloc(SHELVED, &backing)).collect();
+        assert!(blocks.iter().all(|b| !b.is_null()));
+        for &block in &blocks {
+            // SAFETY: each block came from this heap and is freed once.
+            unsafe { heap.free_of_class(block, SHELVED, &backing) };
+            assert!(heap.shelf.len(SHELVED) * class_size(SHELVED) <= Config::SMALL.pool_size());
+            heap.check_invariants();
+        }
+        // The pools still count the shelved blocks as out: the newest comes
+        // back without a pool being touched.
+        let in_pools = stats(&heap).blocks_in_use();
+        assert!(in_pools > 0 && in_pools <= 8);
+        let again = heap.alloc(SHELVED, &backing);
+        assert_eq!(again, blocks[39]);
+        assert_eq!(stats(&heap).blocks_in_use(), in_pools);
+        // SAFETY: as above.
+        unsafe { heap.free_of_class(again, SHELVED, &backing) };
+        assert!(heap.clear_shelf(&backing));
+        assert!(!heap.clear_shelf(&backing), "nothing left to clear");
+        assert_eq!(stats(&heap).blocks_in_use(), 0);
+        assert_eq!(backing.arenas_out.get(), 1, "the one spare");
+        heap.check_invariants();
+    }
+
+    #[test]
+    fn a_shelf_goes_back_to_the_pools_before_an_allocation_fails() {
+        let backing = Counting::default();
+        backing.arena_limit.set(1);
+        let spares = AtomicUsize::new(0);
+        let mut heap = Heap::new(Config::SMALL, 0, &spares).with_shelf();
+        let fill = |heap: &mut Heap, class: usize| {
+            let mut blocks = Vec::new();
+            loop {
+                let block = heap.alloc(class, &backing);
+                if block.is_null() {
+                    return blocks;
+                }
+                blocks.push(block);
+            }
+        };
+        let small = fill(&mut heap, SHELVED);
+        for &block in &small {
+            // SAFETY: each block came from this heap and is freed once.
+            unsafe { heap.free_of_class(block, SHELVED, &backing) };
+        }
+        // Every pool but the shelved blocks' is free for another class;
+        // before the null, the shelf gives those back too, so the arena
+        // holds as many 512-byte blocks as if it had never held others.
+        let big = fill(&mut heap, BIG);
+        let config = Config::SMALL;
+        assert_eq!(
+            big.len(),
+            config.arena_pools() * blocks_per_pool(config.pool_size(), BIG)
+        );
+        assert_eq!(heap.shelf.len(SHELVED), 0);
+        heap.check_invariants();
     }
 }

@@ -135,9 +135,10 @@ impl HeapSet {
     }
 
     /// A new set of `config.heaps()` empty heaps in memory from `backing`,
-    /// and as many medium ones if the tier is on; null when the backing
-    /// has none.
-    pub(crate) fn create<B: Backing>(config: Config, backing: &B) -> *mut HeapSet {
+    /// and as many medium ones if the tier is on, the small ones `shelved`
+    /// (see `shelf.rs`: for an allocator no thread cache will serve);
+    /// null when the backing has none.
+    pub(crate) fn create<B: Backing>(config: Config, backing: &B, shelved: bool) -> *mut HeapSet {
         let medium = config.medium_tier();
         let slots = config.heaps() * (1 + medium as usize);
         let set = backing.alloc(Self::layout(slots)).cast::<HeapSet>();
@@ -165,6 +166,7 @@ impl HeapSet {
             let first = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..slots {
                 let heap = match index < config.heaps() {
+                    true if shelved => Heap::new(config, index, spares).with_shelf(),
                     true => Heap::new(config, index, spares),
                     false => Heap::new(medium_config, index, medium_spares).serving_medium(),
                 };
@@ -396,12 +398,15 @@ impl HeapSet {
             .unwrap_or(ptr::null_mut())
     }
 
-    /// Gives every heap's spare arena back to the backing, inboxes emptied
-    /// first (their blocks may be what keeps an arena from being spare).
+    /// Gives every heap's spare arena back to the backing, inboxes and
+    /// shelves emptied first (their blocks may be what keeps an arena from
+    /// being spare).
     #[cold]
     pub(crate) fn release_spares(&self, backing: &impl Backing) {
         for index in 0..self.count() {
-            self.hold_exactly(index, backing).release_spare(backing);
+            let mut held = self.hold_exactly(index, backing);
+            held.clear_shelf(backing);
+            held.release_spare(backing);
         }
     }
 
@@ -446,8 +451,14 @@ impl HeapSet {
         requested: usize,
         backing: &impl Backing,
     ) -> usize {
-        // SAFETY: forwarded contract.
-        let index = unsafe { self.heap_of(block, class) };
+        let index = match self.config.heaps() {
+            // One heap a group: no need to read the pool's header, and the
+            // lock is taken without waiting for that read (it misses the
+            // cache when the live blocks are many).
+            1 => self.group(class),
+            // SAFETY: forwarded contract.
+            _ => unsafe { self.heap_of(block, class) },
+        };
         // The debug feature's double-free check reads the pools' free lists,
         // so there every free must reach its pool before the call returns.
         let held = if cfg!(feature = "debug") {
@@ -457,8 +468,9 @@ impl HeapSet {
         };
         if let Some(mut held) = held {
             let reclaimed = held.arenas_reclaimed();
-            // SAFETY: forwarded contract; the block is of this heap.
-            unsafe { held.free(block, backing) };
+            // SAFETY: forwarded contract; the block is of this heap and
+            // `class`.
+            unsafe { held.free_of_class(block, class, backing) };
             held.requested = held.requested.wrapping_sub(requested);
             return held.arenas_reclaimed() - reclaimed;
         }
@@ -869,7 +881,7 @@ mod loom_models {
 
     impl Shared {
         fn new(config: Config) -> Arc<Shared> {
-            let set = HeapSet::create(config, &System);
+            let set = HeapSet::create(config, &System, false);
             assert!(!set.is_null());
             Arc::new(Shared { set })
         }

@@ -23,6 +23,7 @@
 //! heap_set      N heaps behind try-locks (and N medium ones), remote-free
 //!               inboxes, one fixed block
 //! heap          per-class lists of used pools; arenas sorted fullest first
+//! shelf         per class, blocks freed without a cache, before the pools
 //! arena         one span from the backing, cut into pools; records outside it
 //! pool          a page-sized run of one class's blocks: free list, bump, header
 //! stats         the _debugmallocstats snapshot, filled in by the layers above
@@ -56,6 +57,13 @@
 //!   (`nfp2lasta`), its pool states (used, full, empty), its lazy carving.
 //!   Pools point at their arena record only as an opaque address, which the
 //!   heap (above both) turns back into an `arena::Arena`.
+//! * **Without a cache, a shelf.** Where no thread cache serves (no `std`,
+//!   small regions, `Config::with_thread_caches(false)`) every call takes
+//!   a heap's lock, and CPython's free touches the block's pool header each
+//!   time, a cache miss among many live blocks. Each small heap then keeps
+//!   a shelf (`shelf.rs`): per class up to a pool's bytes of blocks freed
+//!   under its lock, handed out again first; pools see the overflow. It is
+//!   emptied before a null, for the statistics and for spare arenas.
 //! * **Backings know nothing of pools.** A backing hands out arenas and
 //!   large blocks; how many bytes a region must have for a given `Config`
 //!   is a question about the heap set, so `Region::min_len` is answered in
@@ -89,7 +97,8 @@
 //!   `Region::config_for` picks arenas of a sixteenth of the span); lending
 //!   a larger class's free block when no pool is left gained up to 4
 //!   points after churn at no cost to the hot path; a null comes only after
-//!   the thread's cache, every heap and the spare arena were tried; thread
+//!   the thread's cache, every heap (its shelf emptied) and the spare arena
+//!   were tried; thread
 //!   caches are off under 32 MiB, where a cache could hold more than 1/64
 //!   of the span; and one allocator keeps one spare arena, not one per
 //!   heap. That still left 59 / 76 / 44 / 74 % on the four mixes of
@@ -203,6 +212,7 @@ pub(crate) mod heap_set;
 pub mod inject;
 pub(crate) mod list;
 pub(crate) mod pool;
+pub(crate) mod shelf;
 pub mod size_class;
 pub mod stats;
 pub(crate) mod store;
