@@ -37,8 +37,8 @@ static PYMALLOC_REGION: PyMalloc<Region> = unsafe { PyMalloc::region(&raw mut HE
 /// The path of firmware's region: one heap, no thread caches, every call
 /// taking the heap's lock. A `std` build still has tracemalloc's hooks and
 /// the cache checks, so this is an upper bound for a `no_std` build.
+// SAFETY: as above.
 static PYMALLOC_REGION_LOCKED: PyMalloc<Region> = unsafe {
-    // SAFETY: as above.
     PyMalloc::region_with(
         &raw mut HEAP,
         pymalloc::Config::DEFAULT

@@ -662,12 +662,12 @@ impl<B: Backing> PyMalloc<B> {
     /// As for `free_small`.
     #[cfg_attr(thread_cache, inline(never))]
     unsafe fn free_binding(&self, ptr: *mut u8, class: usize, requested: usize) {
+        // An allocator that is never cached asks no cache: its every free
+        // comes here, and the look at the thread's cache and the frame it
+        // needs cost each free 9 instructions.
         #[cfg(thread_cache)]
-        // SAFETY: forwarded contract. An allocator that is never cached
-        // asks no cache: its every free comes here, and the look at the
-        // thread's cache and the frame it needs cost each free 9
-        // instructions.
         if self.cache_id() != thread_cache::UNCACHED
+            // SAFETY: forwarded contract.
             && unsafe { self.free_to_binding_cache(ptr, class, requested) }
         {
             return;

@@ -242,12 +242,17 @@ impl HeapSet {
     }
 
     /// The heap that owns live `block` of `class`, as its pool (or run)
-    /// header says.
+    /// header says. With one heap a group the group names it: no read of
+    /// the header, which misses the cache when the live blocks are many,
+    /// and a lock taken next need not wait for it.
     ///
     /// # Safety
     /// `block` is a live block of this set of class `class`.
     #[inline]
     pub(crate) unsafe fn heap_of(&self, block: *mut u8, class: usize) -> usize {
+        if self.config.heaps() == 1 {
+            return self.group(class);
+        }
         // SAFETY: forwarded contract.
         unsafe { heap_in(block, self.pool_size_of(class)) }
     }
@@ -451,14 +456,8 @@ impl HeapSet {
         requested: usize,
         backing: &impl Backing,
     ) -> usize {
-        let index = match self.config.heaps() {
-            // One heap a group: no need to read the pool's header, and the
-            // lock is taken without waiting for that read (it misses the
-            // cache when the live blocks are many).
-            1 => self.group(class),
-            // SAFETY: forwarded contract.
-            _ => unsafe { self.heap_of(block, class) },
-        };
+        // SAFETY: forwarded contract.
+        let index = unsafe { self.heap_of(block, class) };
         // The debug feature's double-free check reads the pools' free lists,
         // so there every free must reach its pool before the call returns.
         let held = if cfg!(feature = "debug") {
