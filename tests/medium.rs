@@ -2,8 +2,9 @@
 //! their contents intact, alignments are honoured or routed to the
 //! fallback, `realloc` crosses the small, medium and large boundaries
 //! keeping the bytes, freed runs give their arenas back, the statistics
-//! add up, blocks freed on another thread come home, and with the tier off
-//! everything over 512 bytes goes to the fallback as before.
+//! add up, blocks freed on another thread come home, heaps keep a spare
+//! arena each, and with the tier off everything over 512 bytes goes to the
+//! fallback as before.
 #![cfg(feature = "std")]
 #![cfg(not(feature = "debug"))]
 
@@ -212,6 +213,43 @@ fn medium_blocks_freed_on_another_thread_come_home() {
     assert_eq!((stats.live_allocations(), stats.requested_bytes), (0, 0));
     assert_adds_up(&stats);
     assert!(stats.medium.current <= 1, "{stats}");
+}
+
+#[test]
+fn heaps_taking_turns_keep_their_arenas() {
+    // Two threads, two heaps (each thread's cache has its own home), each
+    // emptying its medium arena in turn: a spare between them would be
+    // unmapped and mapped again on every turn.
+    let heap = PyMalloc::system_with(Config::DEFAULT.with_heaps(2));
+    let layout = Layout::from_size_align(4096, 8).unwrap();
+    let turn = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for first in [true, false] {
+            let (heap, turn) = (&heap, &turn);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    if !first {
+                        turn.wait();
+                    }
+                    // SAFETY: a non-zero size; freed at once.
+                    unsafe { heap.dealloc(heap.alloc(layout), layout) };
+                    // Flushes this thread's cache: the arena is wholly free.
+                    heap.stats();
+                    if first {
+                        turn.wait();
+                    }
+                }
+            });
+        }
+    });
+    let stats = heap.stats();
+    assert_eq!(medium_blocks(&stats), 0);
+    // (Two without thread caches too, unless both stacks pick one heap.)
+    assert!(stats.medium.current <= 2, "{stats}");
+    assert_eq!(
+        stats.medium.allocated_total, stats.medium.current,
+        "none unmapped and mapped again: {stats}"
+    );
 }
 
 #[test]

@@ -81,6 +81,15 @@ impl Arena {
         (pool, false)
     }
 
+    /// Forgets the pools of a wholly free arena whose pages went back to
+    /// the system (`Backing::purge`): they are carved afresh, headers and
+    /// all, as in a new arena.
+    pub(crate) fn uncarve(&mut self) {
+        debug_assert_eq!(self.free_count, self.pool_count);
+        self.carved = 0;
+        self.free_pools = ptr::null_mut();
+    }
+
     /// The pools carved so far, in address order.
     pub(crate) fn carved_pools(&self, pool_size: usize) -> impl Iterator<Item = *mut Pool> + '_ {
         (0..self.carved as usize).map(move |i| self.first_pool.wrapping_add(i * pool_size).cast())

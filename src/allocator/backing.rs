@@ -105,6 +105,21 @@ pub unsafe trait Backing {
     fn retained_arena_bytes(&self) -> usize {
         0
     }
+
+    /// Tells the backing that nothing in `ptr..ptr + len`, part of an arena
+    /// it handed out, is needed any more: it may give those pages back to
+    /// the system while the arena stays the caller's. True if it did (the
+    /// bytes then read as zeros, or as anything: the caller rewrites them
+    /// before use); false, and the bytes untouched, if it cannot. The
+    /// default cannot: a region has no one to give pages to.
+    ///
+    /// # Safety
+    /// The span lies inside a live arena from this backing's `alloc_arena`
+    /// and holds nothing anyone reads before writing it again.
+    unsafe fn purge(&self, ptr: *mut u8, len: usize) -> bool {
+        let _ = (ptr, len);
+        false
+    }
 }
 
 /// `bytes` (a non-zero multiple of 4096) of zeroed, page-aligned memory
@@ -220,6 +235,14 @@ unsafe impl Backing for System {
     fn retained_arena_bytes(&self) -> usize {
         arena_memory::retained_bytes()
     }
+
+    /// Where arenas are mappings of our own; the C library's blocks are
+    /// its business.
+    #[cfg(mmap_arenas)]
+    unsafe fn purge(&self, ptr: *mut u8, len: usize) -> bool {
+        // SAFETY: forwarded contract.
+        unsafe { arena_memory::purge(ptr, len) }
+    }
 }
 
 /// Arenas as anonymous mappings, declared by hand: std links libc already,
@@ -243,12 +266,17 @@ mod arena_memory {
             off: c_long,
         ) -> *mut c_void;
         fn munmap(addr: *mut c_void, len: usize) -> c_int;
+        fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int;
     }
 
     const PROT_READ_WRITE: c_int = 0x1 | 0x2;
     // MAP_PRIVATE | MAP_ANONYMOUS, same values on the architectures above.
     const MAP_PRIVATE_ANONYMOUS: c_int = 0x02 | 0x20;
     const MAP_FAILED: *mut c_void = !0usize as *mut c_void;
+    /// The pages go at once and read as zeros when touched again (so the
+    /// resident set shrinks now, unlike `MADV_FREE`); same value on the
+    /// architectures above.
+    const MADV_DONTNEED: c_int = 4;
 
     extern "C" {
         fn sysconf(name: c_int) -> c_long;
@@ -361,6 +389,15 @@ mod arena_memory {
             }
             p.add(head)
         }
+    }
+
+    /// # Safety
+    /// The span lies in a live mapping from `get` and holds nothing needed.
+    pub(super) unsafe fn purge(ptr: *mut u8, len: usize) -> bool {
+        // SAFETY: per the contract, pages of ours whose contents nobody
+        // needs; the call fails (and changes nothing) on a span that is not
+        // page-aligned.
+        unsafe { madvise(ptr.cast(), len, MADV_DONTNEED) == 0 }
     }
 
     /// # Safety
