@@ -509,6 +509,7 @@ impl Heap {
     /// back to the system if its pools have carved more than
     /// `SPARE_RESIDENT_LIMIT` bytes of blocks and the backing can; its
     /// pools are then carved afresh.
+    #[cold]
     fn purge_spare(&mut self, backing: &impl Backing) {
         let pool_size = self.config.pool_size();
         // SAFETY: the usable list's head is a live record.
