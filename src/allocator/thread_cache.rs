@@ -515,6 +515,21 @@ impl ThreadCache {
         }
     }
 
+    /// Takes the newest block of `class`'s list, which is not empty,
+    /// counting `requested` bytes.
+    #[inline(always)]
+    fn pop(&self, class: usize, requested: usize) -> *mut u8 {
+        let list = &self.lists[class];
+        let block = list.head.get();
+        // SAFETY: a block on the list (not empty, per the contract): free,
+        // ours, linked through its first word.
+        list.head.set(unsafe { FreeBlock::cached_next(block) });
+        list.len
+            .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
+        self.add_requested(requested);
+        block.cast()
+    }
+
     #[inline]
     fn add_requested(&self, bytes: usize) {
         let requested = self.requested.load(Ordering::Relaxed);
@@ -704,18 +719,24 @@ pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> 
         if !cache.serves(alloc) {
             return None;
         }
-        let list = &cache.lists[class];
-        if list.head.get().is_null() && !cache.refill(alloc, class) {
+        if cache.lists[class].head.get().is_null() && !cache.refill(alloc, class) {
             return Some(ptr::null_mut());
         }
-        let block = list.head.get();
-        // SAFETY: a block on the list: free, ours, linked through its
-        // first word.
-        list.head.set(unsafe { FreeBlock::cached_next(block) });
-        list.len
-            .store(list.len.load(Ordering::Relaxed) - 1, Ordering::Relaxed);
-        cache.add_requested(requested);
-        Some(block.cast())
+        Some(cache.pop(class, requested))
+    })
+    .flatten()
+}
+
+/// The fast half of [`alloc`]: a block from a cache that is already bound
+/// to `alloc` and holds one of `class`; `None` otherwise, with nothing
+/// done, for the caller's out-of-line call to `alloc`. It calls nothing,
+/// so the inlined path that uses it saves no registers.
+#[inline(always)]
+pub(crate) fn pop(alloc: &impl CacheOwner, class: usize, requested: usize) -> Option<*mut u8> {
+    exit::with_made(|cache| {
+        let ready =
+            cache.owner.get() == alloc.cache_id() && !cache.lists[class].head.get().is_null();
+        ready.then(|| cache.pop(class, requested))
     })
     .flatten()
 }
