@@ -317,6 +317,23 @@ impl Heap {
         unsafe { self.shelf.put(class, block.cast()) };
     }
 
+    /// Puts `block` of `class` on its shelf if the heap has shelves and
+    /// that one has room: the locked free's fast path, which calls
+    /// nothing. False, with nothing done, otherwise.
+    ///
+    /// # Safety
+    /// As for `free_of_class`.
+    #[inline(always)]
+    pub(crate) unsafe fn shelve(&mut self, block: *mut u8, class: usize) -> bool {
+        if !self.shelved || self.shelf.is_full(class) {
+            return false;
+        }
+        // SAFETY: per the contract the block is free now, of `class`'s size
+        // at least, and ours alone; the shelf has room.
+        unsafe { self.shelf.put(class, block.cast()) };
+        true
+    }
+
     /// Sends the `count` newest blocks of `class`'s shelf back to their
     /// pools.
     #[cold]

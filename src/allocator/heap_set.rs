@@ -465,14 +465,54 @@ impl HeapSet {
         } else {
             self.try_hold(index, backing)
         };
-        if let Some(mut held) = held {
-            let reclaimed = held.arenas_reclaimed();
-            // SAFETY: forwarded contract; the block is of this heap and
-            // `class`.
-            unsafe { held.free_of_class(block, class, backing) };
+        let Some(mut held) = held else {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_remote(block, index, requested, backing) };
+        };
+        // A shelf with room, the common case without caches, calls nothing
+        // (the release's look at the inbox aside), so the path saves no
+        // registers; the rest is out of line.
+        // SAFETY: forwarded contract; the block is of this heap and `class`.
+        if unsafe { held.shelve(block, class) } {
             held.requested = held.requested.wrapping_sub(requested);
-            return held.arenas_reclaimed() - reclaimed;
+            return 0;
         }
+        // SAFETY: as above.
+        unsafe { Self::free_held(held, block, class, requested, backing) }
+    }
+
+    /// `free` into the heap held, to its pools (emptying a full shelf
+    /// first): how many arenas the heap gave back meanwhile.
+    ///
+    /// # Safety
+    /// As for `free`; `held` is the block's heap.
+    #[inline(never)]
+    unsafe fn free_held<B: Backing>(
+        mut held: Held<'_, B>,
+        block: *mut u8,
+        class: usize,
+        requested: usize,
+        backing: &B,
+    ) -> usize {
+        let reclaimed = held.arenas_reclaimed();
+        // SAFETY: forwarded contract.
+        unsafe { held.free_of_class(block, class, backing) };
+        held.requested = held.requested.wrapping_sub(requested);
+        held.arenas_reclaimed() - reclaimed
+    }
+
+    /// `free` through heap `index`'s inbox: its lock was taken.
+    ///
+    /// # Safety
+    /// As for `free`; `block` is of heap `index`.
+    #[inline(never)]
+    unsafe fn free_remote(
+        &self,
+        block: *mut u8,
+        index: usize,
+        requested: usize,
+        backing: &impl Backing,
+    ) -> usize {
         self.requested.fetch_sub(requested, Ordering::Relaxed);
         // SAFETY: forwarded contract: the block is ours to link.
         unsafe { self.push_remote(index, block.cast(), block.cast()) };
