@@ -1,6 +1,7 @@
 //! Freed arenas go back to the operating system: the process's resident set
 //! shrinks after a spike of small objects is freed, but for the few arenas
-//! the backing keeps mapped for the next ones.
+//! the backing keeps mapped for the next ones; a medium arena kept as a
+//! spare stays mapped without its pages.
 #![cfg(all(feature = "std", target_os = "linux"))]
 
 use pymalloc::backing::RETAINED_ARENAS;
@@ -126,4 +127,42 @@ fn cached_blocks_do_not_keep_the_arenas_of_a_freed_spike() {
 #[test]
 fn the_last_blocks_of_a_freed_spike_are_not_cached() {
     spike_with_pins(true);
+}
+
+/// A medium arena kept as its heap's spare hands its pages back: twelve
+/// MiB of 4 KiB blocks, written and freed, leave the arena mapped (the
+/// next ones come from it) but not resident.
+#[test]
+fn a_spare_medium_arena_does_not_stay_resident() {
+    let _serial = SERIAL.lock().unwrap();
+    let layout = Layout::from_size_align(4096, 8).unwrap();
+    let count = (12 << 20) / layout.size();
+    let before = resident_bytes();
+    let blocks: Vec<*mut u8> = (0..count)
+        .map(|i| {
+            // SAFETY: a non-zero size.
+            let p = unsafe { ALLOC.alloc(layout) };
+            assert!(!p.is_null());
+            // SAFETY: the block has `layout.size()` bytes.
+            unsafe { p.write_bytes(i as u8, layout.size()) };
+            p
+        })
+        .collect();
+    let peak = resident_bytes();
+    assert!(peak - before >= 10 << 20, "{} MiB", (peak - before) >> 20);
+    for p in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { ALLOC.dealloc(p, layout) };
+    }
+    // Back in their runs (the cache flushed), the arena wholly free.
+    let stats = ALLOC.stats();
+    assert!(stats.medium.current >= 1, "kept as the spare: {stats}");
+    let after = resident_bytes();
+    assert!(
+        after < before + (2 << 20),
+        "resident: {} MiB before, {} at the peak, {} after",
+        before >> 20,
+        peak >> 20,
+        after >> 20
+    );
 }
