@@ -932,8 +932,23 @@ fn large_layout(layout: Layout) -> Layout {
 impl<B: Backing> PyMalloc<B> {
     #[inline(always)]
     pub(crate) fn front_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        // A countdown run out leaves by a tail call: the sampling decision
+        // called out of line and came back, so every allocation saved
+        // registers for it.
         #[cfg(all(feature = "std", not(loom)))]
-        if tracemalloc::counted_out(layout.size()) && tracemalloc::sample_point(layout.size()) {
+        if tracemalloc::counted_out(layout.size()) {
+            return self.counted_out_alloc(layout, zeroed);
+        }
+        self.untraced_alloc(layout, zeroed)
+    }
+
+    /// `front_alloc` once the thread's countdown ran out: traced if
+    /// tracemalloc samples this one.
+    #[cfg(all(feature = "std", not(loom)))]
+    #[cold]
+    #[inline(never)]
+    fn counted_out_alloc(&self, layout: Layout, zeroed: bool) -> *mut u8 {
+        if tracemalloc::sample_point(layout.size()) {
             return self.traced_alloc(layout, zeroed);
         }
         self.untraced_alloc(layout, zeroed)
