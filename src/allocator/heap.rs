@@ -312,9 +312,9 @@ impl Heap {
         if self.shelf.is_full(class) {
             self.unshelve(class, self.shelf.len(class) / 2, backing);
         }
-        // SAFETY: per the contract the block is free now, of `class`'s size
-        // at least, and ours alone.
-        unsafe { self.shelf.put(class, block.cast()) };
+        // SAFETY: forwarded contract; the shelf has room now.
+        let shelved = unsafe { self.shelve(block, class) };
+        debug_assert!(shelved);
     }
 
     /// Puts `block` of `class` on its shelf if the heap has shelves and
