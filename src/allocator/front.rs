@@ -13,7 +13,7 @@ use super::fork;
 use super::gate::Gate;
 #[cfg(feature = "debug")]
 use super::heap::BlockStatus;
-use super::heap_set::HeapSet;
+use super::heap_set::{HeapSet, Held, Mail};
 use super::size_class::{class_for, medium_class_for, CLASS_COUNT, CLASS_STEP};
 use super::stats::Stats;
 #[cfg(feature = "debug")]
@@ -489,7 +489,7 @@ impl<B: Backing> PyMalloc<B> {
         if let Some(class) = self.pool_class(layout) {
             if let Some(block) = thread_cache::pop(self, class, requested) {
                 // SAFETY: a fresh block of this class: `layout.size()` fits.
-                return unsafe { Self::handed_out(block, layout, zeroed) };
+                return unsafe { Self::handed_out(block, layout.size(), zeroed) };
             }
         }
         self.allocate_slow(layout, requested, zeroed)
@@ -500,64 +500,79 @@ impl<B: Backing> PyMalloc<B> {
     #[cfg_attr(thread_cache, inline(never))]
     #[cfg_attr(not(thread_cache), inline)]
     fn allocate_slow(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
-        // The medium class comes back into this body (the inlined one of
-        // builds without caches) rather than the body going into a helper
-        // both tiers call: as a helper (even `inline(always)`) LLVM inlined
-        // it into `__rust_alloc`, which then grew too large to inline into
-        // callers that know the size, and the small probe ran 19 % more
-        // instructions.
-        let class = match self.pool_class(layout) {
-            Some(class) => class,
-            None => match self.medium_or_large(layout, requested, zeroed) {
-                Ok(class) => class,
-                Err(block) => return block,
-            },
-        };
+        match self.pool_class(layout) {
+            Some(class) => self.allocate_of_class(class, layout, requested, zeroed),
+            None => self.allocate_beyond_small(layout, requested, zeroed),
+        }
+    }
+
+    /// `allocate_slow` for a request over the small classes: its medium
+    /// class, or a large block. Out of line, and reached by tail call, so
+    /// that the small path keeps no frame.
+    #[inline(never)]
+    fn allocate_beyond_small(&self, layout: Layout, requested: usize, zeroed: bool) -> *mut u8 {
+        match self.medium_class(layout) {
+            Some(class) => self.allocate_of_class(class, layout, requested, zeroed),
+            None => self.allocate_large(layout, requested, zeroed),
+        }
+    }
+
+    /// `allocate_slow` once the small or medium `class` is known.
+    #[inline(always)]
+    fn allocate_of_class(
+        &self,
+        class: usize,
+        layout: Layout,
+        requested: usize,
+        zeroed: bool,
+    ) -> *mut u8 {
         // A never-cached allocator skips the cache's second look.
         #[cfg(thread_cache)]
         let cached = (self.cache_id() != thread_cache::UNCACHED)
             .then(|| thread_cache::alloc(self, class, requested))
             .flatten();
         #[cfg(thread_cache)]
-        let block = match cached {
-            Some(block) if !block.is_null() => block,
+        match cached {
+            // SAFETY: a fresh block of this class: `layout.size()` fits.
+            Some(block) if !block.is_null() => unsafe {
+                Self::handed_out(block, layout.size(), zeroed)
+            },
             // No cache, or its heap ran dry: the shared path reclaims
             // before it gives up.
-            _ => self.alloc_shared(class, requested, layout.size()),
-        };
+            _ => self.alloc_shared(class, requested, layout.size(), zeroed),
+        }
         #[cfg(not(thread_cache))]
-        let block = self.alloc_shared(class, requested, layout.size());
-        // SAFETY: null, or a fresh block of this class: `layout.size()` fits.
-        unsafe { Self::handed_out(block, layout, zeroed) }
+        self.alloc_shared(class, requested, layout.size(), zeroed)
     }
 
-    /// `block`, fresh from a class that `layout` fits, made the user's:
+    /// `block`, fresh from a class that `size` bytes fit, made the user's:
     /// told to memory tools and zeroed if `zeroed`. Null passes through.
     ///
     /// # Safety
-    /// `block` is null or a fresh block of at least `layout.size()` bytes.
+    /// `block` is null or a fresh block of at least `size` bytes.
     #[inline(always)]
-    unsafe fn handed_out(block: *mut u8, layout: Layout, zeroed: bool) -> *mut u8 {
+    unsafe fn handed_out(block: *mut u8, size: usize, zeroed: bool) -> *mut u8 {
         // SAFETY: per the contract.
-        unsafe { track::allocated(block, layout.size()) };
+        unsafe { track::allocated(block, size) };
         if zeroed && !block.is_null() {
-            // SAFETY: the block has at least `layout.size()` bytes.
-            unsafe { block.write_bytes(0, layout.size()) };
+            // SAFETY: the block has at least `size` bytes.
+            unsafe { block.write_bytes(0, size) };
         }
         block
     }
 
-    /// A request over the small classes: its medium class, or the large
-    /// block allocated here. Out of line: the small path is the hot one.
-    #[inline(never)]
-    fn medium_or_large(
-        &self,
-        layout: Layout,
-        requested: usize,
-        zeroed: bool,
-    ) -> Result<usize, *mut u8> {
-        self.medium_class(layout)
-            .ok_or_else(|| self.allocate_large(layout, requested, zeroed))
+    /// `handed_out` for a block that leaves a heap's hands (not a cache's).
+    ///
+    /// # Safety
+    /// As for `handed_out`.
+    #[inline(always)]
+    unsafe fn heap_handed_out(block: *mut u8, size: usize, zeroed: bool) -> *mut u8 {
+        if !block.is_null() {
+            // SAFETY: per the contract.
+            unsafe { track::heap_allocated(block, size) };
+        }
+        // SAFETY: per the contract.
+        unsafe { Self::handed_out(block, size, zeroed) }
     }
 
     /// A large block, from the backing.
@@ -603,10 +618,123 @@ impl<B: Backing> PyMalloc<B> {
         true
     }
 
-    /// A block of `class` (for `size` bytes) from a heap chosen without
-    /// thread-local storage.
-    #[inline]
-    fn alloc_shared(&self, class: usize, requested: usize, size: usize) -> *mut u8 {
+    /// A block of `class` for `size` bytes (`requested` asked for, zeroed
+    /// if `zeroed`), handed out, from a heap chosen without thread-local
+    /// storage. Its common case, a block on the shelf of a heap free to
+    /// take, calls nothing when there is one heap a group, so it saves no
+    /// registers: everything else leaves by tail call, the held heap
+    /// passed on in registers.
+    #[inline(always)]
+    fn alloc_shared(&self, class: usize, requested: usize, size: usize, zeroed: bool) -> *mut u8 {
+        let set = self.set.load(Ordering::Acquire);
+        // SAFETY: a published set lives as long as `self`.
+        let Some(set) = (unsafe { set.as_ref() }) else {
+            return self.alloc_locked(None, class, requested, size, zeroed);
+        };
+        if set.heaps() != 1 {
+            return self.alloc_shared_hinted(set, class, requested, size, zeroed);
+        }
+        self.alloc_shared_from(set, set.group(class), class, requested, size, zeroed)
+    }
+
+    /// `alloc_shared` among several heaps a group: the hint that spreads
+    /// threads over them takes a local's address, so this path keeps a
+    /// frame and is out of line.
+    #[inline(never)]
+    fn alloc_shared_hinted(
+        &self,
+        set: &HeapSet,
+        class: usize,
+        requested: usize,
+        size: usize,
+        zeroed: bool,
+    ) -> *mut u8 {
+        let index = set.group(class) + set.stack_heap();
+        self.alloc_shared_from(set, index, class, requested, size, zeroed)
+    }
+
+    /// `alloc_shared` from heap `index` of `set`, tried first.
+    #[inline(always)]
+    fn alloc_shared_from(
+        &self,
+        set: &HeapSet,
+        index: usize,
+        class: usize,
+        requested: usize,
+        size: usize,
+        zeroed: bool,
+    ) -> *mut u8 {
+        let Some(mut held) = set.try_take(index, &self.backing) else {
+            return self.alloc_locked(None, class, requested, size, zeroed);
+        };
+        let internal = track::internal();
+        let block = held.take_shelved(class);
+        if block.is_null() {
+            drop(internal);
+            return self.alloc_locked(Some(held), class, requested, size, zeroed);
+        }
+        // Counted under the lock already held: a shared counter would cost
+        // every call an atomic add.
+        held.requested = held.requested.wrapping_add(requested);
+        let left = held.leave();
+        drop(internal);
+        match left {
+            // SAFETY: a fresh block of this class: `size` fits.
+            Ok(()) => unsafe { Self::heap_handed_out(block, size, zeroed) },
+            // SAFETY: as above.
+            Err(mail) => unsafe { Self::handed_out_after_mail(mail, block, size, zeroed) },
+        }
+    }
+
+    /// `alloc_shared` that found mail on leaving: collects it, then hands
+    /// `block` out.
+    ///
+    /// # Safety
+    /// As for `handed_out`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn handed_out_after_mail(
+        mail: Mail<'_, B>,
+        block: *mut u8,
+        size: usize,
+        zeroed: bool,
+    ) -> *mut u8 {
+        let internal = track::internal();
+        mail.collect();
+        drop(internal);
+        // SAFETY: forwarded contract.
+        unsafe { Self::heap_handed_out(block, size, zeroed) }
+    }
+
+    /// `alloc_shared` past its fast path, with the heap it took (`None`:
+    /// the set is not made yet or that heap was busy). Zeroing is a
+    /// parameter of the type so that the rest takes six arguments, all in
+    /// registers, and both calls to it are tail calls.
+    #[inline(always)]
+    fn alloc_locked(
+        &self,
+        held: Option<Held<'_, B>>,
+        class: usize,
+        requested: usize,
+        size: usize,
+        zeroed: bool,
+    ) -> *mut u8 {
+        if zeroed {
+            self.alloc_locked_as::<true>(held, class, requested, size)
+        } else {
+            self.alloc_locked_as::<false>(held, class, requested, size)
+        }
+    }
+
+    /// `alloc_locked`, zeroing if `ZEROED`.
+    #[inline(never)]
+    fn alloc_locked_as<const ZEROED: bool>(
+        &self,
+        held: Option<Held<'_, B>>,
+        class: usize,
+        requested: usize,
+        size: usize,
+    ) -> *mut u8 {
         let set = self.heap_set();
         if set.is_null() {
             return ptr::null_mut();
@@ -614,11 +742,15 @@ impl<B: Backing> PyMalloc<B> {
         // SAFETY: a published set lives as long as `self`.
         let set = unsafe { &*set };
         let internal = track::internal();
-        let mut held = set.hold(class, set.stack_heap(), &self.backing);
+        let mut held = match held {
+            Some(mut held) => {
+                held.take_mail();
+                held
+            }
+            None => set.hold(class, set.stack_heap(), &self.backing),
+        };
         let mut block = held.alloc(class, &self.backing);
         if !block.is_null() {
-            // Counted under the lock already held: a shared counter would
-            // cost every call an atomic add.
             held.requested = held.requested.wrapping_add(requested);
         }
         drop(held);
@@ -633,11 +765,8 @@ impl<B: Backing> PyMalloc<B> {
             }
         }
         drop(internal);
-        if !block.is_null() {
-            // SAFETY: a fresh block of this class: `size` fits.
-            unsafe { track::heap_allocated(block, size) };
-        }
-        block
+        // SAFETY: null, or a fresh block of this class: `size` fits.
+        unsafe { Self::heap_handed_out(block, size, ZEROED) }
     }
 
     /// Frees a small block of `class`; first forgets its trace if

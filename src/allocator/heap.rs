@@ -155,16 +155,25 @@ impl Heap {
         self.config
     }
 
+    /// The newest block on `class`'s shelf if the heap has shelves and
+    /// that one has any, else null: the locked allocation's fast path,
+    /// which calls nothing.
+    #[inline(always)]
+    pub(crate) fn take_shelved(&mut self, class: usize) -> *mut u8 {
+        if !self.shelved {
+            return ptr::null_mut();
+        }
+        // SAFETY: the shelf holds free blocks of ours, of `class`'s size at
+        // least, that only it links.
+        unsafe { self.shelf.take(class) }.cast()
+    }
+
     /// A block of `class`, or null when the backing has no arena to give.
     #[inline]
     pub(crate) fn alloc(&mut self, class: usize, backing: &impl Backing) -> *mut u8 {
-        if self.shelved {
-            // SAFETY: the shelf holds free blocks of ours, of `class`'s
-            // size at least, that only it links.
-            let block = unsafe { self.shelf.take(class) };
-            if !block.is_null() {
-                return block.cast();
-            }
+        let block = self.take_shelved(class);
+        if !block.is_null() {
+            return block;
         }
         let pool = self.used_pools[class];
         if !pool.is_null() {
@@ -325,7 +334,9 @@ impl Heap {
     /// As for `free_of_class`.
     #[inline(always)]
     pub(crate) unsafe fn shelve(&mut self, block: *mut u8, class: usize) -> bool {
-        if !self.shelved || self.shelf.is_full(class) {
+        // The class's bound spares the shelf's index its check, whose panic
+        // path would cost the locked free a frame.
+        if !self.shelved || class >= CLASS_COUNT || self.shelf.is_full(class) {
             return false;
         }
         // SAFETY: per the contract the block is free now, of `class`'s size

@@ -38,7 +38,7 @@ use super::config::{
 use super::heap::Heap;
 use super::pool::{pool_of, FreeBlock};
 use super::size_class::is_medium;
-use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, LockGuard, Ordering};
+use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, Ordering, RawGuard};
 use core::alloc::Layout;
 use core::mem::{align_of, size_of, ManuallyDrop};
 use core::ops::{Deref, DerefMut};
@@ -89,8 +89,12 @@ pub(crate) struct HeapSet {
 /// A held heap: derefs to the [`Heap`]; on drop, unlocks and takes the heap
 /// again if blocks reached its inbox meanwhile.
 pub(crate) struct Held<'a, B: Backing> {
-    /// Released by hand in `drop`, before the last look at the inbox.
-    guard: ManuallyDrop<LockGuard<'a, Heap>>,
+    /// The proof of holding `slot.heap`, given back in `drop` before the
+    /// last look at the inbox. It has no size with the spin lock, so
+    /// without thread caches a held heap is two words, passed in
+    /// registers: the locked paths hand it to their out-of-line rest by
+    /// tail call and keep no frame.
+    guard: ManuallyDrop<RawGuard<'a, Heap>>,
     slot: &'a Slot,
     #[cfg(any(thread_cache, all(test, loom)))]
     index: usize,
@@ -226,7 +230,7 @@ impl HeapSet {
     }
 
     /// Heaps in each group (small, and medium if the tier is on).
-    #[cfg(thread_cache)]
+    #[inline]
     pub(crate) fn heaps(&self) -> usize {
         self.config.heaps()
     }
@@ -376,7 +380,9 @@ impl HeapSet {
         backing: &'a B,
     ) -> Held<'a, B> {
         let slot = self.slot(index);
-        Held::new(slot.heap.lock(), slot, index, backing)
+        let mut held = Held::new(slot.heap.lock_raw(), slot, index, backing);
+        held.take_mail();
+        held
     }
 
     /// Heap `index` if no one holds it now.
@@ -385,8 +391,21 @@ impl HeapSet {
         index: usize,
         backing: &'a B,
     ) -> Option<Held<'a, B>> {
+        let mut held = self.try_take(index, backing)?;
+        held.take_mail();
+        Some(held)
+    }
+
+    /// `try_hold` that leaves the inbox to the leave's look (which empties
+    /// it too): the locked fast paths, which then call nothing.
+    #[inline(always)]
+    pub(crate) fn try_take<'a, B: Backing>(
+        &'a self,
+        index: usize,
+        backing: &'a B,
+    ) -> Option<Held<'a, B>> {
         let slot = self.slot(index);
-        let guard = slot.heap.try_lock()?;
+        let guard = slot.heap.try_lock_raw()?;
         Some(Held::new(guard, slot, index, backing))
     }
 
@@ -463,22 +482,21 @@ impl HeapSet {
         let held = if cfg!(feature = "debug") {
             Some(self.hold_exactly(index, backing))
         } else {
-            self.try_hold(index, backing)
+            self.try_take(index, backing)
         };
         let Some(mut held) = held else {
             // SAFETY: forwarded contract.
             return unsafe { self.free_remote(block, index, requested, backing) };
         };
-        // A shelf with room, the common case without caches, calls nothing
-        // (the release's look at the inbox aside), so the path saves no
-        // registers; the rest is out of line.
+        // A shelf with room, the common case without caches, calls nothing,
+        // so the path saves no registers; the rest leaves by tail call.
         // SAFETY: forwarded contract; the block is of this heap and `class`.
         if unsafe { held.shelve(block, class) } {
             held.requested = held.requested.wrapping_sub(requested);
-            return 0;
+            return held.release();
         }
         // SAFETY: as above.
-        unsafe { Self::free_held(held, block, class, requested, backing) }
+        unsafe { Self::free_held(held, block, class, requested) }
     }
 
     /// `free` into the heap held, to its pools (emptying a full shelf
@@ -492,13 +510,14 @@ impl HeapSet {
         block: *mut u8,
         class: usize,
         requested: usize,
-        backing: &B,
     ) -> usize {
         let reclaimed = held.arenas_reclaimed();
+        let backing = held.backing;
         // SAFETY: forwarded contract.
         unsafe { held.free_of_class(block, class, backing) };
         held.requested = held.requested.wrapping_sub(requested);
-        held.arenas_reclaimed() - reclaimed
+        let reclaimed = held.arenas_reclaimed() - reclaimed;
+        reclaimed + held.release()
     }
 
     /// `free` through heap `index`'s inbox: its lock was taken.
@@ -516,8 +535,7 @@ impl HeapSet {
         self.requested.fetch_sub(requested, Ordering::Relaxed);
         // SAFETY: forwarded contract: the block is ours to link.
         unsafe { self.push_remote(index, block.cast(), block.cast()) };
-        self.after_push(index, backing);
-        0
+        self.after_push(index, backing)
     }
 
     /// Where `block`, claimed to be of `class`, stands among the heaps:
@@ -537,11 +555,13 @@ impl HeapSet {
     }
 
     /// The pusher's half of "nothing left behind": if the heap's holder left
-    /// before seeing the push, take the heap and empty the inbox.
-    pub(crate) fn after_push(&self, index: usize, backing: &impl Backing) {
+    /// before seeing the push, take the heap and empty the inbox. How many
+    /// arenas the heap gave back meanwhile.
+    pub(crate) fn after_push(&self, index: usize, backing: &impl Backing) -> usize {
         fence(Ordering::SeqCst);
-        // Taking the heap empties its inbox; dropping it checks once more.
-        drop(self.try_hold(index, backing));
+        // Taking the heap empties its inbox; leaving it checks once more.
+        self.try_take(index, backing)
+            .map_or(0, |mut held| held.take_mail() + held.release())
     }
 }
 
@@ -566,8 +586,12 @@ pub(crate) unsafe fn heap_in(block: *mut u8, pool_size: usize) -> usize {
 /// spans while threads' stacks lie megabytes apart, hashed (Fibonacci
 /// hashing, whose high bits `HeapSet::stack_heap` keeps) so that
 /// neighbouring stacks land on different heaps.
+///
+/// Out of line: a local whose address escapes keeps LLVM from making any
+/// call of the function that takes it a tail call, and the locked fast
+/// paths rely on theirs.
 #[cfg(not(loom))]
-#[inline]
+#[inline(never)]
 fn stack_hint() -> u32 {
     let probe = 0u8;
     let addr = core::hint::black_box(ptr::addr_of!(probe)) as usize;
@@ -584,12 +608,9 @@ fn stack_hint() -> u32 {
 
 impl<'a, B: Backing> Held<'a, B> {
     #[inline(always)]
-    fn new(mut guard: LockGuard<'a, Heap>, slot: &'a Slot, index: usize, backing: &'a B) -> Self {
+    fn new(guard: RawGuard<'a, Heap>, slot: &'a Slot, index: usize, backing: &'a B) -> Self {
         #[cfg(not(any(thread_cache, all(test, loom))))]
         let _ = index;
-        if slot.has_mail() {
-            slot.drain_into(&mut guard, backing);
-        }
         Held {
             guard: ManuallyDrop::new(guard),
             slot,
@@ -597,6 +618,52 @@ impl<'a, B: Backing> Held<'a, B> {
             index,
             backing,
         }
+    }
+
+    /// Frees the blocks waiting in the inbox into the heap: how many
+    /// arenas it gave back meanwhile.
+    #[inline(always)]
+    pub(crate) fn take_mail(&mut self) -> usize {
+        let (slot, backing) = (self.slot, self.backing);
+        if !slot.has_mail() {
+            return 0;
+        }
+        slot.drain_into(self, backing)
+    }
+
+    /// Leaves the heap: how many arenas it gave back while mail that
+    /// arrived meanwhile was freed (see `leave`).
+    #[inline(always)]
+    pub(crate) fn release(self) -> usize {
+        match self.leave() {
+            Ok(()) => 0,
+            Err(mail) => mail.collect(),
+        }
+    }
+
+    /// The holder's half of "nothing left behind": unlocks, then, if a
+    /// push arrived that its pusher could not hand over (it found the heap
+    /// held), the mail the caller must collect. Apart from `release` so
+    /// that a caller with a block in hand reaches the collection by tail
+    /// call.
+    #[inline(always)]
+    pub(crate) fn leave(self) -> Result<(), Mail<'a, B>> {
+        let mut held = ManuallyDrop::new(self);
+        // SAFETY: `guard` came from `slot.heap`; taken once, here, and with
+        // `held` never dropped, not used again.
+        unsafe {
+            held.slot
+                .heap
+                .unlock_raw(ManuallyDrop::take(&mut held.guard))
+        };
+        fence(Ordering::SeqCst);
+        if held.slot.has_mail() {
+            return Err(Mail {
+                slot: held.slot,
+                backing: held.backing,
+            });
+        }
+        Ok(())
     }
 
     /// Which heap of the set this is.
@@ -619,24 +686,28 @@ impl Slot {
     /// and frees it, until a look after the fence finds the inbox empty.
     /// If someone else holds the heap, they empty the inbox before they
     /// leave.
+    /// How many arenas the heap gave back meanwhile.
     #[cold]
     #[inline(never)]
-    fn collect_mail(&self, backing: &impl Backing) {
+    fn collect_mail(&self, backing: &impl Backing) -> usize {
+        let mut reclaimed = 0;
         while let Some(mut heap) = self.heap.try_lock() {
-            self.drain_into(&mut heap, backing);
+            reclaimed += self.drain_into(&mut heap, backing);
             drop(heap);
             fence(Ordering::SeqCst);
             if !self.has_mail() {
-                return;
+                break;
             }
         }
+        reclaimed
     }
 
     /// Frees every block waiting in the inbox into `heap`, this slot's heap,
-    /// held.
+    /// held: how many arenas it gave back meanwhile.
     #[cold]
     #[inline(never)]
-    fn drain_into(&self, heap: &mut Heap, backing: &impl Backing) {
+    fn drain_into(&self, heap: &mut Heap, backing: &impl Backing) -> usize {
+        let before = heap.arenas_reclaimed();
         // Acquire: pairs with the pushers' release, so their links are seen.
         let mut block = self.inbox.swap(ptr::null_mut(), Ordering::Acquire);
         while !block.is_null() {
@@ -649,34 +720,50 @@ impl Slot {
                 block = next;
             }
         }
+        heap.arenas_reclaimed() - before
     }
 }
 
 impl<B: Backing> Deref for Held<'_, B> {
     type Target = Heap;
+    #[inline(always)]
     fn deref(&self) -> &Heap {
-        &self.guard
+        // SAFETY: `guard` came from `slot.heap`.
+        unsafe { self.slot.heap.get(&self.guard) }
     }
 }
 
 impl<B: Backing> DerefMut for Held<'_, B> {
+    #[inline(always)]
     fn deref_mut(&mut self) -> &mut Heap {
-        &mut self.guard
+        // SAFETY: `guard` came from `slot.heap`.
+        unsafe { self.slot.heap.get_mut(&mut self.guard) }
     }
 }
 
 impl<B: Backing> Drop for Held<'_, B> {
-    /// The holder's half of "nothing left behind": unlock, then if a push
-    /// arrived that a pusher could not hand over (it found us holding the
-    /// lock), take the heap again and free it.
+    /// `release`.
     #[inline(always)]
     fn drop(&mut self) {
-        // SAFETY: taken once, here, and `self.guard` is not used again.
-        drop(unsafe { ManuallyDrop::take(&mut self.guard) });
-        fence(Ordering::SeqCst);
-        if self.slot.has_mail() {
-            self.slot.collect_mail(self.backing);
-        }
+        // SAFETY: `self` is not used again, and `release` forgets the copy.
+        let held = unsafe { ptr::read(self) };
+        held.release();
+    }
+}
+
+/// Blocks seen in a heap's inbox by its holder just after leaving (see
+/// [`Held::leave`]): collecting them is the leaver's job.
+#[must_use]
+pub(crate) struct Mail<'a, B: Backing> {
+    slot: &'a Slot,
+    backing: &'a B,
+}
+
+impl<B: Backing> Mail<'_, B> {
+    /// Takes the heap again and frees the mail, as often as more arrives
+    /// while it does: how many arenas the heap gave back meanwhile.
+    pub(crate) fn collect(self) -> usize {
+        self.slot.collect_mail(self.backing)
     }
 }
 
@@ -957,7 +1044,7 @@ mod loom_models {
 
     /// Every interleaving: these models are small enough to explore
     /// exhaustively. (loom treats its mutexes as sequentially consistent,
-    /// so the fences in `Held::drop` and `after_push` are argued in the
+    /// so the fences in `Held::leave` and `after_push` are argued in the
     /// module documentation rather than checked here; what is checked is the
     /// protocol around them.) At least 4 orders each: an empty inbox is
     /// looked at, not swapped, so loom finds few writes to reorder (5 to

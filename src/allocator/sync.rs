@@ -25,12 +25,14 @@ macro_rules! loom_const_fn {
 }
 pub(crate) use loom_const_fn;
 
+use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::ops::{Deref, DerefMut};
 
 /// A mutual-exclusion lock around `T`.
 ///
-/// * default: a spin lock (`spin::Mutex`). Right for hosted programs and for
-///   firmware whose interrupt handlers never allocate.
+/// * default: a spin lock (`spin`'s `SpinMutex`). Right for hosted programs
+///   and for firmware whose interrupt handlers never allocate.
 /// * feature `critical-section`: the lock is a critical section from the
 ///   `critical-section` crate. On a single core that masks interrupts, so an
 ///   interrupt handler that allocates can never spin forever on a lock its
@@ -41,7 +43,7 @@ pub(crate) struct Lock<T> {
     #[cfg(loom)]
     inner: loom::sync::Mutex<T>,
     #[cfg(all(not(loom), not(feature = "critical-section")))]
-    inner: spin::Mutex<T>,
+    inner: spin::mutex::SpinMutex<T>,
     #[cfg(all(not(loom), feature = "critical-section"))]
     inner: core::cell::UnsafeCell<T>,
 }
@@ -53,14 +55,26 @@ pub(crate) struct Lock<T> {
 #[cfg(all(not(loom), feature = "critical-section"))]
 unsafe impl<T: Send> Sync for Lock<T> {}
 
-/// Proof of holding a [`Lock`]; releases it when dropped.
-pub(crate) struct LockGuard<'a, T> {
+/// Proof of holding a [`Lock`] that does not know which lock: the holder
+/// keeps the lock's address itself and gives the proof back through
+/// [`Lock::unlock_raw`]. For the spin lock it has no size, so a held heap
+/// (its slot's address and the backing's) fits in two registers and the
+/// locked paths pass it to their out-of-line rest by tail call.
+///
+/// Dropping one without `unlock_raw` leaves the spin lock held forever.
+#[must_use]
+pub(crate) struct RawGuard<'a, T> {
     #[cfg(loom)]
     inner: loom::sync::MutexGuard<'a, T>,
-    #[cfg(all(not(loom), not(feature = "critical-section")))]
-    inner: spin::MutexGuard<'a, T>,
     #[cfg(all(not(loom), feature = "critical-section"))]
-    inner: CriticalGuard<'a, T>,
+    state: critical_section::RestoreState,
+    held: PhantomData<&'a mut T>,
+}
+
+/// Proof of holding a [`Lock`]; releases it when dropped.
+pub(crate) struct LockGuard<'a, T> {
+    lock: &'a Lock<T>,
+    raw: ManuallyDrop<RawGuard<'a, T>>,
 }
 
 impl<T> Lock<T> {
@@ -71,7 +85,7 @@ impl<T> Lock<T> {
                 #[cfg(loom)]
                 inner: loom::sync::Mutex::new(value),
                 #[cfg(all(not(loom), not(feature = "critical-section")))]
-                inner: spin::Mutex::new(value),
+                inner: spin::mutex::SpinMutex::new(value),
                 #[cfg(all(not(loom), feature = "critical-section"))]
                 inner: core::cell::UnsafeCell::new(value),
             }
@@ -80,20 +94,127 @@ impl<T> Lock<T> {
 
     /// Waits until the lock is free, then holds it.
     pub(crate) fn lock(&self) -> LockGuard<'_, T> {
-        #[cfg(loom)]
-        let inner = self.inner.lock().unwrap();
-        #[cfg(all(not(loom), not(feature = "critical-section")))]
-        let inner = self.spin_then_yield();
-        #[cfg(all(not(loom), feature = "critical-section"))]
-        let inner = CriticalGuard {
-            // SAFETY: the matching `release` runs in `CriticalGuard::drop`,
-            // with this state, exactly once, and guards are dropped in the
-            // reverse order of their creation because each borrows the stack
-            // frame that made it.
+        self.guard(self.lock_raw())
+    }
+
+    /// Holds the lock if it is free now; `None` if another holder has it.
+    pub(crate) fn try_lock(&self) -> Option<LockGuard<'_, T>> {
+        Some(self.guard(self.try_lock_raw()?))
+    }
+
+    fn guard<'a>(&'a self, raw: RawGuard<'a, T>) -> LockGuard<'a, T> {
+        LockGuard {
+            lock: self,
+            raw: ManuallyDrop::new(raw),
+        }
+    }
+
+    /// `lock`, with the proof of holding it kept apart from the lock.
+    pub(crate) fn lock_raw(&self) -> RawGuard<'_, T> {
+        RawGuard {
+            #[cfg(loom)]
+            inner: self.inner.lock().unwrap(),
+            #[cfg(all(not(loom), not(feature = "critical-section")))]
+            held: self.spin_then_yield(),
+            // SAFETY: the matching `release` runs in `unlock_raw`, with this
+            // state, exactly once (it consumes the raw guard), and nested
+            // holds end innermost first: a hold the crate takes while it
+            // holds another ends before that one, in the same call or in
+            // one it makes.
+            #[cfg(all(not(loom), feature = "critical-section"))]
             state: unsafe { critical_section::acquire() },
-            cell: &self.inner,
-        };
-        LockGuard { inner }
+            #[cfg(any(loom, feature = "critical-section"))]
+            held: PhantomData,
+        }
+    }
+
+    /// `try_lock`, with the proof of holding it kept apart from the lock.
+    /// A critical section is never held by anyone else while we run, so
+    /// there it always succeeds.
+    #[inline(always)]
+    pub(crate) fn try_lock_raw(&self) -> Option<RawGuard<'_, T>> {
+        #[cfg(loom)]
+        return Some(RawGuard {
+            inner: self.inner.try_lock().ok()?,
+            held: PhantomData,
+        });
+        #[cfg(all(not(loom), not(feature = "critical-section")))]
+        {
+            // The guard's `&mut T` goes: `get` reaches the value through the
+            // lock's pointer instead.
+            spin::mutex::SpinMutexGuard::leak(self.inner.try_lock()?);
+            return Some(RawGuard { held: PhantomData });
+        }
+        #[cfg(all(not(loom), feature = "critical-section"))]
+        return Some(self.lock_raw());
+    }
+
+    /// The value under the lock that `raw` holds.
+    ///
+    /// # Safety
+    /// `raw` was returned by this lock's `lock_raw` or `try_lock_raw`.
+    #[inline(always)]
+    pub(crate) unsafe fn get<'g>(&'g self, raw: &'g RawGuard<'_, T>) -> &'g T {
+        #[cfg(loom)]
+        return &raw.inner;
+        #[cfg(not(loom))]
+        {
+            let _ = raw;
+            // SAFETY: per the contract this lock is held, and shared
+            // borrows of `raw` are all that hand out references to the
+            // value meanwhile.
+            unsafe { &*self.value_ptr() }
+        }
+    }
+
+    /// `get`, mutably.
+    ///
+    /// # Safety
+    /// As for `get`.
+    #[inline(always)]
+    pub(crate) unsafe fn get_mut<'g>(&'g self, raw: &'g mut RawGuard<'_, T>) -> &'g mut T {
+        #[cfg(loom)]
+        return &mut raw.inner;
+        #[cfg(not(loom))]
+        {
+            let _ = raw;
+            // SAFETY: per the contract this lock is held, and the borrow of
+            // `raw`, the one proof of it, is exclusive for as long as the
+            // reference lives.
+            unsafe { &mut *self.value_ptr() }
+        }
+    }
+
+    /// Releases the lock `raw` holds.
+    ///
+    /// # Safety
+    /// `raw` was returned by this lock's `lock_raw` or `try_lock_raw`.
+    #[inline(always)]
+    pub(crate) unsafe fn unlock_raw(&self, raw: RawGuard<'_, T>) {
+        #[cfg(loom)]
+        drop(raw);
+        // SAFETY: per the contract the lock is held, by `raw`, whose leaked
+        // guard will never unlock it again, and `raw` is given up here.
+        #[cfg(all(not(loom), not(feature = "critical-section")))]
+        unsafe {
+            let _ = raw;
+            self.inner.force_unlock()
+        }
+        // SAFETY: per the contract `raw.state` came from the `acquire` that
+        // opened this section, and the section is closed once, here.
+        #[cfg(all(not(loom), feature = "critical-section"))]
+        unsafe {
+            critical_section::release(raw.state)
+        }
+    }
+
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn value_ptr(&self) -> *mut T {
+        #[cfg(not(feature = "critical-section"))]
+        return self.inner.as_mut_ptr();
+        #[cfg(feature = "critical-section")]
+        return self.inner.get();
     }
 
     /// Waits for the spin lock: a few spins for a holder that is about to
@@ -101,11 +222,12 @@ impl<T> Lock<T> {
     /// with more threads than cores a waiter does not burn the time slice
     /// its preempted holder needs to finish.
     #[cfg(all(not(loom), not(feature = "critical-section")))]
-    fn spin_then_yield(&self) -> spin::MutexGuard<'_, T> {
+    fn spin_then_yield(&self) -> PhantomData<&mut T> {
         let mut looks = 0u32;
         loop {
             if let Some(guard) = self.inner.try_lock() {
-                return guard;
+                spin::mutex::SpinMutexGuard::leak(guard);
+                return PhantomData;
             }
             while self.inner.is_locked() {
                 looks = looks.saturating_add(1);
@@ -118,20 +240,6 @@ impl<T> Lock<T> {
             }
         }
     }
-
-    /// Holds the lock if it is free now; `None` if another holder has it.
-    /// A critical section is never held by anyone else while we run, so
-    /// there it always succeeds.
-    pub(crate) fn try_lock(&self) -> Option<LockGuard<'_, T>> {
-        #[cfg(loom)]
-        let inner = self.inner.try_lock().ok()?;
-        #[cfg(all(not(loom), not(feature = "critical-section")))]
-        let inner = self.inner.try_lock()?;
-        #[cfg(all(not(loom), feature = "critical-section"))]
-        return Some(self.lock());
-        #[cfg(any(loom, not(feature = "critical-section")))]
-        Some(LockGuard { inner })
-    }
 }
 
 /// The two halves of holding a lock across `fork`, for the atfork handlers
@@ -141,7 +249,10 @@ impl<T> Lock<T> {
     /// Waits for the lock and keeps it held after returning; the value is
     /// the caller's until `release_after_fork`.
     pub(crate) fn lock_across_fork(&self) -> &mut T {
-        spin::MutexGuard::leak(self.spin_then_yield())
+        let _ = self.spin_then_yield();
+        // SAFETY: the lock is held, and with its proof dropped nothing but
+        // the reference returned reaches the value until the release.
+        unsafe { &mut *self.value_ptr() }
     }
 
     /// Releases a lock taken by `lock_across_fork`.
@@ -150,8 +261,8 @@ impl<T> Lock<T> {
     /// This process holds the lock through `lock_across_fork` (in the child
     /// of a `fork`, the copy of that hold), and nothing else uses that hold.
     pub(crate) unsafe fn release_after_fork(&self) {
-        // SAFETY: per the contract the lock is held and its guard forgotten,
-        // so no guard will unlock it again.
+        // SAFETY: per the contract the lock is held and its proof dropped,
+        // so nothing will unlock it again.
         unsafe { self.inner.force_unlock() }
     }
 }
@@ -159,48 +270,22 @@ impl<T> Lock<T> {
 impl<T> Deref for LockGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
-        &self.inner
+        // SAFETY: `raw` came from this guard's lock.
+        unsafe { self.lock.get(&self.raw) }
     }
 }
 
 impl<T> DerefMut for LockGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        &mut self.inner
+        // SAFETY: `raw` came from this guard's lock.
+        unsafe { self.lock.get_mut(&mut self.raw) }
     }
 }
 
-/// Holds a critical section and the value it protects.
-#[cfg(all(not(loom), feature = "critical-section"))]
-pub(crate) struct CriticalGuard<'a, T> {
-    state: critical_section::RestoreState,
-    cell: &'a core::cell::UnsafeCell<T>,
-}
-
-#[cfg(all(not(loom), feature = "critical-section"))]
-impl<T> Deref for CriticalGuard<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the critical section held by `self` excludes every other
-        // holder, so no `&mut T` to the cell exists elsewhere.
-        unsafe { &*self.cell.get() }
-    }
-}
-
-#[cfg(all(not(loom), feature = "critical-section"))]
-impl<T> DerefMut for CriticalGuard<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes this the only reference
-        // handed out by this guard.
-        unsafe { &mut *self.cell.get() }
-    }
-}
-
-#[cfg(all(not(loom), feature = "critical-section"))]
-impl<T> Drop for CriticalGuard<'_, T> {
+impl<T> Drop for LockGuard<'_, T> {
     fn drop(&mut self) {
-        // SAFETY: `state` came from the `acquire` that opened this section,
-        // and this is the only place it is released.
-        unsafe { critical_section::release(self.state) }
+        // SAFETY: `raw` came from this guard's lock, and is taken once, here.
+        unsafe { self.lock.unlock_raw(ManuallyDrop::take(&mut self.raw)) }
     }
 }
 
