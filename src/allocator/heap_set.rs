@@ -685,8 +685,7 @@ impl Slot {
     /// After unlocking and a fence, with mail seen: takes the heap again
     /// and frees it, until a look after the fence finds the inbox empty.
     /// If someone else holds the heap, they empty the inbox before they
-    /// leave.
-    /// How many arenas the heap gave back meanwhile.
+    /// leave. Returns how many arenas the heap gave back meanwhile.
     #[cold]
     #[inline(never)]
     fn collect_mail(&self, backing: &impl Backing) -> usize {
