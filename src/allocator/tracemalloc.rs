@@ -1205,13 +1205,20 @@ fn sample_probability(size: usize, mean: usize) -> f64 {
 /// `alloc` in every mode, in place of a test of `on()`.
 #[inline(always)]
 pub(crate) fn counted_out(size: usize) -> bool {
-    // `size` is at most `isize::MAX`, and `left` at least 0.
-    let left = LEFT.get() - size as i64;
-    if left > 0 {
-        LEFT.set(left);
-        return false;
-    }
-    true
+    // One access of the thread local for the read and the write: LLVM
+    // does not always inline a thread local's accessor into the caller,
+    // and `get` then `set` paid two calls of it on every allocation. (It
+    // cannot fail: the cell has no destructor.)
+    LEFT.try_with(|left| {
+        // `size` is at most `isize::MAX`, and `left` at least 0.
+        let remaining = left.get() - size as i64;
+        let out = remaining <= 0;
+        if !out {
+            left.set(remaining);
+        }
+        out
+    })
+    .unwrap_or(true)
 }
 
 /// Whether an allocation of `size` bytes is to be recorded, for one that
