@@ -116,12 +116,12 @@ impl<T> Lock<T> {
             inner: self.inner.lock().unwrap(),
             #[cfg(all(not(loom), not(feature = "critical-section")))]
             held: self.spin_then_yield(),
+            #[cfg(all(not(loom), feature = "critical-section"))]
             // SAFETY: the matching `release` runs in `unlock_raw`, with this
             // state, exactly once (it consumes the raw guard), and nested
             // holds end innermost first: a hold the crate takes while it
             // holds another ends before that one, in the same call or in
             // one it makes.
-            #[cfg(all(not(loom), feature = "critical-section"))]
             state: unsafe { critical_section::acquire() },
             #[cfg(any(loom, feature = "critical-section"))]
             held: PhantomData,
@@ -193,16 +193,16 @@ impl<T> Lock<T> {
     pub(crate) unsafe fn unlock_raw(&self, raw: RawGuard<'_, T>) {
         #[cfg(loom)]
         drop(raw);
+        #[cfg(all(not(loom), not(feature = "critical-section")))]
         // SAFETY: per the contract the lock is held, by `raw`, whose leaked
         // guard will never unlock it again, and `raw` is given up here.
-        #[cfg(all(not(loom), not(feature = "critical-section")))]
         unsafe {
             let _ = raw;
             self.inner.force_unlock()
         }
+        #[cfg(all(not(loom), feature = "critical-section"))]
         // SAFETY: per the contract `raw.state` came from the `acquire` that
         // opened this section, and the section is closed once, here.
-        #[cfg(all(not(loom), feature = "critical-section"))]
         unsafe {
             critical_section::release(raw.state)
         }
