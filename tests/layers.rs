@@ -17,6 +17,7 @@ const ALLOCATOR: &[&str] = &[
     "heap_set",
     "heap",
     "shelf",
+    "retired",
     "arena",
     "pool",
     "stats",

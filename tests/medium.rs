@@ -165,7 +165,10 @@ fn freeing_everything_in_the_tier_gives_its_arenas_back() {
     let empty = heap.stats();
     assert_adds_up(&empty);
     assert_eq!(medium_blocks(&empty), 0);
-    assert!(empty.medium.current <= 1, "one spare at most: {empty}");
+    assert!(
+        empty.medium.current - empty.medium.retired <= 1,
+        "one spare at most, beside arenas waiting out the release delay: {empty}"
+    );
     assert_eq!(
         empty.medium.reclaimed + empty.medium.current,
         empty.medium.allocated_total

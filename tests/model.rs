@@ -42,7 +42,8 @@ fn system_heap_matches_the_model() {
         model.free_all();
         let stats = heap.stats();
         assert_eq!((stats.live_allocations(), stats.requested_bytes), (0, 0));
-        assert!(stats.arenas_current <= 1);
+        // The spare at most, beside arenas waiting out the release delay.
+        assert!(stats.arenas_current - stats.arenas_retired <= 1, "{stats}");
     }
 }
 

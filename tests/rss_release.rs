@@ -1,13 +1,17 @@
 //! Freed arenas go back to the operating system: the process's resident set
-//! shrinks after a spike of small objects is freed, but for the few arenas
-//! the backing keeps mapped for the next ones; a medium arena kept as a
-//! spare stays mapped without its pages.
+//! shrinks after a spike of small objects is freed and the release delay
+//! has passed, but for the few arenas the backing keeps mapped for the
+//! next ones; a medium arena kept as a spare stays mapped without its
+//! pages. Within the delay, freed arenas are taken again rather than
+//! mapped afresh.
 #![cfg(all(feature = "std", target_os = "linux"))]
 
 use pymalloc::backing::RETAINED_ARENAS;
-use pymalloc::PyMalloc;
+use pymalloc::config::DEFAULT_RELEASE_DELAY_MS;
+use pymalloc::{Config, PyMalloc};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::Mutex;
+use std::time::Duration;
 
 #[global_allocator]
 static ALLOC: PyMalloc = PyMalloc::system();
@@ -20,6 +24,12 @@ fn resident_bytes() -> usize {
 
 /// The tests count arenas and resident pages: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Sleeps until arenas retired before the call have waited out the
+/// default release delay: the next `stats()` gives them back.
+fn wait_out_the_release_delay() {
+    std::thread::sleep(Duration::from_millis(2 * DEFAULT_RELEASE_DELAY_MS as u64));
+}
 
 #[test]
 fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
@@ -37,8 +47,9 @@ fn a_spike_of_small_objects_is_returned_after_it_is_freed() {
     assert!(at_peak.arenas_current > arenas_before + 200);
     assert!(spike.iter().enumerate().all(|(i, b)| b[7] == i as u64));
     drop(spike);
-    let after = resident_bytes();
+    wait_out_the_release_delay();
     let stats = ALLOC.stats();
+    let after = resident_bytes();
     assert!(stats.arenas_current <= arenas_before + 1, "{stats}");
     // Of the 250-odd arenas freed, the last few are kept mapped, no more.
     assert_eq!(
@@ -112,6 +123,7 @@ fn spike_with_pins(pins_last: bool) {
         unsafe { ALLOC.dealloc(block, layout) };
     }
     // The spare and the arena of the filler blocks still cached, no more.
+    wait_out_the_release_delay();
     let after = arenas();
     assert!(after <= before + 2, "{before} arenas before, {after} after");
 }
@@ -170,6 +182,92 @@ fn a_spare_medium_arena_does_not_stay_resident() {
         "resident: {} MiB before, {} at the peak, {} after",
         before >> 20,
         peak >> 20,
+        after >> 20
+    );
+}
+
+/// Bytes of 64-byte blocks filling about 40 small arenas.
+const REFILL: usize = 40 * 4000;
+
+/// Allocates `REFILL` 64-byte blocks from `alloc`, writing each, and
+/// frees them all.
+fn fill_and_free(alloc: &PyMalloc) {
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let blocks: Vec<*mut u8> = (0..REFILL)
+        .map(|i| {
+            // SAFETY: a non-zero size.
+            let p = unsafe { alloc.alloc(layout) };
+            assert!(!p.is_null());
+            // SAFETY: the block has 64 bytes.
+            unsafe { p.write_bytes(i as u8, 64) };
+            p
+        })
+        .collect();
+    for p in blocks {
+        // SAFETY: allocated above with this layout, freed once.
+        unsafe { alloc.dealloc(p, layout) };
+    }
+}
+
+/// Within the release delay, the arenas of a round just freed serve the
+/// next round: none is mapped afresh, and their pages stay resident
+/// instead of being faulted in again.
+#[test]
+fn a_second_round_within_the_delay_takes_the_first_rounds_arenas() {
+    // A delay no test run outlasts, so nothing expires meanwhile.
+    static KEEPING: PyMalloc =
+        PyMalloc::system_with(Config::DEFAULT.with_release_delay_ms(1 << 30));
+    let _serial = SERIAL.lock().unwrap();
+    fill_and_free(&KEEPING);
+    let first = KEEPING.stats();
+    assert!(first.arenas_allocated_total >= 30, "{first}");
+    assert!(
+        first.arenas_retired >= first.arenas_allocated_total - 3,
+        "{first}"
+    );
+    assert_eq!(first.arenas_reclaimed, 0, "{first}");
+    fill_and_free(&KEEPING);
+    let second = KEEPING.stats();
+    assert_eq!(
+        second.arenas_allocated_total, first.arenas_allocated_total,
+        "the second round mapped arenas of its own: {second}"
+    );
+    assert_eq!(second.arenas_retired, first.arenas_retired, "{second}");
+}
+
+/// Once the delay has passed, the next call into the allocator gives the
+/// retired arenas back, and with them their pages.
+#[test]
+fn retired_arenas_go_back_once_the_delay_has_passed() {
+    static BRIEF: PyMalloc = PyMalloc::system_with(Config::DEFAULT.with_release_delay_ms(5));
+    let _serial = SERIAL.lock().unwrap();
+    let before = resident_bytes();
+    fill_and_free(&BRIEF);
+    std::thread::sleep(Duration::from_millis(20));
+    // Blocks of a class no cache holds, so that the calls reach a heap
+    // (the cache's refill and flush, where the set sweeps; or, without
+    // caches, the heap itself). Not `stats()`, which would release the
+    // arenas itself.
+    let layout = Layout::from_size_align(200, 8).unwrap();
+    // SAFETY: a non-zero size; each block freed once.
+    let blocks: Vec<*mut u8> = (0..2000).map(|_| unsafe { BRIEF.alloc(layout) }).collect();
+    for p in blocks {
+        // SAFETY: allocated above with this layout.
+        unsafe { BRIEF.dealloc(p, layout) };
+    }
+    let after = resident_bytes();
+    let stats = BRIEF.stats();
+    assert!(stats.arenas_retired <= 2, "{stats}");
+    assert!(stats.arenas_reclaimed >= 30, "{stats}");
+    assert_eq!(
+        stats.arenas_reclaimed + stats.arenas_current,
+        stats.arenas_allocated_total,
+        "{stats}"
+    );
+    assert!(
+        after < before + (4 << 20),
+        "resident: {} MiB before, {} after",
+        before >> 20,
         after >> 20
     );
 }

@@ -31,6 +31,9 @@ pub(crate) struct Arena {
     pub(crate) next: *mut Arena,
     /// See `next`.
     pub(crate) prev: *mut Arena,
+    /// (In what would be padding after `carved`, so a record stays 56
+    /// bytes.) When it was retired, on the backing's clock (see `retired.rs`).
+    pub(crate) retired_at: u32,
 }
 
 impl Arena {
@@ -43,6 +46,7 @@ impl Arena {
         free_pools: ptr::null_mut(),
         next: ptr::null_mut(),
         prev: ptr::null_mut(),
+        retired_at: 0,
     };
 
     /// Sets up `self` for the `arena_size` bytes at `base`.
@@ -104,6 +108,11 @@ impl Arena {
 }
 
 super::list::impl_links!(Arena);
+
+// Records are what a small region pays per arena: the retirement stamp
+// must not grow them.
+#[cfg(target_pointer_width = "64")]
+static_assertions::const_assert_eq!(core::mem::size_of::<Arena>(), 56);
 
 /// Slots of one table chunk. Small enough that a 64 KiB firmware heap does
 /// not notice one chunk, large enough that chunks are rare.

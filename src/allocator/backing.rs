@@ -106,6 +106,15 @@ pub unsafe trait Backing {
         0
     }
 
+    /// Milliseconds since some fixed moment, on a clock that never goes
+    /// back, if the backing has one: heaps then keep wholly free arenas
+    /// for [`Config::release_delay_ms`](crate::Config::release_delay_ms)
+    /// before giving them back (`retired.rs`). The default has none, and
+    /// arenas go back at once. It wraps every 49 days.
+    fn clock_ms(&self) -> Option<u32> {
+        None
+    }
+
     /// Tells the backing that nothing in `ptr..ptr + len`, part of an arena
     /// it handed out, is needed any more: it may give those pages back to
     /// the system while the arena stays the caller's. True if it did (the
@@ -234,6 +243,24 @@ unsafe impl Backing for System {
 
     fn retained_arena_bytes(&self) -> usize {
         arena_memory::retained_bytes()
+    }
+
+    /// The monotonic clock, read only where an arena comes wholly free and
+    /// where a heap set sweeps its retired arenas. (None under loom, whose
+    /// models must not depend on time.)
+    fn clock_ms(&self) -> Option<u32> {
+        #[cfg(loom)]
+        return None;
+        #[cfg(not(loom))]
+        {
+            static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            Some(
+                EPOCH
+                    .get_or_init(std::time::Instant::now)
+                    .elapsed()
+                    .as_millis() as u32,
+            )
+        }
     }
 
     /// Where arenas are mappings of our own; the C library's blocks are

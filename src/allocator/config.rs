@@ -39,6 +39,11 @@ pub const MEDIUM_ARENA_RUNS: usize = 32;
 /// pools each heap keeps stay small beside a desktop program.
 pub const DEFAULT_HEAPS: usize = 8;
 
+/// Milliseconds a wholly free arena waits before it goes back to a backing
+/// with a clock, in [`Config::DEFAULT`] (see
+/// [`Config::with_release_delay_ms`]): mimalloc's purge delay.
+pub const DEFAULT_RELEASE_DELAY_MS: usize = 50;
+
 /// Pool size, pools per arena and heap count of a
 /// [`PyMalloc`](crate::PyMalloc).
 ///
@@ -53,6 +58,7 @@ pub struct Config {
     pool_limit: usize,
     thread_caches: bool,
     medium_tier: bool,
+    release_delay_ms: usize,
 }
 
 impl Config {
@@ -85,6 +91,7 @@ impl Config {
             pool_limit: MAX_POOL_LIMIT,
             thread_caches: true,
             medium_tier: true,
+            release_delay_ms: DEFAULT_RELEASE_DELAY_MS,
         }
     }
 
@@ -102,6 +109,28 @@ impl Config {
             medium_tier: on,
             ..self
         }
+    }
+
+    /// This geometry with wholly free arenas kept `ms` milliseconds before
+    /// they go back to the backing, over a backing with a clock
+    /// ([`System`](crate::System)); 0 gives them back at once, as CPython
+    /// does. A program that frees everything and builds it again within
+    /// the delay takes its arenas back mapped and resident, instead of
+    /// mapping them and faulting every page in afresh; one that stops
+    /// allocating keeps them until its next call into the allocator after
+    /// the delay. The spare arena each heap may keep is apart from this.
+    /// A [`Region`](crate::Region) has no clock: its arenas go back at
+    /// once, to be carved for large objects.
+    pub const fn with_release_delay_ms(self, ms: usize) -> Self {
+        Config {
+            release_delay_ms: ms,
+            ..self
+        }
+    }
+
+    /// See [`Config::with_release_delay_ms`].
+    pub const fn release_delay_ms(&self) -> usize {
+        self.release_delay_ms
     }
 
     /// Whether the medium tier is on (see [`Config::with_medium_tier`]).
@@ -216,6 +245,7 @@ pub(crate) struct ConfigCell {
     pool_limit: AtomicUsize,
     thread_caches: AtomicBool,
     medium_tier: AtomicBool,
+    release_delay_ms: AtomicUsize,
 }
 
 impl ConfigCell {
@@ -228,6 +258,7 @@ impl ConfigCell {
                 pool_limit: AtomicUsize::new(config.pool_limit),
                 thread_caches: AtomicBool::new(config.thread_caches),
                 medium_tier: AtomicBool::new(config.medium_tier),
+                release_delay_ms: AtomicUsize::new(config.release_delay_ms),
             }
         }
     }
@@ -240,6 +271,7 @@ impl ConfigCell {
             pool_limit: self.pool_limit.load(Ordering::Relaxed),
             thread_caches: self.thread_caches.load(Ordering::Relaxed),
             medium_tier: self.medium_tier.load(Ordering::Relaxed),
+            release_delay_ms: self.release_delay_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -273,5 +305,7 @@ impl ConfigCell {
             .store(config.thread_caches, Ordering::Relaxed);
         self.medium_tier
             .store(config.medium_tier, Ordering::Relaxed);
+        self.release_delay_ms
+            .store(config.release_delay_ms, Ordering::Relaxed);
     }
 }

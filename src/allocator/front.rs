@@ -57,7 +57,7 @@ pub type DefaultBacking = Region;
 ///
 /// A null return means the memory is gone: before it, the calling thread's
 /// cached blocks go back, every heap is tried in turn with its inbox
-/// emptied, and (for large requests) every spare arena is given back.
+/// emptied, and (for large requests) every spare and retired arena is given back.
 ///
 #[cfg_attr(feature = "std", doc = "```")]
 #[cfg_attr(not(feature = "std"), doc = "```ignore")]
@@ -307,7 +307,8 @@ impl<B: Backing> PyMalloc<B> {
     /// single-threaded program sees exactly what it holds; blocks other
     /// threads cache count as free ([`Stats::cached_blocks`]). Every heap's
     /// inbox of remotely freed blocks, and its shelf of blocks freed
-    /// without a cache, is emptied on the way.
+    /// without a cache, is emptied on the way, and its retired arenas that
+    /// have waited out the release delay go back.
     pub fn stats(&self) -> Stats {
         let config = self.config();
         let mut stats = Stats::empty(config.pool_size(), config.arena_size());
@@ -324,8 +325,10 @@ impl<B: Backing> PyMalloc<B> {
             for index in 0..set.count() {
                 let mut held = set.hold_exactly(index, &self.backing);
                 // Shelved blocks are free: back in their pools, they count
-                // so, and arenas they alone kept go back.
+                // so, and arenas they alone kept go back (after the
+                // release delay, which those that waited it out have).
                 held.clear_shelf(&self.backing);
+                held.release_expired(&self.backing);
                 held.gather(&mut stats);
             }
             stats.bookkeeping_bytes += set.bytes();
@@ -601,8 +604,8 @@ impl<B: Backing> PyMalloc<B> {
     }
 
     /// Before a null: the calling thread's cached blocks go back to their
-    /// pools, inboxes and shelves are emptied and every heap's spare arena
-    /// goes back to the backing. False if there are no heaps (so nothing
+    /// pools, inboxes and shelves are emptied and every heap's spare and
+    /// retired arenas go back to the backing. False if there are no heaps (so nothing
     /// to reclaim).
     #[cold]
     fn reclaim(&self) -> bool {
@@ -614,7 +617,7 @@ impl<B: Backing> PyMalloc<B> {
         #[cfg(thread_cache)]
         thread_cache::flush_all(self);
         // SAFETY: a published set lives as long as `self`.
-        unsafe { &*set }.release_spares(&self.backing);
+        unsafe { &*set }.release_free_arenas(&self.backing);
         true
     }
 
@@ -757,6 +760,7 @@ impl<B: Backing> PyMalloc<B> {
             held.requested = held.requested.wrapping_add(requested);
         }
         drop(held);
+        set.tend(&self.backing);
         if block.is_null() {
             // Null means the memory is gone: first the calling thread's
             // cached blocks go back, then every heap is asked in turn.

@@ -33,6 +33,7 @@ use super::backing::Backing;
 use super::config::{Config, MAX_ARENA_POOLS};
 use super::list;
 use super::pool::{blocks_per_pool, pool_of, Batch, Pool, POOL_HEADER_SIZE};
+use super::retired::Retired;
 use super::shelf::Shelf;
 use super::size_class::{class_alignment, class_size, ALL_CLASS_COUNT, CLASS_COUNT};
 use super::stats::Stats;
@@ -51,6 +52,25 @@ pub(crate) const MAX_SPARE_ARENAS: usize = 1;
 /// a spare by each heap could otherwise pin its runs' pages in every heap
 /// after a spike.
 const SPARE_RESIDENT_LIMIT: usize = 1 << 20;
+
+/// What the heaps of one kind (small or medium) of a heap set count
+/// between them, in the set, which outlives them.
+pub(crate) struct ArenaCounts {
+    /// Wholly free arenas kept as spares.
+    pub(crate) spares: AtomicUsize,
+    /// Retired arenas (`retired.rs`): while there are none, the set's
+    /// sweep reads no clock.
+    pub(crate) retired: AtomicUsize,
+}
+
+impl ArenaCounts {
+    pub(crate) const fn new() -> Self {
+        ArenaCounts {
+            spares: AtomicUsize::new(0),
+            retired: AtomicUsize::new(0),
+        }
+    }
+}
 
 /// One heap: everything behind one lock.
 pub(crate) struct Heap {
@@ -71,14 +91,18 @@ pub(crate) struct Heap {
     table: ArenaTable,
     arenas_allocated_total: usize,
     arenas_reclaimed: usize,
+    /// Arenas that came wholly free and went back or were retired: the
+    /// heap is draining.
+    arenas_let_go: usize,
     arenas_highwater: usize,
     arenas_current: usize,
-    /// The allocator's count of spare arenas, kept by its heap set, which
-    /// outlives the heap.
-    spares: *const AtomicUsize,
+    /// Its kind's counts, kept by its heap set, which outlives the heap.
+    counts: *const ArenaCounts,
     /// Whether this heap's only usable arena is wholly free and counted in
-    /// `spares`.
+    /// `counts.spares`.
     spare: bool,
+    /// Wholly free arenas waiting out the release delay.
+    retired: Retired,
     /// Bytes requested by small blocks allocated through this heap, minus
     /// those freed into it, without a thread cache (wrapping: blocks move
     /// between heaps and caches, so only the sum over all counts means
@@ -111,9 +135,9 @@ pub(crate) enum BlockStatus {
 }
 
 impl Heap {
-    /// A heap of `config`, the `index`th of its allocator, whose spare
-    /// arenas are counted in `*spares` (which must outlive it).
-    pub(crate) const fn new(config: Config, index: usize, spares: *const AtomicUsize) -> Self {
+    /// A heap of `config`, the `index`th of its allocator, whose spare and
+    /// retired arenas are counted in `*counts` (which must outlive it).
+    pub(crate) const fn new(config: Config, index: usize, counts: *const ArenaCounts) -> Self {
         Heap {
             config,
             index,
@@ -124,10 +148,12 @@ impl Heap {
             table: ArenaTable::new(),
             arenas_allocated_total: 0,
             arenas_reclaimed: 0,
+            arenas_let_go: 0,
             arenas_highwater: 0,
             arenas_current: 0,
-            spares,
+            counts,
             spare: false,
+            retired: Retired::new(),
             requested: 0,
             shelved: false,
             shelf: Shelf::new(config.pool_size()),
@@ -266,6 +292,14 @@ impl Heap {
         // hold initialised pools of theirs.
         let (pool, reused) = unsafe { (*arena).take_pool(pool_size) };
         self.arena_lost_pool(arena);
+        if self.retired.len() > 0 {
+            if let Some(now) = backing.clock_ms() {
+                // Those that waited out an idle spell go; the rest are
+                // what the heap is growing into.
+                self.release_expired_at(now, backing);
+                self.retired.pool_taken(now);
+            }
+        }
         // SAFETY: `pool` is a pool-aligned span of the arena with no block
         // out; an empty pool of the same class keeps its free list (never
         // empty: blocks were given back to it).
@@ -398,8 +432,19 @@ impl Heap {
         self.arena_gained_pool(arena, backing);
     }
 
-    /// Takes a new arena from the backing and makes it the only usable one.
+    /// Makes a retired arena, else a new one from the backing, the only
+    /// usable one.
     fn open_arena(&mut self, backing: &impl Backing) -> bool {
+        let retired = self.retired.take_newest();
+        if !retired.is_null() {
+            self.counts().retired.fetch_sub(1, Ordering::Relaxed);
+            // SAFETY: a retired arena is a live record, wholly free, and
+            // (just taken off its list) on no list.
+            let pools = unsafe { (*retired).pool_count } as usize;
+            self.usable = retired;
+            self.last_with_free[pools] = retired;
+            return true;
+        }
         let (arena_size, pool_size) = (self.config.arena_size(), self.config.pool_size());
         let slot = self.table.acquire(backing);
         if slot.is_null() {
@@ -456,10 +501,10 @@ impl Heap {
         }
     }
 
-    /// Arenas this heap has given back to the backing so far: a cache
+    /// Arenas this heap has let go (given back or retired) so far: a cache
     /// flush that moves it has found the heap draining.
-    pub(crate) fn arenas_reclaimed(&self) -> usize {
-        self.arenas_reclaimed
+    pub(crate) fn arenas_let_go(&self) -> usize {
+        self.arenas_let_go
     }
 
     /// Bookkeeping after one of `arena`'s pools became empty: move it to its
@@ -483,16 +528,16 @@ impl Heap {
         if free_before == 0 {
             // It was full, so off the list; one free pool puts it first.
             if wholly_free && !self.usable.is_null() {
-                self.release_arena(arena, backing);
+                self.let_go(arena, backing);
                 return;
             }
-            self.release_spare(backing);
+            self.retire_spare(backing);
             // SAFETY: list members are live records; `arena` is on no list.
             unsafe { list::push_front(&mut self.usable, arena) };
         } else if wholly_free && !(arena_ref.prev.is_null() && arena_ref.next.is_null()) {
             // Another arena has room, so this one need not stay as a spare.
             self.remove_usable(arena);
-            self.release_arena(arena, backing);
+            self.let_go(arena, backing);
             return;
         } else if last_of_group != arena {
             // Arenas after it still have `free_before` free pools: it goes
@@ -515,8 +560,7 @@ impl Heap {
     /// the allocator's spare if fewer than `MAX_SPARE_ARENAS` are kept,
     /// else it goes back.
     fn keep_spare(&mut self, backing: &impl Backing) {
-        // SAFETY: the count outlives the heap (`Heap::new`).
-        let spares = unsafe { &*self.spares };
+        let spares = &self.counts().spares;
         let most = if self.medium {
             self.config.heaps()
         } else {
@@ -529,7 +573,7 @@ impl Heap {
             self.spare = true;
             self.purge_spare(backing);
         } else {
-            self.release_spare(backing);
+            self.retire_spare(backing);
         }
     }
 
@@ -561,20 +605,87 @@ impl Heap {
         }
     }
 
-    fn uncount_spare(&mut self) {
-        self.spare = false;
-        // SAFETY: as in `keep_spare`.
-        unsafe { &*self.spares }.fetch_sub(1, Ordering::Relaxed);
+    fn counts(&self) -> &ArenaCounts {
+        // SAFETY: the counts outlive the heap (`Heap::new`).
+        unsafe { &*self.counts }
     }
 
-    /// Gives back the spare, if there is one: a wholly free arena is kept
-    /// only while it is the only usable arena, and another is about to join
-    /// (or the backing is out of memory and another heap may need it).
-    pub(crate) fn release_spare(&mut self, backing: &impl Backing) {
+    fn uncount_spare(&mut self) {
+        self.spare = false;
+        self.counts().spares.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Retires the spare, if there is one: a wholly free arena stays usable
+    /// only while it is the only usable arena, and another is about to join.
+    fn retire_spare(&mut self, backing: &impl Backing) {
+        let spare = self.unlink_spare();
+        if !spare.is_null() {
+            self.let_go(spare, backing);
+        }
+    }
+
+    /// Gives back the spare and every retired arena at once: the backing is
+    /// out of memory, and another heap, or a large object, may need it.
+    pub(crate) fn release_free_arenas(&mut self, backing: &impl Backing) {
+        let spare = self.unlink_spare();
+        if !spare.is_null() {
+            self.release_arena(spare, backing);
+        }
+        loop {
+            let arena = self.retired.take_newest();
+            if arena.is_null() {
+                break;
+            }
+            self.counts().retired.fetch_sub(1, Ordering::Relaxed);
+            self.release_arena(arena, backing);
+        }
+    }
+
+    /// Gives back the retired arenas that have waited out the release
+    /// delay, if the backing has a clock.
+    pub(crate) fn release_expired(&mut self, backing: &impl Backing) {
+        if let Some(now) = backing.clock_ms() {
+            self.release_expired_at(now, backing);
+        }
+    }
+
+    fn release_expired_at(&mut self, now: u32, backing: &impl Backing) {
+        let delay = self.config.release_delay_ms();
+        loop {
+            let arena = self.retired.take_expired(now, delay);
+            if arena.is_null() {
+                break;
+            }
+            self.counts().retired.fetch_sub(1, Ordering::Relaxed);
+            self.release_arena(arena, backing);
+        }
+    }
+
+    /// A wholly free arena, on no list, that no spare rule keeps: retired
+    /// if the backing has a clock and the delay is not zero (the oldest
+    /// retired arenas that have waited it out going back meanwhile), else
+    /// given back now.
+    fn let_go(&mut self, arena: *mut Arena, backing: &impl Backing) {
+        self.arenas_let_go += 1;
+        match backing.clock_ms() {
+            Some(now) if self.config.release_delay_ms() > 0 => {
+                self.release_expired_at(now, backing);
+                // SAFETY: per the above, a live record of a wholly free
+                // arena on no list.
+                unsafe { self.retired.push(arena, now) };
+                self.counts().retired.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => self.release_arena(arena, backing),
+        }
+    }
+
+    /// Takes the spare, if there is one, off the usable list; null if
+    /// there is none.
+    fn unlink_spare(&mut self) -> *mut Arena {
         let spare = self.usable;
         // SAFETY: list members are live records.
         if spare.is_null() || unsafe { (*spare).free_count != (*spare).pool_count } {
-            return;
+            return ptr::null_mut();
         }
         // SAFETY: as above.
         let free = unsafe { (*spare).free_count } as usize;
@@ -584,7 +695,7 @@ impl Heap {
         if self.spare {
             self.uncount_spare();
         }
-        self.release_arena(spare, backing);
+        spare
     }
 
     fn remove_usable(&mut self, arena: *mut Arena) {
@@ -628,10 +739,14 @@ impl Heap {
         if self.spare {
             self.uncount_spare();
         }
+        // The retired arenas went with the others.
+        self.counts()
+            .retired
+            .fetch_sub(self.retired.len(), Ordering::Relaxed);
         *self = Heap {
             medium: self.medium,
             shelved: self.shelved,
-            ..Heap::new(self.config, self.index, self.spares)
+            ..Heap::new(self.config, self.index, self.counts)
         };
     }
 
@@ -644,12 +759,13 @@ impl Heap {
             stats.medium.arena_size = self.config.arena_size();
         }
         let m = &mut stats.medium;
-        let (total, reclaimed, highwater, current, unused) = match self.medium {
+        let (total, reclaimed, highwater, current, retired, unused) = match self.medium {
             false => (
                 &mut stats.arenas_allocated_total,
                 &mut stats.arenas_reclaimed,
                 &mut stats.arenas_highwater,
                 &mut stats.arenas_current,
+                &mut stats.arenas_retired,
                 &mut stats.unused_pools,
             ),
             true => (
@@ -657,9 +773,11 @@ impl Heap {
                 &mut m.reclaimed,
                 &mut m.highwater,
                 &mut m.current,
+                &mut m.retired,
                 &mut m.unused_runs,
             ),
         };
+        *retired += self.retired.len();
         *total += self.arenas_allocated_total;
         *reclaimed += self.arenas_reclaimed;
         *highwater += self.arenas_highwater;
@@ -784,6 +902,8 @@ mod tests {
         purges: bool,
         /// Bytes purged so far.
         purged: Cell<usize>,
+        /// The clock `clock_ms` reads, set by the test; none by default.
+        clock: Cell<Option<u32>>,
     }
 
     // SAFETY: forwards to the std allocator, which keeps the promises.
@@ -819,6 +939,9 @@ mod tests {
             }
             self.purges
         }
+        fn clock_ms(&self) -> Option<u32> {
+            self.clock.get()
+        }
     }
 
     const BIG: usize = CLASS_COUNT - 1;
@@ -826,9 +949,9 @@ mod tests {
     const BIGGEST: usize = ALL_CLASS_COUNT - 1;
 
     /// A medium heap of the default geometry, the `index`th of `heaps`.
-    fn medium_heap(index: usize, heaps: usize, spares: &AtomicUsize) -> Heap {
+    fn medium_heap(index: usize, heaps: usize, counts: &ArenaCounts) -> Heap {
         let config = Config::new(MEDIUM_RUN_SIZE, MEDIUM_ARENA_RUNS).with_heaps(heaps);
-        Heap::new(config, index, spares).serving_medium()
+        Heap::new(config, index, counts).serving_medium()
     }
 
     /// Allocates `count` blocks of `class`, then frees them all.
@@ -864,8 +987,8 @@ mod tests {
     #[test]
     fn freeing_everything_gives_back_all_arenas_but_one_spare() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let blocks = fill(&mut heap, &backing, 8);
         for block in blocks {
             // SAFETY: each block came from this heap and is freed once.
@@ -885,13 +1008,107 @@ mod tests {
         assert_eq!(s.blocks_in_use(), 0);
     }
 
+    /// A heap over a backing whose clock reads 0, arenas retired for 10 ms,
+    /// and `blocks` that filled `arenas` arenas, all freed: the spare and
+    /// `arenas - 1` retired arenas are left.
+    fn retired_after_a_round(backing: &Counting, counts: &ArenaCounts, arenas: usize) -> Heap {
+        backing.clock.set(Some(0));
+        let mut heap = Heap::new(Config::SMALL.with_release_delay_ms(10), 0, counts);
+        for block in fill(&mut heap, backing, arenas) {
+            // SAFETY: each block came from this heap and is freed once.
+            unsafe { heap.free(block, backing) };
+            heap.check_invariants();
+        }
+        assert_eq!(
+            (backing.arenas_out.get(), heap.retired.len()),
+            (arenas, arenas - 1)
+        );
+        assert_eq!(counts.retired.load(Ordering::Relaxed), arenas - 1);
+        let s = stats(&heap);
+        assert_eq!(
+            (s.arenas_current, s.arenas_retired, s.arenas_reclaimed),
+            (arenas, arenas - 1, 0)
+        );
+        heap
+    }
+
+    #[test]
+    fn a_round_within_the_delay_takes_the_retired_arenas_back() {
+        let (backing, counts) = (Counting::default(), ArenaCounts::new());
+        let mut heap = retired_after_a_round(&backing, &counts, 6);
+        backing.clock.set(Some(9));
+        let blocks = fill(&mut heap, &backing, 6);
+        assert_eq!(backing.arenas_given.get(), 6, "no arena mapped afresh");
+        assert_eq!(heap.retired.len(), 0);
+        for block in blocks {
+            // SAFETY: as above.
+            unsafe { heap.free(block, &backing) };
+        }
+        assert_eq!(heap.retired.len(), 5);
+    }
+
+    #[test]
+    fn retired_arenas_go_back_once_the_heap_has_been_idle_for_the_delay() {
+        let (backing, counts) = (Counting::default(), ArenaCounts::new());
+        let mut heap = retired_after_a_round(&backing, &counts, 6);
+        backing.clock.set(Some(9));
+        heap.release_expired(&backing);
+        assert_eq!(heap.retired.len(), 5, "9 ms idle is within the delay");
+        backing.clock.set(Some(10));
+        heap.release_expired(&backing);
+        assert_eq!((heap.retired.len(), backing.arenas_out.get()), (0, 1));
+        assert_eq!(counts.retired.load(Ordering::Relaxed), 0);
+        let s = stats(&heap);
+        assert_eq!((s.arenas_current, s.arenas_reclaimed), (1, 5));
+    }
+
+    #[test]
+    fn a_heap_taking_pools_keeps_its_retired_arenas_until_they_age_out() {
+        let (backing, counts) = (Counting::default(), ArenaCounts::new());
+        let mut heap = retired_after_a_round(&backing, &counts, 3);
+        // A pool taken every 9 ms (from the spare, whose pools are free)
+        // keeps the heap busy: nothing goes back for 100 delays.
+        let mut taken = Vec::new();
+        for now in (9..1000).step_by(9) {
+            backing.clock.set(Some(now));
+            heap.release_expired(&backing);
+            assert_eq!(heap.retired.len(), 2, "at {now} ms");
+            let block = heap.alloc(BIG, &backing);
+            assert!(!block.is_null());
+            taken.push(block);
+            if taken.len() == 8 {
+                for block in taken.drain(..) {
+                    // SAFETY: as above.
+                    unsafe { heap.free(block, &backing) };
+                }
+            }
+        }
+        // At 1000 ms both have waited 100 delays, busy or not.
+        backing.clock.set(Some(1000));
+        heap.release_expired(&backing);
+        assert_eq!(heap.retired.len(), 0);
+        for block in taken {
+            // SAFETY: as above.
+            unsafe { heap.free(block, &backing) };
+        }
+    }
+
+    #[test]
+    fn out_of_memory_takes_the_retired_arenas_back_at_once() {
+        let (backing, counts) = (Counting::default(), ArenaCounts::new());
+        let mut heap = retired_after_a_round(&backing, &counts, 4);
+        heap.release_free_arenas(&backing);
+        assert_eq!((heap.retired.len(), backing.arenas_out.get()), (0, 0));
+        assert_eq!(counts.retired.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn heaps_of_one_allocator_keep_one_spare_arena_between_them() {
         // One backing per heap, so that `fill` counts each heap's arenas.
         let backings = [Counting::default(), Counting::default()];
         let out = || backings.iter().map(|b| b.arenas_out.get()).sum::<usize>();
-        let spares = AtomicUsize::new(0);
-        let mut heaps = [0, 1].map(|index| Heap::new(Config::SMALL, index, &spares));
+        let counts = ArenaCounts::new();
+        let mut heaps = [0, 1].map(|index| Heap::new(Config::SMALL, index, &counts));
         let blocks = [0, 1].map(|i| fill(&mut heaps[i], &backings[i], 2));
         assert_eq!(out(), 4);
         for (i, blocks) in blocks.into_iter().enumerate() {
@@ -902,26 +1119,26 @@ mod tests {
             heaps[i].check_invariants();
         }
         assert_eq!(out(), 1, "one spare in all");
-        assert_eq!(spares.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 1);
         // The spare taken back into use frees the count for the other heap.
         let block = heaps[0].alloc(BIG, &backings[0]);
-        assert_eq!(spares.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 0);
         // SAFETY: just allocated from heap 0.
         unsafe { heaps[0].free(block, &backings[0]) };
-        assert_eq!(spares.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 1);
         for (heap, backing) in heaps.iter_mut().zip(&backings) {
             // SAFETY: no block of the heaps is used again.
             unsafe { heap.release_all(backing) };
         }
-        assert_eq!(spares.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 0);
         assert_eq!(out(), 0);
     }
 
     #[test]
     fn medium_heaps_keep_a_spare_each() {
         let backings = [Counting::default(), Counting::default()];
-        let spares = AtomicUsize::new(0);
-        let mut heaps = [0, 1].map(|index| medium_heap(index, 2, &spares));
+        let counts = ArenaCounts::new();
+        let mut heaps = [0, 1].map(|index| medium_heap(index, 2, &counts));
         let per_arena = MEDIUM_ARENA_RUNS * blocks_per_pool(MEDIUM_RUN_SIZE, BIGGEST);
         for (heap, backing) in heaps.iter_mut().zip(&backings) {
             churn_once(heap, backing, BIGGEST, 2 * per_arena);
@@ -935,13 +1152,13 @@ mod tests {
         }
         let given: Vec<_> = backings.iter().map(|b| b.arenas_given.get()).collect();
         assert_eq!(given, [2, 2]);
-        assert_eq!(spares.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 2);
         for (heap, backing) in heaps.iter_mut().zip(&backings) {
             // SAFETY: no block of the heaps is used again.
             unsafe { heap.release_all(backing) };
             assert_eq!(backing.arenas_out.get(), 0);
         }
-        assert_eq!(spares.load(Ordering::Relaxed), 0);
+        assert_eq!(counts.spares.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -952,8 +1169,8 @@ mod tests {
                 purges,
                 ..Counting::default()
             };
-            let spares = AtomicUsize::new(0);
-            let mut heap = medium_heap(0, 1, &spares);
+            let counts = ArenaCounts::new();
+            let mut heap = medium_heap(0, 1, &counts);
             // One block carves far less than the limit: kept as it is.
             churn_once(&mut heap, &backing, BIGGEST, 1);
             assert_eq!(backing.purged.get(), 0);
@@ -977,8 +1194,8 @@ mod tests {
     fn one_live_block_pins_its_arena_and_only_its_arena() {
         for pinned_arena in [0, 3, 7] {
             let backing = Counting::default();
-            let spares = AtomicUsize::new(0);
-            let mut heap = Heap::new(Config::SMALL, 0, &spares);
+            let counts = ArenaCounts::new();
+            let mut heap = Heap::new(Config::SMALL, 0, &counts);
             let blocks = fill(&mut heap, &backing, 8);
             let per_arena = blocks.len() / 8;
             let pinned = blocks[pinned_arena * per_arena + 5];
@@ -999,8 +1216,8 @@ mod tests {
     #[test]
     fn new_pools_come_from_the_fullest_arena() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         // Arena 0 gets 4 free pools, arena 1 gets 1, arena 2 gets 2.
@@ -1030,8 +1247,8 @@ mod tests {
     #[test]
     fn a_loop_at_an_arena_boundary_does_not_open_an_arena_each_time() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let _full = fill(&mut heap, &backing, 2);
         for _ in 0..1000 {
             let block = heap.alloc(BIG, &backing);
@@ -1045,8 +1262,8 @@ mod tests {
     #[test]
     fn the_spare_goes_back_once_another_arena_has_room() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let blocks = fill(&mut heap, &backing, 3);
         let per_arena = blocks.len() / 3;
         for &block in &blocks[..per_arena] {
@@ -1067,8 +1284,8 @@ mod tests {
     #[test]
     fn ten_thousand_arenas_freed_in_reverse_order() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let blocks = fill(&mut heap, &backing, 10_000);
         for &block in blocks.iter().rev() {
             // SAFETY: freed once. Each free is O(1): no step of
@@ -1082,8 +1299,8 @@ mod tests {
     #[test]
     fn random_frees_keep_the_list_sorted_and_indexed() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares);
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts);
         let mut live: Vec<*mut u8> = Vec::new();
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for step in 0..200_000 {
@@ -1113,8 +1330,8 @@ mod tests {
     #[test]
     fn a_shelf_hands_back_the_newest_free_and_holds_at_most_a_pools_bytes() {
         let backing = Counting::default();
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares).with_shelf();
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts).with_shelf();
         let blocks: Vec<_> = (0..40).map(|_| heap.alloc(SHELVED, &backing)).collect();
         assert!(blocks.iter().all(|b| !b.is_null()));
         for &block in &blocks {
@@ -1143,8 +1360,8 @@ mod tests {
     fn a_shelf_goes_back_to_the_pools_before_an_allocation_fails() {
         let backing = Counting::default();
         backing.arena_limit.set(1);
-        let spares = AtomicUsize::new(0);
-        let mut heap = Heap::new(Config::SMALL, 0, &spares).with_shelf();
+        let counts = ArenaCounts::new();
+        let mut heap = Heap::new(Config::SMALL, 0, &counts).with_shelf();
         let fill = |heap: &mut Heap, class: usize| {
             let mut blocks = Vec::new();
             loop {

@@ -35,7 +35,7 @@ use super::config::{
     Config, MAX_ARENA_POOLS, MAX_HEAPS, MAX_POOL_LIMIT, MEDIUM_ARENA_RUNS, MEDIUM_RUN_SIZE,
     MIN_POOL_SIZE,
 };
-use super::heap::Heap;
+use super::heap::{ArenaCounts, Heap};
 use super::pool::{pool_of, FreeBlock};
 use super::size_class::is_medium;
 use super::sync::{fence, AtomicPtr, AtomicUsize, Lock, Ordering, RawGuard};
@@ -75,12 +75,15 @@ pub(crate) struct HeapSet {
     /// Wrapping: only its sum with the heaps' and caches' counts means
     /// anything.
     pub(crate) requested: AtomicUsize,
-    /// Wholly free arenas its heaps keep, at most `MAX_SPARE_ARENAS` in
-    /// all (see `heap.rs`).
-    spare_arenas: AtomicUsize,
+    /// Spare and retired arenas of its small heaps: at most
+    /// `MAX_SPARE_ARENAS` spares in all (see `heap.rs`).
+    small_arenas: ArenaCounts,
     /// The same for the medium heaps' arenas: a spare of each kind, so
     /// that a loop across a boundary of either does not map and unmap.
-    medium_spares: AtomicUsize,
+    medium_arenas: ArenaCounts,
+    /// When `tend` last swept the heaps for retired arenas past their
+    /// delay, on the backing's clock.
+    swept_at: AtomicUsize,
     /// Its place among all sets, for the fork handlers.
     #[cfg(fork_handlers)]
     pub(crate) fork: SetLinks,
@@ -158,21 +161,23 @@ impl HeapSet {
                 #[cfg(thread_cache)]
                 next_home: AtomicUsize::new(0),
                 requested: AtomicUsize::new(0),
-                spare_arenas: AtomicUsize::new(0),
-                medium_spares: AtomicUsize::new(0),
+                small_arenas: ArenaCounts::new(),
+                medium_arenas: ArenaCounts::new(),
+                swept_at: AtomicUsize::new(0),
                 #[cfg(fork_handlers)]
                 fork: SetLinks::new(),
             });
-            let spares = &raw const (*set).spare_arenas;
-            let medium_spares = &raw const (*set).medium_spares;
+            let small_counts = &raw const (*set).small_arenas;
+            let medium_counts = &raw const (*set).medium_arenas;
             let medium_config = Config::new(MEDIUM_RUN_SIZE, medium_arena_runs(backing.span_len()))
-                .with_heaps(config.heaps());
+                .with_heaps(config.heaps())
+                .with_release_delay_ms(config.release_delay_ms());
             let first = set.cast::<u8>().add(Self::SLOTS_OFFSET).cast::<Slot>();
             for index in 0..slots {
                 let heap = match index < config.heaps() {
-                    true if shelved => Heap::new(config, index, spares).with_shelf(),
-                    true => Heap::new(config, index, spares),
-                    false => Heap::new(medium_config, index, medium_spares).serving_medium(),
+                    true if shelved => Heap::new(config, index, small_counts).with_shelf(),
+                    true => Heap::new(config, index, small_counts),
+                    false => Heap::new(medium_config, index, medium_counts).serving_medium(),
                 };
                 first.add(index).write(Slot {
                     heap: Lock::new(heap),
@@ -422,15 +427,55 @@ impl HeapSet {
             .unwrap_or(ptr::null_mut())
     }
 
-    /// Gives every heap's spare arena back to the backing, inboxes and
-    /// shelves emptied first (their blocks may be what keeps an arena from
-    /// being spare).
+    /// Gives every heap's spare and retired arenas back to the backing,
+    /// inboxes and shelves emptied first (their blocks may be what keeps an
+    /// arena from being free).
     #[cold]
-    pub(crate) fn release_spares(&self, backing: &impl Backing) {
+    pub(crate) fn release_free_arenas(&self, backing: &impl Backing) {
         for index in 0..self.count() {
             let mut held = self.hold_exactly(index, backing);
             held.clear_shelf(backing);
-            held.release_spare(backing);
+            held.release_free_arenas(backing);
+        }
+    }
+
+    /// Gives back the retired arenas of every heap that have waited out the
+    /// release delay, at most once a delay, and only while some heap has
+    /// retired arenas: called where a thread goes down to a heap anyway
+    /// (a cache's refill or flush, a locked allocation's slow path), so
+    /// that arenas of heaps no thread visits go back too.
+    #[inline]
+    pub(crate) fn tend(&self, backing: &impl Backing) {
+        let retired = self.small_arenas.retired.load(Ordering::Relaxed)
+            + self.medium_arenas.retired.load(Ordering::Relaxed);
+        if retired != 0 {
+            self.sweep(backing);
+        }
+    }
+
+    #[cold]
+    fn sweep(&self, backing: &impl Backing) {
+        let Some(now) = backing.clock_ms() else {
+            return;
+        };
+        let swept_at = self.swept_at.load(Ordering::Relaxed);
+        if (now.wrapping_sub(swept_at as u32) as usize) < self.config.release_delay_ms() {
+            return;
+        }
+        // One sweeper at a time; a loser finds the heaps swept.
+        if self
+            .swept_at
+            .compare_exchange(swept_at, now as usize, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        for index in 0..self.count() {
+            // A heap in use is left to its holder's next arena event, or
+            // the next sweep.
+            if let Some(mut held) = self.try_hold(index, backing) {
+                held.release_expired(backing);
+            }
         }
     }
 
@@ -462,7 +507,7 @@ impl HeapSet {
     /// Frees `block` of `class` (`requested` bytes asked for) into its
     /// heap: directly if the heap is free, else through its inbox, then
     /// one more try so that the block is never left behind by a holder
-    /// that was just leaving. Returns how many arenas the heap gave back
+    /// that was just leaving. Returns how many arenas the heap let go
     /// meanwhile when it was free (0 through the inbox).
     ///
     /// # Safety
@@ -500,7 +545,7 @@ impl HeapSet {
     }
 
     /// `free` into the heap held, to its pools (emptying a full shelf
-    /// first): how many arenas the heap gave back meanwhile.
+    /// first): how many arenas the heap let go meanwhile.
     ///
     /// # Safety
     /// As for `free`; `held` is the block's heap.
@@ -511,13 +556,13 @@ impl HeapSet {
         class: usize,
         requested: usize,
     ) -> usize {
-        let reclaimed = held.arenas_reclaimed();
+        let let_go = held.arenas_let_go();
         let backing = held.backing;
         // SAFETY: forwarded contract.
         unsafe { held.free_of_class(block, class, backing) };
         held.requested = held.requested.wrapping_sub(requested);
-        let reclaimed = held.arenas_reclaimed() - reclaimed;
-        reclaimed + held.release()
+        let let_go = held.arenas_let_go() - let_go;
+        let_go + held.release()
     }
 
     /// `free` through heap `index`'s inbox: its lock was taken.
@@ -556,7 +601,7 @@ impl HeapSet {
 
     /// The pusher's half of "nothing left behind": if the heap's holder left
     /// before seeing the push, take the heap and empty the inbox. How many
-    /// arenas the heap gave back meanwhile.
+    /// arenas the heap let go meanwhile.
     pub(crate) fn after_push(&self, index: usize, backing: &impl Backing) -> usize {
         fence(Ordering::SeqCst);
         // Taking the heap empties its inbox; leaving it checks once more.
@@ -621,7 +666,7 @@ impl<'a, B: Backing> Held<'a, B> {
     }
 
     /// Frees the blocks waiting in the inbox into the heap: how many
-    /// arenas it gave back meanwhile.
+    /// arenas it let go meanwhile.
     #[inline(always)]
     pub(crate) fn take_mail(&mut self) -> usize {
         let (slot, backing) = (self.slot, self.backing);
@@ -631,7 +676,7 @@ impl<'a, B: Backing> Held<'a, B> {
         slot.drain_into(self, backing)
     }
 
-    /// Leaves the heap: how many arenas it gave back while mail that
+    /// Leaves the heap: how many arenas it let go while mail that
     /// arrived meanwhile was freed (see `leave`).
     #[inline(always)]
     pub(crate) fn release(self) -> usize {
@@ -685,28 +730,28 @@ impl Slot {
     /// After unlocking and a fence, with mail seen: takes the heap again
     /// and frees it, until a look after the fence finds the inbox empty.
     /// If someone else holds the heap, they empty the inbox before they
-    /// leave. Returns how many arenas the heap gave back meanwhile.
+    /// leave. Returns how many arenas the heap let go meanwhile.
     #[cold]
     #[inline(never)]
     fn collect_mail(&self, backing: &impl Backing) -> usize {
-        let mut reclaimed = 0;
+        let mut let_go = 0;
         while let Some(mut heap) = self.heap.try_lock() {
-            reclaimed += self.drain_into(&mut heap, backing);
+            let_go += self.drain_into(&mut heap, backing);
             drop(heap);
             fence(Ordering::SeqCst);
             if !self.has_mail() {
                 break;
             }
         }
-        reclaimed
+        let_go
     }
 
     /// Frees every block waiting in the inbox into `heap`, this slot's heap,
-    /// held: how many arenas it gave back meanwhile.
+    /// held: how many arenas it let go meanwhile.
     #[cold]
     #[inline(never)]
     fn drain_into(&self, heap: &mut Heap, backing: &impl Backing) -> usize {
-        let before = heap.arenas_reclaimed();
+        let before = heap.arenas_let_go();
         // Acquire: pairs with the pushers' release, so their links are seen.
         let mut block = self.inbox.swap(ptr::null_mut(), Ordering::Acquire);
         while !block.is_null() {
@@ -719,7 +764,7 @@ impl Slot {
                 block = next;
             }
         }
-        heap.arenas_reclaimed() - before
+        heap.arenas_let_go() - before
     }
 }
 
@@ -760,7 +805,7 @@ pub(crate) struct Mail<'a, B: Backing> {
 
 impl<B: Backing> Mail<'_, B> {
     /// Takes the heap again and frees the mail, as often as more arrives
-    /// while it does: how many arenas the heap gave back meanwhile.
+    /// while it does: how many arenas the heap let go meanwhile.
     pub(crate) fn collect(self) -> usize {
         self.slot.collect_mail(self.backing)
     }

@@ -24,6 +24,7 @@
 //!               inboxes, one fixed block
 //! heap          per-class lists of used pools; arenas sorted fullest first
 //! shelf         per class, blocks freed without a cache, before the pools
+//! retired       wholly free arenas kept mapped for the release delay
 //! arena         one span from the backing, cut into pools; records outside it
 //! pool          a page-sized run of one class's blocks: free list, bump, header
 //! stats         the _debugmallocstats snapshot, filled in by the layers above
@@ -212,6 +213,7 @@ pub(crate) mod heap_set;
 pub mod inject;
 pub(crate) mod list;
 pub(crate) mod pool;
+pub(crate) mod retired;
 pub(crate) mod shelf;
 pub mod size_class;
 pub mod stats;

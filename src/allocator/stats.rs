@@ -38,6 +38,9 @@ pub struct MediumArenas {
     pub highwater: usize,
     /// Medium arenas held now.
     pub current: usize,
+    /// Of those, wholly free ones waiting out the release delay
+    /// ([`Config::with_release_delay_ms`](crate::Config::with_release_delay_ms)).
+    pub retired: usize,
     /// Runs with no block out: empty or never carved.
     pub unused_runs: usize,
 }
@@ -71,6 +74,10 @@ pub struct Stats {
     pub arenas_highwater: usize,
     /// Arenas held now.
     pub arenas_current: usize,
+    /// Of those, wholly free ones waiting out the release delay
+    /// ([`Config::with_release_delay_ms`](crate::Config::with_release_delay_ms)):
+    /// their pools count as unused.
+    pub arenas_retired: usize,
     /// The medium tier's arenas.
     pub medium: MediumArenas,
     /// Pools with no block out: empty or never carved.
@@ -119,6 +126,7 @@ impl Stats {
             arenas_reclaimed: 0,
             arenas_highwater: 0,
             arenas_current: 0,
+            arenas_retired: 0,
             medium: MediumArenas {
                 run_size: MEDIUM_RUN_SIZE,
                 arena_size: MEDIUM_RUN_SIZE * MEDIUM_ARENA_RUNS,
@@ -333,7 +341,7 @@ impl fmt::Display for Stats {
         // One group of arena rows: (total, reclaimed, highwater, current).
         let arenas = |f: &mut fmt::Formatter<'_>,
                       kind: &'static str,
-                      [total, reclaimed, highwater, current]: [usize; 4],
+                      [total, reclaimed, highwater, current, retired]: [usize; 5],
                       arena_size: usize| {
             let label = |what: &str| {
                 let mut buf = StackString::<64>::new();
@@ -344,6 +352,7 @@ impl fmt::Display for Stats {
             line(f, label("reclaimed").as_str(), reclaimed)?;
             line(f, label("highwater mark").as_str(), highwater)?;
             line(f, label("allocated current").as_str(), current)?;
+            line(f, label("retired (free, kept mapped)").as_str(), retired)?;
             writeln!(
                 f,
                 "{:<35}= {:>21}",
@@ -359,6 +368,7 @@ impl fmt::Display for Stats {
                 self.arenas_reclaimed,
                 self.arenas_highwater,
                 self.arenas_current,
+                self.arenas_retired,
             ],
             self.arena_size,
         )?;
@@ -366,7 +376,13 @@ impl fmt::Display for Stats {
         arenas(
             f,
             "medium arenas",
-            [m.allocated_total, m.reclaimed, m.highwater, m.current],
+            [
+                m.allocated_total,
+                m.reclaimed,
+                m.highwater,
+                m.current,
+                m.retired,
+            ],
             m.arena_size,
         )?;
         writeln!(f)?;

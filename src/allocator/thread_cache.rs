@@ -548,6 +548,7 @@ impl ThreadCache {
         }
         // SAFETY: the owner is alive (`alloc` is it), so its set is too.
         let set = unsafe { &*self.set.get() };
+        set.tend(alloc.backing());
         let mut held = set.hold(class, self.home.get(), alloc.backing());
         self.home.set(held.index());
         let list = &self.lists[class];
@@ -566,7 +567,7 @@ impl ThreadCache {
     /// Gives the `count` newest blocks of `class`'s list back to their
     /// heaps (the newest, not the oldest: finding the oldest would mean
     /// walking past the blocks that stay); returns how many arenas the
-    /// heap they went to gave back meanwhile if it is this thread's home
+    /// heap they went to let go meanwhile if it is this thread's home
     /// (see `own_releases`).
     #[cold]
     fn flush(&self, alloc: &impl CacheOwner, class: usize, count: usize) -> usize {
@@ -585,7 +586,7 @@ impl ThreadCache {
             None => set.hold(class, self.home.get(), alloc.backing()),
         };
         let here = held.index();
-        let reclaimed = held.arenas_reclaimed();
+        let let_go = held.arenas_let_go();
         // SAFETY: the list's blocks are live blocks of `set`, given up by
         // their users and linked only here; those of the held heap go
         // straight back to it.
@@ -600,11 +601,12 @@ impl ThreadCache {
         list.head.set(rest);
         list.len
             .store(list.len.load(Ordering::Relaxed) - count, Ordering::Relaxed);
-        let released = self.own_releases(set, here, held.arenas_reclaimed() - reclaimed);
+        let released = self.own_releases(set, here, held.arenas_let_go() - let_go);
         drop(held);
         for heap in chains.push(set) {
             set.after_push(heap, alloc.backing());
         }
+        set.tend(alloc.backing());
         released
     }
 }
