@@ -81,8 +81,10 @@ fn child(contender: usize) {
     println!("peak RSS above baseline MiB\t{}", mib(peak));
     println!("left after freeing MiB\t{}", mib(after));
     println!("left, % of peak\t{}", 100.0 * after as f64 / peak as f64);
-    // mimalloc returns freed pages after a delay (10 ms by default), on a
-    // later call into it: what a program that goes on working sees.
+    // mimalloc returns freed memory after a delay (10 ms for pages, 100 ms
+    // for what is back in its arenas), PyMalloc once a heap has used no
+    // arena for 50 ms (`Config::with_release_delay_ms`), both on a later
+    // call: what a program that goes on working sees.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let later: Vec<Box<[u8]>> = (0..1000).map(|i| vec![1; 8 + i % 505].into()).collect();
     drop(later);
@@ -101,7 +103,7 @@ fn where_it_sits(
     contender: usize,
     after: usize,
     baseline: usize,
-) -> [(&'static str, Option<usize>); 13] {
+) -> [(&'static str, Option<usize>); 14] {
     // Read from another thread, which counts this thread's cached blocks
     // as free and leaves them cached; then this thread's own call returns
     // them to their pools: what the resident set loses then is what the
@@ -119,6 +121,10 @@ fn where_it_sits(
         (
             "retained arenas (backing)",
             field(|s| s.retained_arena_bytes),
+        ),
+        (
+            "retired arenas, small and medium (release delay)",
+            field(|s| s.arenas_retired * s.arena_size + s.medium.retired * s.medium.arena_size),
         ),
         (
             "small arenas held (mapped)",

@@ -8,11 +8,13 @@
 //! arena in the list with `n` free pools (CPython's `nfp2lasta`, added after
 //! mass frees went quadratic, bpo-37029).
 //!
-//! A wholly free arena goes back to the backing at once, unless it is the
-//! only usable arena and no heap of the allocator keeps a spare yet: then
-//! it stays as the allocator's one spare, so that a program allocating and
+//! A wholly free arena leaves the heap at once (back to the backing or,
+//! over a backing with a clock, into the heap's retired arenas for the
+//! release delay: `retired.rs`), unless it is the only usable arena and no
+//! heap of the allocator keeps a spare yet: then it stays as the
+//! allocator's one spare, so that a program allocating and
 //! freeing one block across an arena boundary does not map and unmap an
-//! arena every time (bpo-37257). The spare goes back as soon as another
+//! arena every time (bpo-37257). The spare leaves as soon as another
 //! arena of its heap has room again. This is stricter than CPython's rule
 //! (keep it if it is last in the list), which can keep an empty arena
 //! beside others with room, so one live block could pin two arenas; and
@@ -64,10 +66,12 @@ pub(crate) struct ArenaCounts {
 }
 
 impl ArenaCounts {
-    pub(crate) const fn new() -> Self {
-        ArenaCounts {
-            spares: AtomicUsize::new(0),
-            retired: AtomicUsize::new(0),
+    super::sync::loom_const_fn! {
+        pub(crate) fn new() -> Self {
+            ArenaCounts {
+                spares: AtomicUsize::new(0),
+                retired: AtomicUsize::new(0),
+            }
         }
     }
 }

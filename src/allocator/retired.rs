@@ -16,19 +16,20 @@
 //! The delay counts from the heap's last such event, not each arena's own
 //! stamp, because draining and rebuilding take time. serde_json dropping
 //! a document of 20,000 records frees arenas for 40 ms, and building the
-//! next fills a medium arena for longer than that before it takes another:
-//! with a delay of 10 ms from each arena's stamp, most had gone back
-//! before they were needed, and every page of them was faulted in again
-//! (66 k faults over four rounds, 23 k when they were all kept). While a
-//! heap carves pools it is growing into its retired arenas; a heap that
-//! has done nothing with its arenas for the delay is the one to give them
-//! back. mimalloc delays its purges
-//! the same way (10 ms, extended while frees keep coming), and likewise
-//! needs no thread of its own. The delay needs a clock, which only the
-//! backing can
-//! have ([`Backing::clock_ms`](super::backing::Backing::clock_ms)): a
-//! region has none, and its arenas go back at once, as in CPython, to be
-//! carved for large objects.
+//! next fills a 16 MiB medium arena before it takes another: with a delay
+//! of 10 ms from each arena's stamp, most had gone back before they were
+//! needed, and every page of them was faulted in again (66 k faults over
+//! four rounds; 23 k, what the peak touches once, when none goes back).
+//! While a heap carves pools it is growing into its retired arenas; a heap
+//! that has done nothing with its arenas for the delay is the one to give
+//! them back. mimalloc delays its purges too (10 ms for pages, ten times
+//! that for memory back in its arenas), and likewise needs no thread of
+//! its own.
+//!
+//! The delay needs a clock, which only the backing can have
+//! ([`Backing::clock_ms`](super::backing::Backing::clock_ms)): a region
+//! has none, and its arenas go back at once, as in CPython, to be carved
+//! for large objects.
 
 use super::arena::Arena;
 use super::list;
