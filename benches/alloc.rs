@@ -198,8 +198,10 @@ fn resident_kib() -> usize {
 }
 
 /// Resident KiB above the start after allocating 1M small objects and
-/// freeing 90 % of them at random, then all of them.
-fn rss() -> [usize; 3] {
+/// freeing 90 % of them at random, then all of them, and 100 ms and a
+/// thousand allocations after that (allocators that give memory back after
+/// a delay do so on a later call: mimalloc, and PyMalloc over `System`).
+fn rss() -> [usize; 4] {
     let base = resident_kib();
     let mut rng = Rng(6);
     let mut objects: Vec<Option<Box<[u8]>>> = (0..1_000_000)
@@ -213,14 +215,19 @@ fn rss() -> [usize; 3] {
     }
     let ninety = resident_kib().saturating_sub(base);
     drop(objects);
-    [peak, ninety, resident_kib().saturating_sub(base)]
+    let freed = resident_kib().saturating_sub(base);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let later: Vec<Box<[u8]>> = (0..1000).map(|i| vec![1; 8 + i % 505].into()).collect();
+    drop(later);
+    [peak, ninety, freed, resident_kib().saturating_sub(base)]
 }
 
 /// The figures of [`rss`], in its order.
-const RSS_ROWS: [&str; 3] = [
+const RSS_ROWS: [&str; 4] = [
     "rss peak KiB",
     "rss after 90% freed KiB",
     "rss after 100% freed KiB",
+    "rss 100 ms and 1000 allocations later KiB",
 ];
 
 /// Blocks a producer hands over in one message. The channel costs about one
@@ -340,7 +347,7 @@ fn child(contender: usize) {
     // that the arenas and caches they leave behind do not move it; printed
     // after them, so that the table keeps the time rows together.
     let rss = if slow {
-        [f64::NAN; 3]
+        [f64::NAN; 4]
     } else {
         rss().map(|kib| kib as f64)
     };
