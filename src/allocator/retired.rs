@@ -94,7 +94,8 @@ impl Retired {
     pub(crate) fn take_newest(&mut self) -> *mut Arena {
         let arena = self.newest;
         if !arena.is_null() {
-            self.unlink(arena);
+            // SAFETY: the newest is on the list.
+            unsafe { self.unlink(arena) };
         }
         arena
     }
@@ -115,16 +116,22 @@ impl Retired {
         if since(self.last_event) < delay && age < delay.saturating_mul(MAX_AGE_IN_DELAYS) {
             return ptr::null_mut();
         }
-        self.unlink(oldest);
+        // SAFETY: the oldest is on the list.
+        unsafe { self.unlink(oldest) };
         oldest
     }
 
-    fn unlink(&mut self, arena: *mut Arena) {
+    /// Takes `arena` off the list, its links cleared.
+    ///
+    /// # Safety
+    /// `arena` is on the list.
+    unsafe fn unlink(&mut self, arena: *mut Arena) {
         if arena == self.oldest {
             // SAFETY: list members are live records.
             self.oldest = unsafe { (*arena).prev };
         }
-        // SAFETY: `arena` is on the list, whose members are live.
+        // SAFETY: per the contract `arena` is on the list, whose members
+        // are live.
         unsafe { list::unlink(&mut self.newest, arena) };
         self.count -= 1;
         // SAFETY: as above; it is on no list now.
