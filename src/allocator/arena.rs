@@ -62,19 +62,18 @@ impl Arena {
         };
     }
 
-    /// Takes a pool with no block out: an empty one if any (returned with
-    /// `true`, it still holds its old class and free list), else the next
-    /// never-carved one (`false`).
+    /// Takes a pool with no block out: an empty one if any, else the next
+    /// never-carved one. Either way the caller initialises it.
     ///
     /// # Safety
     /// `free_count > 0`; the empty-pool list links initialised pools of this
     /// arena.
-    pub(crate) unsafe fn take_pool(&mut self, pool_size: usize) -> (*mut Pool, bool) {
+    pub(crate) unsafe fn take_pool(&mut self, pool_size: usize) -> *mut Pool {
         let pool = self.free_pools;
         if !pool.is_null() {
             // SAFETY: per the contract `pool` is an initialised pool.
             self.free_pools = unsafe { (*pool).next };
-            return (pool, true);
+            return pool;
         }
         debug_assert!(self.carved < self.pool_count);
         let pool = self
@@ -82,7 +81,7 @@ impl Arena {
             .wrapping_add(self.carved as usize * pool_size)
             .cast();
         self.carved += 1;
-        (pool, false)
+        pool
     }
 
     /// Forgets the pools of a wholly free arena whose pages went back to

@@ -11,8 +11,8 @@
 //!   heap, and then its free list is never empty (the heap's hot path relies
 //!   on that);
 //! * *full*: no free block; unlinked;
-//! * *empty*: no block out; on its arena's list of free pools. Taken again for
-//!   the same class it is reused as it is, without re-initialisation.
+//! * *empty*: no block out; on its arena's list of free pools. Taken again,
+//!   it is initialised afresh, even for its old class (see `Heap::new_pool`).
 
 use super::size_class::{class_alignment, class_size};
 use super::track;
