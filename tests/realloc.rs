@@ -54,6 +54,11 @@ fn realloc_stays_in_place_within_a_class_and_moves_between_classes() {
         let p = heap.alloc(layout);
         let same = heap.realloc(p, layout, 24);
         assert_eq!(p, same, "17 and 24 share the 24-byte class");
+        assert_eq!(
+            heap.stats().requested_bytes,
+            24,
+            "an in-place resize is counted"
+        );
         let moved = heap.realloc(same, Layout::from_size_align(24, 8).unwrap(), 25);
         assert_ne!(moved, same, "25 bytes need the 32-byte class");
         heap.dealloc(moved, Layout::from_size_align(25, 8).unwrap());

@@ -932,10 +932,14 @@ impl<B: Backing> PyMalloc<B> {
             // SAFETY: forwarded contract: the block is live, and `new_size`
             // fits its class.
             unsafe { track::resized(ptr, layout.size(), new_size) };
+            let delta = new_requested.wrapping_sub(requested);
+            #[cfg(thread_cache)]
+            if thread_cache::add_requested(self, delta) {
+                return ptr;
+            }
             // SAFETY: forwarded contract: the block is live.
             let set = unsafe { self.live_set() };
-            set.requested
-                .fetch_add(new_requested.wrapping_sub(requested), Ordering::Relaxed);
+            set.requested.fetch_add(delta, Ordering::Relaxed);
             return ptr;
         }
         if old_class.is_none() && new_class.is_none() {

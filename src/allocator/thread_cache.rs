@@ -743,6 +743,23 @@ pub(crate) fn pop(alloc: &impl CacheOwner, class: usize, requested: usize) -> Op
     .flatten()
 }
 
+/// Counts `delta` (wrapping) more bytes requested in the calling thread's
+/// cache for `alloc`, as a block resized within its class changes them;
+/// false, with nothing done, when no cache is bound to `alloc`. Counted
+/// apart, each thread in its own cache line: a shared counter had every
+/// such realloc of two threads wait for the other's line.
+#[inline(always)]
+pub(crate) fn add_requested(alloc: &impl CacheOwner, delta: usize) -> bool {
+    exit::with_made(|cache| {
+        let bound = cache.owner.get() == alloc.cache_id();
+        if bound {
+            cache.add_requested(delta);
+        }
+        bound
+    })
+    .unwrap_or(false)
+}
+
 /// Frees `block` of `class` into the calling thread's cache for `alloc`;
 /// false when the cache cannot take it (the caller frees it to its heap).
 /// Unless `may_bind`, only a cache bound to `alloc` already takes it: the
