@@ -417,7 +417,9 @@ impl ThreadCache {
     /// freed after the last drain kept 42 %. Draining at every arena let
     /// go instead cost binary trees of depth 16, whose eight arenas come
     /// and go each round (and are kept by the backing), 10 % more
-    /// instructions.
+    /// instructions. The price of going straight: a document dropped
+    /// every round (serde_json's real-crates row) passes 1.6 M of its
+    /// 4.3 M frees on one by one, 6 % of its instructions.
     #[cold]
     fn flush_over_capacity(&self, alloc: &impl CacheOwner, class: usize) {
         let left = self.straight.load(Ordering::Relaxed);
