@@ -215,11 +215,10 @@ impl Pool {
             // aligned for a pointer (class sizes are multiples of 8).
             unsafe { pool.cast::<u8>().add(first + index * size) }.cast::<FreeBlock>()
         };
-        // SAFETY: as above, the blocks up to the lead are the pool's and
-        // no live block uses them; the header fits because every pool is at
-        // least 1 KiB (`Config::new`). The block area is closed to memory
-        // tools before the first link goes in, the header once written (the
-        // heaps, our only callers, touch it inside `track::internal`).
+        // SAFETY: as above, the blocks up to the lead are the pool's, unused;
+        // the header fits (pools are at least 1 KiB, `Config::new`). Memory
+        // tools see the block area closed before the first link, the header
+        // once written (our callers, the heaps, touch it in `track::internal`).
         unsafe {
             track::fresh(block(0).cast(), pool_size - first);
             let mut free = ptr::null_mut();

@@ -117,11 +117,10 @@ impl<T> Lock<T> {
             #[cfg(all(not(loom), not(feature = "critical-section")))]
             held: self.spin_then_yield(),
             #[cfg(all(not(loom), feature = "critical-section"))]
-            // SAFETY: the matching `release` runs in `unlock_raw`, with this
-            // state, exactly once (it consumes the raw guard), and nested
-            // holds end innermost first: a hold the crate takes while it
-            // holds another ends before that one, in the same call or in
-            // one it makes.
+            // SAFETY: `unlock_raw` runs the matching `release` with this
+            // state exactly once (it consumes the raw guard), and nested holds
+            // end innermost first: one the crate takes while holding another
+            // ends before it, in that call or in one it makes.
             state: unsafe { critical_section::acquire() },
             #[cfg(any(loom, feature = "critical-section"))]
             held: PhantomData,
