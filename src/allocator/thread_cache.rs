@@ -333,6 +333,12 @@ impl ThreadCache {
         self.owner.get() == id || (id != UNCACHED && self.bind(alloc))
     }
 
+    /// Whether the cache holds blocks of `alloc` now (binding nothing).
+    #[inline(always)]
+    fn bound_to(&self, alloc: &impl CacheOwner) -> bool {
+        self.owner.get() == alloc.cache_id()
+    }
+
     #[cold]
     fn bind(&self, alloc: &impl CacheOwner) -> bool {
         // An exiting thread whose cache was handed back stays on the shared
@@ -738,8 +744,7 @@ pub(crate) fn alloc(alloc: &impl CacheOwner, class: usize, requested: usize) -> 
 #[inline(always)]
 pub(crate) fn pop(alloc: &impl CacheOwner, class: usize, requested: usize) -> Option<*mut u8> {
     exit::with_made(|cache| {
-        let ready =
-            cache.owner.get() == alloc.cache_id() && !cache.lists[class].head.get().is_null();
+        let ready = cache.bound_to(alloc) && !cache.lists[class].head.get().is_null();
         ready.then(|| cache.pop(class, requested))
     })
     .flatten()
@@ -753,7 +758,7 @@ pub(crate) fn pop(alloc: &impl CacheOwner, class: usize, requested: usize) -> Op
 #[inline(always)]
 pub(crate) fn add_requested(alloc: &impl CacheOwner, delta: usize) -> bool {
     exit::with_made(|cache| {
-        let bound = cache.owner.get() == alloc.cache_id();
+        let bound = cache.bound_to(alloc);
         if bound {
             cache.add_requested(delta);
         }
@@ -781,7 +786,7 @@ pub(crate) unsafe fn free(
         let serves = if may_bind {
             cache.serves(alloc)
         } else {
-            cache.owner.get() == alloc.cache_id()
+            cache.bound_to(alloc)
         };
         serves && {
             // SAFETY: forwarded contract; the cache serves `alloc`.
@@ -800,7 +805,7 @@ pub(crate) unsafe fn free(
 /// Gives every block the calling thread caches for `alloc` back to its heap.
 pub(crate) fn flush_all(alloc: &impl CacheOwner) {
     exit::with(|cache| {
-        if cache.owner.get() == alloc.cache_id() {
+        if cache.bound_to(alloc) {
             cache.drain(alloc);
         }
     });
