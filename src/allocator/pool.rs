@@ -116,19 +116,19 @@ impl Batch {
         }
     }
 
+    /// Appends the chain `first..=last`, linked through `FreeBlock::next`
+    /// and ending in null.
+    ///
     /// # Safety
-    /// `block` is a block no one else uses, not in the batch.
-    unsafe fn push_back(&mut self, block: *mut FreeBlock) {
-        // SAFETY: per the contract `block`, and the batch's last block, are
-        // ours to link.
-        unsafe {
-            FreeBlock::set_next(block, ptr::null_mut());
-            match self.last.is_null() {
-                true => self.first = block,
-                false => FreeBlock::set_next(self.last, block),
-            }
+    /// The chain's blocks are blocks no one else uses, none in the batch.
+    unsafe fn append(&mut self, first: *mut FreeBlock, last: *mut FreeBlock) {
+        match self.last.is_null() {
+            true => self.first = first,
+            // SAFETY: per the contract the batch's last block is ours to
+            // link.
+            false => unsafe { FreeBlock::set_next(self.last, first) },
         }
-        self.last = block;
+        self.last = last;
     }
 }
 
@@ -305,19 +305,39 @@ impl Pool {
         unsafe {
             let size = class_size((*pool).class as usize) as u32;
             let mut free = (*pool).free;
-            while taken < n && !free.is_null() {
-                let next = FreeBlock::next(free);
-                batch.push_back(free);
-                free = next;
-                taken += 1;
+            if n > 0 && !free.is_null() {
+                // The free list is linked already: the batch takes a prefix
+                // of it as it stands, each link read once and only the cut
+                // written.
+                let first = free;
+                let mut last = free;
+                free = FreeBlock::next(free);
+                taken = 1;
+                while taken < n && !free.is_null() {
+                    last = free;
+                    free = FreeBlock::next(free);
+                    taken += 1;
+                }
+                FreeBlock::set_next(last, ptr::null_mut());
+                batch.append(first, last);
             }
             let mut bump = (*pool).bump;
             // The untouched tail is carved in one go: each block is written
-            // once, as it joins the batch.
-            while taken < n && bump <= (*pool).bump_limit {
-                batch.push_back(pool.cast::<u8>().add(bump as usize).cast());
+            // once, as the link of the one before it.
+            if taken < n && bump <= (*pool).bump_limit {
+                let first: *mut FreeBlock = pool.cast::<u8>().add(bump as usize).cast();
+                let mut last = first;
                 bump += size;
                 taken += 1;
+                while taken < n && bump <= (*pool).bump_limit {
+                    let block = pool.cast::<u8>().add(bump as usize).cast();
+                    FreeBlock::set_next(last, block);
+                    last = block;
+                    bump += size;
+                    taken += 1;
+                }
+                FreeBlock::set_next(last, ptr::null_mut());
+                batch.append(first, last);
             }
             if free.is_null() {
                 // Keep a free block while there is room: a pool on its
