@@ -572,6 +572,33 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_shorter_than_the_free_list_cuts_it_and_leaves_the_rest() {
+        with_pool(4096, 3, |pool| {
+            // SAFETY: blocks are taken from a live pool and given back
+            // once; the batch list is ours.
+            unsafe {
+                let blocks: Vec<_> = (0..4).map(|_| take(pool).0).collect();
+                let used = (*pool).used;
+                for &block in &blocks {
+                    Pool::give(pool, block);
+                }
+                let mut batch = Batch::new();
+                assert_eq!(Pool::take_batch(pool, 2, &mut batch), (2, false));
+                // The two freed last, newest first, and the chain ends there.
+                let first = batch.first;
+                assert_eq!(first as usize, blocks[3] as usize);
+                assert_eq!(batch.last as usize, blocks[2] as usize);
+                assert_eq!((*first).next, batch.last);
+                assert!((*batch.last).next.is_null());
+                // The rest of the free list is the pool's still.
+                assert_eq!((*pool).free as usize, blocks[1] as usize);
+                assert_eq!((*(*pool).free).next as usize, blocks[0] as usize);
+                assert_eq!((*pool).used, used - 2);
+            }
+        });
+    }
+
+    #[test]
     fn a_full_pool_reports_full_then_not_full_after_a_free() {
         let class = CLASS_COUNT - 1;
         with_pool(4096, class, |pool| {
