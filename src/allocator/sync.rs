@@ -142,7 +142,7 @@ impl<T> Lock<T> {
             // The guard's `&mut T` goes: `get` reaches the value through the
             // lock's pointer instead.
             spin::mutex::SpinMutexGuard::leak(self.inner.try_lock()?);
-            return Some(RawGuard { held: PhantomData });
+            Some(RawGuard { held: PhantomData })
         }
         #[cfg(all(not(loom), feature = "critical-section"))]
         return Some(self.lock_raw());
@@ -245,13 +245,13 @@ impl<T> Lock<T> {
 /// (which take a lock in one call and release it in another).
 #[cfg(fork_handlers)]
 impl<T> Lock<T> {
-    /// Waits for the lock and keeps it held after returning; the value is
-    /// the caller's until `release_after_fork`.
-    pub(crate) fn lock_across_fork(&self) -> &mut T {
+    /// Waits for the lock and keeps it held after returning; the value,
+    /// for the caller to read, stays as it is until `release_after_fork`.
+    pub(crate) fn lock_across_fork(&self) -> &T {
         let _ = self.spin_then_yield();
-        // SAFETY: the lock is held, and with its proof dropped nothing but
-        // the reference returned reaches the value until the release.
-        unsafe { &mut *self.value_ptr() }
+        // SAFETY: the lock is held, and with its proof dropped nothing
+        // writes the value until the release.
+        unsafe { &*self.value_ptr() }
     }
 
     /// Releases a lock taken by `lock_across_fork`.
