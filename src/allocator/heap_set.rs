@@ -521,6 +521,53 @@ impl HeapSet {
         backing: &impl Backing,
     ) -> usize {
         // SAFETY: forwarded contract.
+        unsafe {
+            self.free_then(block, class, requested, backing, |held, block| {
+                Self::free_held(held, block, class, requested)
+            })
+        }
+    }
+
+    /// `free` with everything inlined into its caller: for a thread cache
+    /// passing its frees on one by one (see `ThreadCache::go_straight`),
+    /// where the two frames of `free` and `free_held`, each saving and
+    /// restoring its registers, cost 30 of the 130-odd instructions of
+    /// such a free (serde_json's child: 2.649 G instructions, 2.601 G so).
+    ///
+    /// # Safety
+    /// As for `free`.
+    #[cfg(thread_cache)]
+    #[inline(always)]
+    pub(crate) unsafe fn free_inlined(
+        &self,
+        block: *mut u8,
+        class: usize,
+        requested: usize,
+        backing: &impl Backing,
+    ) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.free_then(block, class, requested, backing, |held, block| {
+                Self::free_into_pools(held, block, class, requested)
+            })
+        }
+    }
+
+    /// `free`'s body, `into_pools` freeing into the heap held when the
+    /// block does not go on its shelf.
+    ///
+    /// # Safety
+    /// As for `free`; `into_pools` is `free_held` or `free_into_pools`.
+    #[inline(always)]
+    unsafe fn free_then<B: Backing>(
+        &self,
+        block: *mut u8,
+        class: usize,
+        requested: usize,
+        backing: &B,
+        into_pools: impl FnOnce(Held<'_, B>, *mut u8) -> usize,
+    ) -> usize {
+        // SAFETY: forwarded contract.
         let index = unsafe { self.heap_of(block, class) };
         // The debug feature's double-free check reads the pools' free lists,
         // so there every free must reach its pool before the call returns.
@@ -540,8 +587,22 @@ impl HeapSet {
             held.requested = held.requested.wrapping_sub(requested);
             return held.release();
         }
-        // SAFETY: as above.
-        unsafe { Self::free_held(held, block, class, requested) }
+        into_pools(held, block)
+    }
+
+    /// `free` into the heap held, out of line (see `free_then`).
+    ///
+    /// # Safety
+    /// As for `free_into_pools`.
+    #[inline(never)]
+    unsafe fn free_held<B: Backing>(
+        held: Held<'_, B>,
+        block: *mut u8,
+        class: usize,
+        requested: usize,
+    ) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { Self::free_into_pools(held, block, class, requested) }
     }
 
     /// `free` into the heap held, to its pools (emptying a full shelf
@@ -549,8 +610,8 @@ impl HeapSet {
     ///
     /// # Safety
     /// As for `free`; `held` is the block's heap.
-    #[inline(never)]
-    unsafe fn free_held<B: Backing>(
+    #[inline(always)]
+    unsafe fn free_into_pools<B: Backing>(
         mut held: Held<'_, B>,
         block: *mut u8,
         class: usize,

@@ -484,7 +484,7 @@ impl ThreadCache {
         let heap = unsafe { set.heap_of(block.cast(), class) };
         // SAFETY: that block, given up by its user (its requested bytes
         // left this cache's count when it was pushed).
-        let released = unsafe { set.free(block.cast(), class, 0, alloc.backing()) };
+        let released = unsafe { set.free_inlined(block.cast(), class, 0, alloc.backing()) };
         self.own_releases(set, heap, released)
     }
 
