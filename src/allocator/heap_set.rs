@@ -528,38 +528,16 @@ impl HeapSet {
         }
     }
 
-    /// `free` with everything inlined into its caller: for a thread cache
-    /// passing its frees on one by one (see `ThreadCache::go_straight`),
-    /// where the two frames of `free` and `free_held`, each saving and
-    /// restoring its registers, cost 30 of the 130-odd instructions of
-    /// such a free (serde_json's child: 2.649 G instructions, 2.601 G so).
-    ///
-    /// # Safety
-    /// As for `free`.
-    #[cfg(thread_cache)]
-    #[inline(always)]
-    pub(crate) unsafe fn free_inlined(
-        &self,
-        block: *mut u8,
-        class: usize,
-        requested: usize,
-        backing: &impl Backing,
-    ) -> usize {
-        // SAFETY: forwarded contract.
-        unsafe {
-            self.free_then(block, class, requested, backing, |held, block| {
-                Self::free_into_pools(held, block, class, requested)
-            })
-        }
-    }
-
     /// `free`'s body, `into_pools` freeing into the heap held when the
-    /// block does not go on its shelf.
+    /// block does not go on its shelf: `free_held` out of line, or, for a
+    /// caller that frees many blocks one by one (a straight thread cache,
+    /// see `ThreadCache::pass_on`), `free_into_pools` inlined.
     ///
     /// # Safety
-    /// As for `free`; `into_pools` is `free_held` or `free_into_pools`.
+    /// As for `free`; `into_pools` is one of those two, with the same
+    /// `class` and `requested`.
     #[inline(always)]
-    unsafe fn free_then<B: Backing>(
+    pub(crate) unsafe fn free_then<B: Backing>(
         &self,
         block: *mut u8,
         class: usize,
@@ -611,7 +589,7 @@ impl HeapSet {
     /// # Safety
     /// As for `free`; `held` is the block's heap.
     #[inline(always)]
-    unsafe fn free_into_pools<B: Backing>(
+    pub(crate) unsafe fn free_into_pools<B: Backing>(
         mut held: Held<'_, B>,
         block: *mut u8,
         class: usize,

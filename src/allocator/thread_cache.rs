@@ -483,8 +483,16 @@ impl ThreadCache {
         // initialised.
         let heap = unsafe { set.heap_of(block.cast(), class) };
         // SAFETY: that block, given up by its user (its requested bytes
-        // left this cache's count when it was pushed).
-        let released = unsafe { set.free_inlined(block.cast(), class, 0, alloc.backing()) };
+        // left this cache's count when it was pushed). The heap's free is
+        // inlined here: the two frames of `HeapSet::free` and its
+        // `free_held`, each saving and restoring registers, cost 30 of the
+        // 130-odd instructions of a straight free (serde_json's child:
+        // 2.649 G instructions, 2.601 G so).
+        let released = unsafe {
+            set.free_then(block.cast(), class, 0, alloc.backing(), |held, block| {
+                HeapSet::free_into_pools(held, block, class, 0)
+            })
+        };
         self.own_releases(set, heap, released)
     }
 
