@@ -228,3 +228,69 @@ fn a_thread_locals_destructor_allocating_at_exit_leaves_nothing_behind() {
         assert_eq!(stats.accounted_arena_bytes(), stats.arena_bytes());
     }
 }
+
+/// Allocates `n` blocks of `size` bytes from `heap`, then frees them all,
+/// `rounds` times over.
+fn cycle(heap: &PyMalloc, size: usize, n: usize, rounds: usize) {
+    let layout = Layout::from_size_align(size, 8).unwrap();
+    for _ in 0..rounds {
+        // SAFETY: non-zero size; each block is freed once, with its layout.
+        let blocks: Vec<*mut u8> = (0..n).map(|_| unsafe { heap.alloc(layout) }).collect();
+        assert!(blocks.iter().all(|b| !b.is_null()));
+        for &block in &blocks {
+            // SAFETY: as above.
+            unsafe { heap.dealloc(block, layout) };
+        }
+    }
+}
+
+/// A list that sends blocks back and fetches them again, round after
+/// round, grows until it holds the round (one list of 256-byte blocks
+/// starts at 32, and a refill of a grown list fetches half of it); eight classes cycling 8,000 blocks each grow within the
+/// cache's budget (1 MiB: about 4,000 such blocks, against the 64,000
+/// they cycle); and a drain (`stats()` on the thread) takes the lists
+/// back to their starting capacities.
+#[test]
+fn a_list_cycling_more_blocks_than_it_holds_grows_within_a_budget() {
+    static HEAP: PyMalloc = PyMalloc::system();
+    let (step, next) = mpsc::channel::<()>();
+    let (read, to_read) = mpsc::channel::<()>();
+    let worker = thread::spawn(move || {
+        cycle(&HEAP, 256, 2000, 10);
+        read.send(()).unwrap();
+        next.recv().unwrap();
+        for size in (264..=512).step_by(32) {
+            cycle(&HEAP, size, 8000, 10);
+        }
+        read.send(()).unwrap();
+        next.recv().unwrap();
+        HEAP.stats();
+        cycle(&HEAP, 256, 2000, 1);
+        read.send(()).unwrap();
+        next.recv().unwrap();
+    });
+    // Read here, which leaves the worker's cache alone.
+    let mut cached = Vec::new();
+    for _ in 0..3 {
+        to_read.recv().unwrap();
+        cached.push(HEAP.stats().cached_blocks);
+        step.send(()).unwrap();
+    }
+    worker.join().unwrap();
+    if !THREAD_CACHES {
+        assert_eq!(cached, [0, 0, 0]);
+        return;
+    }
+    // At least the round, at most the list's doubled capacity.
+    assert!(
+        (2000..=8192).contains(&cached[0]),
+        "{} blocks cached: the 256-byte list should hold the round",
+        cached[0]
+    );
+    assert!(
+        (2000..6000).contains(&cached[1]),
+        "{} blocks cached after cycling 8 × 8,000",
+        cached[1]
+    );
+    assert!(cached[2] <= 32, "{} blocks cached after a drain", cached[2]);
+}

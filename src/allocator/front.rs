@@ -309,6 +309,12 @@ impl<B: Backing> PyMalloc<B> {
     /// inbox of remotely freed blocks, and its shelf of blocks freed
     /// without a cache, is emptied on the way, and its retired arenas that
     /// have waited out the release delay go back.
+    ///
+    /// Each heap and each cache is read at its own moment: while other
+    /// threads allocate or free, a block a cache fetched from its heap
+    /// between the two readings counts as free twice, and the parts of the
+    /// arenas ([`Stats::accounted_arena_bytes`]) add up exactly only when
+    /// no other thread allocates or frees during the call.
     pub fn stats(&self) -> Stats {
         let config = self.config();
         let mut stats = Stats::empty(config.pool_size(), config.arena_size());
