@@ -408,6 +408,8 @@ impl ThreadCache {
             }
             let len = list.len.load(Ordering::Relaxed);
             if len > capacity(class) {
+                // The arenas this lets go count toward no drain: the
+                // thread is allocating (this is its refill).
                 self.flush(alloc, class, len - capacity(class) / 2);
             }
             list.cap.set(capacity(class));
