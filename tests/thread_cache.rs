@@ -16,12 +16,20 @@ fn layout() -> Layout {
 
 /// Allocates `n` blocks from `heap` and frees them all, newest first.
 fn churn(heap: &PyMalloc, n: usize) {
-    // SAFETY: non-zero size; each block is freed once, with its layout.
-    let blocks: Vec<*mut u8> = (0..n).map(|_| unsafe { heap.alloc(layout()) }).collect();
-    assert!(blocks.iter().all(|b| !b.is_null()));
-    for &block in blocks.iter().rev() {
-        // SAFETY: as above.
-        unsafe { heap.dealloc(block, layout()) };
+    cycle(heap, layout(), n, 1);
+}
+
+/// Allocates `n` blocks of `layout` from `heap`, then frees them all,
+/// newest first, `rounds` times over.
+fn cycle(heap: &PyMalloc, layout: Layout, n: usize, rounds: usize) {
+    for _ in 0..rounds {
+        // SAFETY: non-zero size; each block is freed once, with its layout.
+        let blocks: Vec<*mut u8> = (0..n).map(|_| unsafe { heap.alloc(layout) }).collect();
+        assert!(blocks.iter().all(|b| !b.is_null()));
+        for &block in blocks.iter().rev() {
+            // SAFETY: as above.
+            unsafe { heap.dealloc(block, layout) };
+        }
     }
 }
 
@@ -229,19 +237,9 @@ fn a_thread_locals_destructor_allocating_at_exit_leaves_nothing_behind() {
     }
 }
 
-/// Allocates `n` blocks of `size` bytes from `heap`, then frees them all,
-/// `rounds` times over.
-fn cycle(heap: &PyMalloc, size: usize, n: usize, rounds: usize) {
-    let layout = Layout::from_size_align(size, 8).unwrap();
-    for _ in 0..rounds {
-        // SAFETY: non-zero size; each block is freed once, with its layout.
-        let blocks: Vec<*mut u8> = (0..n).map(|_| unsafe { heap.alloc(layout) }).collect();
-        assert!(blocks.iter().all(|b| !b.is_null()));
-        for &block in &blocks {
-            // SAFETY: as above.
-            unsafe { heap.dealloc(block, layout) };
-        }
-    }
+/// `size` bytes, aligned to 8.
+fn bytes(size: usize) -> Layout {
+    Layout::from_size_align(size, 8).unwrap()
 }
 
 /// A list that sends blocks back and fetches them again, round after
@@ -259,21 +257,21 @@ fn a_list_cycling_more_blocks_than_it_holds_grows_within_a_budget() {
     let (step, next) = mpsc::channel::<()>();
     let (read, to_read) = mpsc::channel::<()>();
     let worker = thread::spawn(move || {
-        cycle(&HEAP, 256, 2000, 10);
+        cycle(&HEAP, bytes(256), 2000, 10);
         read.send(()).unwrap();
         next.recv().unwrap();
         for _ in 0..10 {
             for size in [448, 480, 504, 512] {
-                cycle(&HEAP, size, 900, 1);
+                cycle(&HEAP, bytes(size), 900, 1);
             }
         }
         read.send(()).unwrap();
         next.recv().unwrap();
-        cycle(&HEAP, 256, 2000, 10);
+        cycle(&HEAP, bytes(256), 2000, 10);
         read.send(()).unwrap();
         next.recv().unwrap();
         HEAP.stats();
-        cycle(&HEAP, 256, 2000, 1);
+        cycle(&HEAP, bytes(256), 2000, 1);
         read.send(()).unwrap();
         next.recv().unwrap();
     });

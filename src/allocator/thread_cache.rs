@@ -320,10 +320,8 @@ pub(crate) struct ThreadCache {
     /// Arenas this thread's flushes let go since its last refill (see
     /// `flush_over_capacity`).
     released: Cell<usize>,
-    /// Bytes the lists have grown by (see `grow`), and the most they may:
-    /// `GROWTH_BYTES`, or 0 for an owner whose backing is bounded.
+    /// Bytes the lists have grown by (see `grow`).
     grown: Cell<usize>,
-    growth_budget: Cell<usize>,
     /// While the cache is straight (see `go_straight`), the frees left
     /// before it caches again unless one lets an arena go; 0 while it
     /// caches. Read by statistics: a straight cache holds nothing.
@@ -343,7 +341,6 @@ impl ThreadCache {
             next: Cell::new(ptr::null()),
             released: Cell::new(0),
             grown: Cell::new(0),
-            growth_budget: Cell::new(0),
             straight: AtomicUsize::new(0),
         }
     }
@@ -384,14 +381,20 @@ impl ThreadCache {
     /// lists of 8 KiB.)
     fn grow(&self, alloc: &impl CacheOwner, class: usize) {
         let list = &self.lists[class];
-        if !list.flushed.replace(false) || is_medium(class) || self.growth_budget.get() == 0 {
+        // A bounded backing's caches do not grow: `max_cache_bytes` is what
+        // a region weighs.
+        let budget = match alloc.backing().span_len() {
+            None => GROWTH_BYTES,
+            Some(_) => 0,
+        };
+        if !list.flushed.replace(false) || is_medium(class) || budget == 0 {
             return;
         }
         let size = class_size(class);
-        if self.grown.get() + list.cap.get() * size > self.growth_budget.get() {
+        if self.grown.get() + list.cap.get() * size > budget {
             self.trim(alloc, class);
         }
-        let left = self.growth_budget.get() - self.grown.get();
+        let left = budget - self.grown.get();
         let more = list.cap.get().min(left / size);
         list.cap.set(list.cap.get() + more);
         self.grown.set(self.grown.get() + more * size);
@@ -403,21 +406,17 @@ impl ThreadCache {
     /// the budget between them.
     fn trim(&self, alloc: &impl CacheOwner, keep: usize) {
         for (class, list) in self.lists.iter().enumerate() {
-            if class == keep {
-                continue;
-            }
             let len = list.len.load(Ordering::Relaxed);
-            if len > capacity(class) {
+            if class != keep && len > capacity(class) {
                 // The arenas this lets go count toward no drain: the
                 // thread is allocating (this is its refill).
                 self.flush(alloc, class, len - capacity(class) / 2);
             }
-            list.cap.set(capacity(class));
-            list.flushed.set(false);
         }
-        let kept = &self.lists[keep];
-        self.grown
-            .set((kept.cap.get() - capacity(keep)) * class_size(keep));
+        let kept = self.lists[keep].cap.get();
+        self.shrink();
+        self.lists[keep].cap.set(kept);
+        self.grown.set((kept - capacity(keep)) * class_size(keep));
     }
 
     /// Whether the cache serves `alloc`, binding it if it serves no live
@@ -467,10 +466,6 @@ impl ThreadCache {
         };
         self.owner.set(id);
         self.set.set(set);
-        self.growth_budget.set(match alloc.backing().span_len() {
-            None => GROWTH_BYTES,
-            Some(_) => 0,
-        });
         // SAFETY: `set` is the live set of `alloc`, borrowed for this call.
         let set = unsafe { &*set };
         self.home.set(set.next_home());
@@ -586,12 +581,14 @@ impl ThreadCache {
         // SAFETY: a live block of `set` of `class`, whose pool header is
         // initialised.
         let heap = unsafe { set.heap_of(block.cast(), class) };
+        // The heap's free is inlined here: the two frames of
+        // `HeapSet::free` and its `free_held`, each saving and restoring
+        // registers, cost 30 of the 130-odd instructions of a straight free
+        // (serde_json's child: 2.649 G instructions, 2.601 G so).
         // SAFETY: that block, given up by its user (its requested bytes
-        // left this cache's count when it was pushed). The heap's free is
-        // inlined here: the two frames of `HeapSet::free` and its
-        // `free_held`, each saving and restoring registers, cost 30 of the
-        // 130-odd instructions of a straight free (serde_json's child:
-        // 2.649 G instructions, 2.601 G so).
+        // left this cache's count when it was pushed), freed to its heap;
+        // `free_into_pools` with the same class and requested bytes, as
+        // `free_then` asks.
         let released = unsafe {
             set.free_then(block.cast(), class, 0, alloc.backing(), |held, block| {
                 HeapSet::free_into_pools(held, block, class, 0)
